@@ -1,0 +1,14 @@
+//! The only user of async-nats: connect (with version and JetStream checks), provision streams
+//! and consumers from `nats/`, and publish with a JetStream ack.
+
+mod connect;
+mod error;
+pub mod headers;
+mod provision;
+mod publish;
+
+pub use async_nats::{self, HeaderMap, jetstream};
+pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion};
+pub use error::{BusError, BusErrorKind};
+pub use provision::{Action, Change, Definitions, ObjectKind, ProvisionReport};
+pub use publish::{PublishOptions, Published};
