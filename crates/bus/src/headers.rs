@@ -45,8 +45,10 @@ pub fn is_traceparent(value: &str) -> bool {
         && hex(parts[3], 2)
 }
 
-/// The value of header `name`, if present and valid UTF-8.
+/// The value of header `name`, if present. Looks standard NATS names (`Nats-Msg-Id`, …) up by
+/// their parsed form: async-nats stores received ones that way, so a plain `&str` lookup misses.
 pub fn get<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    let name: async_nats::header::HeaderName = name.parse().ok()?;
     headers?.get(name).map(|value| value.as_str())
 }
 

@@ -252,25 +252,23 @@ impl Validator {
         for field in set {
             let path = format!("{base}.{field}");
             match field {
-                "email" if !c.email.is_empty() => {
-                    if !c.email.contains('@')
-                        || c.email.len() > 254
-                        || c.email.contains(char::is_whitespace)
-                    {
-                        self.push(path, "must be an email address");
-                    }
+                "email"
+                    if !c.email.is_empty()
+                        && (!c.email.contains('@')
+                            || c.email.len() > 254
+                            || c.email.contains(char::is_whitespace)) =>
+                {
+                    self.push(path, "must be an email address");
                 }
-                "tier" => {
-                    if CustomerTier::try_from(c.tier).is_err() {
-                        self.push(path, format!("{} is not a known tier", c.tier));
-                    }
+                "tier" if CustomerTier::try_from(c.tier).is_err() => {
+                    self.push(path, format!("{} is not a known tier", c.tier));
                 }
-                "country_code" if !c.country_code.is_empty() => {
-                    if c.country_code.len() != 2
-                        || !c.country_code.bytes().all(|b| b.is_ascii_uppercase())
-                    {
-                        self.push(path, "must be an ISO 3166-1 alpha-2 code such as \"DE\"");
-                    }
+                "country_code"
+                    if !c.country_code.is_empty()
+                        && (c.country_code.len() != 2
+                            || !c.country_code.bytes().all(|b| b.is_ascii_uppercase())) =>
+                {
+                    self.push(path, "must be an ISO 3166-1 alpha-2 code such as \"DE\"");
                 }
                 "first_name" => self.text(&path, &c.first_name, MAX_ID_LEN),
                 "last_name" => self.text(&path, &c.last_name, MAX_ID_LEN),
