@@ -1,0 +1,274 @@
+//! The worker runtime against a real nats-server.
+
+use bus::{
+    Bus, CancellationToken, ConnectOptions, Definitions, Handler, Outcome, PublishOptions,
+    WorkerConfig, headers, jetstream, run_worker,
+};
+use bytes::Bytes;
+use events::{DlqStage, EventType, Lane};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use test_support::NatsServer;
+
+async fn provisioned(server: &NatsServer) -> Bus {
+    let bus = Bus::connect(&ConnectOptions::new(server.url()))
+        .await
+        .expect("connect");
+    bus.provision(&Definitions::embedded().expect("definitions"))
+        .await
+        .expect("provision");
+    bus
+}
+
+/// Publish `count` messages to a lane, pipelined.
+async fn fill(bus: &Bus, lane: Lane, count: usize, tag: &str) {
+    let subject = events::lane_subject(lane, "acme", EventType::PageViewed).expect("subject");
+    let mut acks = Vec::with_capacity(count);
+    for i in 0..count {
+        let options = PublishOptions::with_msg_id(format!("{tag}-{i}"));
+        acks.push(
+            bus.send(&subject, Bytes::from(format!("{tag}-{i}")), &options)
+                .await
+                .expect("send"),
+        );
+    }
+    for ack in acks {
+        bus.await_ack(&subject, ack).await.expect("ack");
+    }
+}
+
+fn config() -> WorkerConfig {
+    let mut config = WorkerConfig::new("test", "projector", DlqStage::Projector);
+    config.max_batch = 50;
+    config.backoff_base = Duration::from_millis(10);
+    config.backoff_max = Duration::from_millis(50);
+    config
+}
+
+/// Records (lane, payload) in processing order; stops the worker after `stop_after` messages.
+struct Recorder {
+    seen: Mutex<Vec<(Lane, String)>>,
+    stop_after: usize,
+    shutdown: CancellationToken,
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        let mut seen = self.seen.lock().expect("lock");
+        for message in batch {
+            seen.push((lane, String::from_utf8_lossy(&message.payload).into_owned()));
+        }
+        if seen.len() >= self.stop_after {
+            self.shutdown.cancel();
+        }
+        vec![Outcome::Done; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn critical_work_overtakes_a_standard_backlog() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::Standard, 3000, "std").await;
+    fill(&bus, Lane::Critical, 20, "crit").await;
+
+    let shutdown = CancellationToken::new();
+    let recorder = Arc::new(Recorder {
+        seen: Mutex::new(Vec::new()),
+        stop_after: 3020,
+        shutdown: shutdown.clone(),
+    });
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config(),
+        recorder.clone(),
+        shutdown,
+    ));
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("worker finishes")
+        .expect("join")
+        .expect("worker ok");
+
+    let seen = recorder.seen.lock().expect("lock");
+    let last_critical = seen
+        .iter()
+        .rposition(|(lane, _)| *lane == Lane::Critical)
+        .expect("critical processed");
+    let standard_before = seen[..last_critical]
+        .iter()
+        .filter(|(lane, _)| *lane == Lane::Standard)
+        .count();
+    assert_eq!(
+        seen.iter().filter(|(l, _)| *l == Lane::Critical).count(),
+        20
+    );
+    assert!(
+        standard_before < 300,
+        "all 20 critical events should be done while most of the 3000 standard ones wait; \
+         {standard_before} standard went first"
+    );
+    // Everything acked: nothing pending on any lane.
+    for lane in [Lane::Critical, Lane::Standard] {
+        let mut consumer: jetstream::consumer::PullConsumer = bus
+            .jetstream()
+            .get_consumer_from_stream("projector", lane.stream())
+            .await
+            .expect("consumer");
+        let info = consumer.info().await.expect("info");
+        assert_eq!(info.num_pending + info.num_ack_pending as u64, 0, "{lane}");
+    }
+}
+
+/// Fails each message `fail_times` times, then: `final_outcome`.
+struct Flaky {
+    fail_times: i64,
+    final_outcome: Outcome,
+    done: Mutex<Vec<(String, i64)>>,
+}
+
+impl Handler for Flaky {
+    async fn handle(&self, _lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        batch
+            .iter()
+            .map(|message| {
+                let delivered = message.info().expect("info").delivered;
+                if delivered <= self.fail_times {
+                    Outcome::retry("not yet")
+                } else {
+                    self.done.lock().expect("lock").push((
+                        String::from_utf8_lossy(&message.payload).into_owned(),
+                        delivered,
+                    ));
+                    self.final_outcome.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+async fn run_until<F, Fut>(bus: &Bus, config: WorkerConfig, handler: Arc<impl Handler>, done: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(bus.clone(), config, handler, shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker ok");
+}
+
+async fn dlq_len(bus: &Bus) -> u64 {
+    let stream = bus.jetstream().get_stream("CRM_DLQ").await.expect("dlq");
+    stream.get_info().await.expect("info").state.messages
+}
+
+async fn dlq_messages(bus: &Bus) -> Vec<jetstream::message::StreamMessage> {
+    let stream = bus.jetstream().get_stream("CRM_DLQ").await.expect("dlq");
+    let count = stream.get_info().await.expect("info").state.messages;
+    let mut out = Vec::new();
+    for seq in 1..=count {
+        out.push(stream.get_raw_message(seq).await.expect("dlq message"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn retries_with_backoff_then_succeeds_once() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::High, 5, "h").await;
+    let handler = Arc::new(Flaky {
+        fail_times: 2,
+        final_outcome: Outcome::Done,
+        done: Mutex::new(Vec::new()),
+    });
+    let h = handler.clone();
+    run_until(&bus, config(), handler.clone(), || async {
+        h.done.lock().expect("lock").len() >= 5
+    })
+    .await;
+    let done = handler.done.lock().expect("lock");
+    assert_eq!(
+        done.len(),
+        5,
+        "each message succeeds exactly once: {done:?}"
+    );
+    assert!(done.iter().all(|(_, delivered)| *delivered == 3));
+    assert!(dlq_messages(&bus).await.is_empty());
+}
+
+#[tokio::test]
+async fn poison_and_exhausted_retries_land_in_the_dlq_with_reasons() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::Standard, 2, "poison").await;
+    let handler = Arc::new(Flaky {
+        fail_times: 0,
+        final_outcome: Outcome::poison("invalid_event", "payload.x: bad"),
+        done: Mutex::new(Vec::new()),
+    });
+    run_until(&bus, config(), handler, || async {
+        dlq_len(&bus).await >= 2
+    })
+    .await;
+
+    fill(&bus, Lane::Critical, 1, "exhaust").await;
+    let mut exhausting = config();
+    exhausting.max_deliveries = 3;
+    let handler = Arc::new(Flaky {
+        fail_times: i64::MAX,
+        final_outcome: Outcome::Done,
+        done: Mutex::new(Vec::new()),
+    });
+    run_until(&bus, exhausting, handler, || async {
+        dlq_len(&bus).await >= 3
+    })
+    .await;
+
+    let letters = dlq_messages(&bus).await;
+    assert_eq!(letters.len(), 3);
+    let get = |m: &jetstream::message::StreamMessage, name| {
+        headers::get(Some(&m.headers), name)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    for letter in &letters[..2] {
+        assert_eq!(
+            letter.subject.as_str(),
+            "crm.dlq.projector.acme.page_viewed"
+        );
+        assert_eq!(get(letter, headers::DLQ_REASON), "invalid_event");
+        assert_eq!(get(letter, headers::DLQ_STAGE), "projector");
+        assert_eq!(get(letter, headers::DLQ_ORIGIN_STREAM), "CRM_LANE_STANDARD");
+        assert_eq!(get(letter, headers::DLQ_ERROR), "payload.x: bad");
+        assert!(letter.payload.starts_with(b"poison-"));
+    }
+    let exhausted = &letters[2];
+    assert_eq!(get(exhausted, headers::DLQ_REASON), "max_deliveries");
+    assert_eq!(get(exhausted, headers::DLQ_DELIVERIES), "3");
+    assert_eq!(
+        get(exhausted, headers::DLQ_ORIGIN_STREAM),
+        "CRM_LANE_CRITICAL"
+    );
+    assert_eq!(get(exhausted, headers::DLQ_ORIGIN_SEQ), "1");
+
+    // The originals were terminated: nothing left pending.
+    let mut consumer: jetstream::consumer::PullConsumer = bus
+        .jetstream()
+        .get_consumer_from_stream("projector", "CRM_LANE_STANDARD")
+        .await
+        .expect("consumer");
+    let info = consumer.info().await.expect("info");
+    assert_eq!(info.num_pending + info.num_ack_pending as u64, 0);
+}
