@@ -92,7 +92,7 @@ async fn critical_work_overtakes_a_standard_backlog() {
         .expect("join")
         .expect("worker ok");
 
-    let seen = recorder.seen.lock().expect("lock");
+    let seen = recorder.seen.lock().expect("lock").clone();
     let last_critical = seen
         .iter()
         .rposition(|(lane, _)| *lane == Lane::Critical)
