@@ -198,7 +198,7 @@ async fn retries_with_backoff_then_succeeds_once() {
         h.done.lock().expect("lock").len() >= 5
     })
     .await;
-    let done = handler.done.lock().expect("lock");
+    let done = handler.done.lock().expect("lock").clone();
     assert_eq!(
         done.len(),
         5,
