@@ -5,6 +5,7 @@ mod connect;
 mod dlq;
 mod error;
 pub mod headers;
+pub mod ops;
 mod provision;
 mod publish;
 pub mod worker;

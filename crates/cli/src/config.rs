@@ -1,0 +1,132 @@
+//! `crm.toml` with `CRM_<SECTION>__<KEY>` environment overrides.
+
+use anyhow::{Context, Result};
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+use std::{net::SocketAddr, path::{Path, PathBuf}, time::Duration};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub store: StoreConfig,
+    pub admin: AdminConfig,
+    pub cache: CacheConfig,
+    #[serde(skip_serializing)]
+    pub gateway: gateway::GatewayConfig,
+    #[serde(skip_serializing)]
+    pub router: router::RouterConfig,
+    #[serde(skip_serializing)]
+    pub projector: projector::ProjectorConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    pub credentials_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client_cert: Option<PathBuf>,
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:14222".into(),
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        }
+    }
+}
+
+impl NatsConfig {
+    pub fn options(&self, name: &str) -> bus::ConnectOptions {
+        let mut options = bus::ConnectOptions::new(&self.url).name(name);
+        options.credentials_file = self.credentials_file.clone();
+        options.tls_ca_file = self.tls_ca_file.clone();
+        options.tls_client_cert = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
+        options.require_tls = options.tls_ca_file.is_some() || options.tls_client_cert.is_some();
+        options
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://.data/crm.db?mode=rwc".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub max_customers: u64,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_customers: 100_000,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (when it exists or was named), then the environment.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if path.exists() {
+            figment = figment.merge(Toml::file(path));
+        } else if must_exist {
+            anyhow::bail!("config file {} not found", path.display());
+        }
+        figment = figment.merge(
+            Env::prefixed("CRM_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let mut config: Config = figment
+            .extract()
+            .with_context(|| format!("reading configuration from {} and CRM_* variables", path.display()))?;
+        if let Ok(url) = std::env::var("CRM_NATS_URL") {
+            config.nats.url = url;
+        }
+        // Relative paths in the file are relative to the file.
+        if let (Some(rules), Some(dir)) = (&config.router.rules_file, path.parent()) {
+            if rules.is_relative() && !dir.as_os_str().is_empty() {
+                config.router.rules_file = Some(dir.join(rules));
+            }
+        }
+        Ok(config)
+    }
+}
