@@ -26,6 +26,7 @@ pub use codec::{DecodeError, Encoding, decode, encode_json, encode_proto};
 pub use id::{is_uuid_v7, new_event_id};
 pub use kind::EventType;
 pub use pb::Event;
+pub use pbjson_types;
 pub use subject::{
     DlqStage, IngestSubject, Lane, SubjectError, dlq_subject, ingest_subject, is_subject_token,
     lane_subject, parse_ingest_subject,
