@@ -128,6 +128,9 @@ pub struct Conflict {
     pub winning_event_id: String,
 }
 
+/// deal_id, stage, status, amount_minor, currency
+type DealRow = (String, String, String, Option<i64>, Option<String>);
+
 fn rfc3339(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
@@ -326,7 +329,7 @@ impl Store {
                  WHERE tenant_id = $1 AND customer_id = $2 ORDER BY channel",
             )
             .bind(tenant).bind(customer).fetch_all(pool).await?;
-            let deals: Vec<(String, String, String, Option<i64>, Option<String>)> = sqlx::query_as(
+            let deals: Vec<DealRow> = sqlx::query_as(
                 "SELECT deal_id, stage, status, amount_minor, currency FROM deals \
                  WHERE tenant_id = $1 AND customer_id = $2 ORDER BY deal_id",
             )
