@@ -6,7 +6,11 @@ use figment::{
     providers::{Env, Format, Serialized, Toml},
 };
 use serde::{Deserialize, Serialize};
-use std::{net::SocketAddr, path::{Path, PathBuf}, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,7 +54,10 @@ impl NatsConfig {
         let mut options = bus::ConnectOptions::new(&self.url).name(name);
         options.credentials_file = self.credentials_file.clone();
         options.tls_ca_file = self.tls_ca_file.clone();
-        options.tls_client_cert = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
+        options.tls_client_cert = self
+            .tls_client_cert
+            .clone()
+            .zip(self.tls_client_key.clone());
         options.require_tls = options.tls_ca_file.is_some() || options.tls_client_cert.is_some();
         options
     }
@@ -115,17 +122,21 @@ impl Config {
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
-        let mut config: Config = figment
-            .extract()
-            .with_context(|| format!("reading configuration from {} and CRM_* variables", path.display()))?;
+        let mut config: Config = figment.extract().with_context(|| {
+            format!(
+                "reading configuration from {} and CRM_* variables",
+                path.display()
+            )
+        })?;
         if let Ok(url) = std::env::var("CRM_NATS_URL") {
             config.nats.url = url;
         }
         // Relative paths in the file are relative to the file.
-        if let (Some(rules), Some(dir)) = (&config.router.rules_file, path.parent()) {
-            if rules.is_relative() && !dir.as_os_str().is_empty() {
-                config.router.rules_file = Some(dir.join(rules));
-            }
+        if let (Some(rules), Some(dir)) = (&config.router.rules_file, path.parent())
+            && rules.is_relative()
+            && !dir.as_os_str().is_empty()
+        {
+            config.router.rules_file = Some(dir.join(rules));
         }
         Ok(config)
     }

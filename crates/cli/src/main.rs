@@ -1,9 +1,14 @@
-//! `crm`: runs the platform's roles and operates it (provisioning, publishing, dead letters).
+//! `crm`: runs the platform's roles and operates it (provisioning, publishing, dead letters, replay).
+
+mod config;
+mod roles;
 
 use anyhow::{Context, Result};
-use bus::{Bus, ConnectOptions, Definitions, PublishOptions};
-use clap::{Args, Parser, Subcommand};
+use bus::{Bus, Definitions, PublishOptions, jetstream::consumer::DeliverPolicy};
+use clap::{Parser, Subcommand};
+use config::Config;
 use events::EventType;
+use roles::Roles;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -13,69 +18,33 @@ use std::path::PathBuf;
     about = "crm-events: real-time CRM events on NATS JetStream"
 )]
 struct Cli {
-    #[command(flatten)]
-    nats: NatsArgs,
+    /// Configuration file (CRM_<SECTION>__<KEY> variables override it).
+    #[arg(long, env = "CRM_CONFIG", default_value = "crm.toml", global = true)]
+    config: PathBuf,
+    /// NATS server URL(s); overrides [nats].url.
+    #[arg(long, env = "CRM_NATS_URL", global = true)]
+    nats_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Args)]
-struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "CRM_NATS_URL",
-        default_value = "nats://127.0.0.1:14222",
-        global = true
-    )]
-    nats_url: String,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "CRM_NATS_CREDENTIALS", global = true)]
-    nats_credentials: Option<PathBuf>,
-    /// CA certificate to trust for TLS to NATS.
-    #[arg(long, env = "CRM_NATS_TLS_CA", global = true)]
-    nats_tls_ca: Option<PathBuf>,
-    /// Client certificate for mutual TLS (with --nats-tls-key).
-    #[arg(
-        long,
-        env = "CRM_NATS_TLS_CERT",
-        global = true,
-        requires = "nats_tls_key"
-    )]
-    nats_tls_cert: Option<PathBuf>,
-    #[arg(
-        long,
-        env = "CRM_NATS_TLS_KEY",
-        global = true,
-        requires = "nats_tls_cert"
-    )]
-    nats_tls_key: Option<PathBuf>,
-}
-
-impl NatsArgs {
-    fn options(&self, name: &str) -> ConnectOptions {
-        let mut options = ConnectOptions::new(&self.nats_url).name(name);
-        options.credentials_file = self.nats_credentials.clone();
-        options.tls_ca_file = self.nats_tls_ca.clone();
-        options.require_tls = self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some();
-        options.tls_client_cert = self.nats_tls_cert.clone().zip(self.nats_tls_key.clone());
-        options
-    }
-
-    async fn connect(&self, name: &str) -> Result<Bus> {
-        Ok(Bus::connect(&self.options(name)).await?)
-    }
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Every role in one process (the embedded default).
+    All,
+    /// HTTP ingest and profile reads.
+    Gateway,
+    /// CRM_INGEST → priority lanes.
+    Router,
+    /// Lanes → customer profiles in the store.
+    Projector,
     /// Create or update the streams and consumers (idempotent; refuses destructive changes).
     Provision {
         /// Read definitions from this directory instead of the ones built in.
         #[arg(long)]
         definitions: Option<PathBuf>,
     },
-    /// Publish a sample event of a type straight to NATS ingest and print the ack.
+    /// Publish a sample event straight to NATS ingest and print the ack.
     Publish {
         /// Event type, e.g. deal_won, payment_failed.
         #[arg(long, default_value = "contact_created", value_parser = parse_event_type)]
@@ -84,6 +53,57 @@ enum Command {
         tenant: String,
         #[arg(long, default_value = "customer-1")]
         customer: String,
+    },
+    /// Dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Re-drive events of a stream into ingest (effects stay exactly-once: events keep their ids).
+    Replay {
+        #[arg(long, default_value = "CRM_INGEST")]
+        stream: String,
+        /// First stream sequence to replay.
+        #[arg(long, conflicts_with = "from_time")]
+        from_seq: Option<u64>,
+        /// RFC 3339 time to replay from.
+        #[arg(long)]
+        from_time: Option<String>,
+        /// At most this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Print the SHA-256 of an API key, for [gateway].api_keys.
+    HashKey { key: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters (JSON lines).
+    List {
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter with its payload (JSON if it decodes).
+    Show { seq: u64 },
+    /// Re-drive dead letters into ingest, as they were or with a fixed event.
+    Replay {
+        /// The dead letter to replay.
+        #[arg(long, required_unless_present = "all")]
+        seq: Option<u64>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with_all = ["seq", "event"])]
+        all: bool,
+        /// A fixed event (proto3 JSON file) to send instead of the stored payload.
+        #[arg(long, requires = "seq")]
+        event: Option<PathBuf>,
+    },
+    /// Delete dead letters (all, or of one stage).
+    Purge {
+        #[arg(long)]
+        stage: Option<String>,
     },
 }
 
@@ -96,7 +116,8 @@ fn parse_event_type(name: &str) -> Result<EventType, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
+    telemetry::init_tracing();
+    match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -105,23 +126,68 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> Result<()> {
+    let named = std::env::var_os("CRM_CONFIG").is_some()
+        || cli.config.as_path() != std::path::Path::new("crm.toml");
+    let mut config = Config::load(&cli.config, named)?;
+    if let Some(url) = &cli.nats_url {
+        config.nats.url.clone_from(url);
+    }
+    let connect = |name: &str| {
+        let options = config.nats.options(name);
+        async move { Bus::connect(&options).await.map_err(anyhow::Error::from) }
+    };
     match cli.command {
+        Command::All => {
+            let roles = Roles {
+                gateway: true,
+                router: true,
+                projector: true,
+            };
+            roles::run(config, roles, "crm-all").await?;
+        }
+        Command::Gateway => {
+            roles::run(
+                config,
+                Roles {
+                    gateway: true,
+                    ..Roles::default()
+                },
+                "crm-gateway",
+            )
+            .await?
+        }
+        Command::Router => {
+            roles::run(
+                config,
+                Roles {
+                    router: true,
+                    ..Roles::default()
+                },
+                "crm-router",
+            )
+            .await?
+        }
+        Command::Projector => {
+            roles::run(
+                config,
+                Roles {
+                    projector: true,
+                    ..Roles::default()
+                },
+                "crm-projector",
+            )
+            .await?;
+        }
         Command::Provision { definitions } => {
             let definitions = match definitions {
                 Some(dir) => Definitions::from_dir(&dir)?,
                 None => Definitions::embedded()?,
             };
-            let bus = cli.nats.connect("crm-provision").await?;
-            let report = bus.provision(&definitions).await?;
+            let report = connect("crm-provision")
+                .await?
+                .provision(&definitions)
+                .await?;
             print!("{report}");
             if report.is_noop() {
                 println!("nothing to do: every stream and consumer is as defined");
@@ -132,7 +198,7 @@ async fn run() -> Result<()> {
             tenant,
             customer,
         } => {
-            let bus = cli.nats.connect("crm-publish").await?;
+            let bus = connect("crm-publish").await?;
             let event = events::sample::event(r#type, &tenant, &customer);
             let subject = events::ingest_subject(&tenant, r#type)?;
             let published = bus
@@ -144,9 +210,101 @@ async fn run() -> Result<()> {
                 .await
                 .with_context(|| format!("publishing a sample {type} event", type = r#type))?;
             println!(
-                "{{\"event_id\":\"{}\",\"subject\":\"{subject}\",\"stream\":\"{}\",\"stream_seq\":{},\"duplicate\":{}}}",
-                event.event_id, published.stream, published.sequence, published.duplicate
+                "{}",
+                serde_json::json!({"event_id": event.event_id, "subject": subject, "stream": published.stream,
+                    "stream_seq": published.sequence, "duplicate": published.duplicate})
             );
+        }
+        Command::Dlq { command } => dlq(connect("crm-dlq").await?, command).await?,
+        Command::Replay {
+            stream,
+            from_seq,
+            from_time,
+            limit,
+        } => {
+            let start = match (from_seq, from_time) {
+                (Some(seq), _) => DeliverPolicy::ByStartSequence {
+                    start_sequence: seq,
+                },
+                (None, Some(text)) => DeliverPolicy::ByStartTime {
+                    start_time: time::OffsetDateTime::parse(
+                        &text,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .with_context(|| format!("--from-time {text:?} is not RFC 3339"))?,
+                },
+                (None, None) => DeliverPolicy::All,
+            };
+            let count = connect("crm-replay")
+                .await?
+                .replay_stream(&stream, start, limit)
+                .await?;
+            println!("re-drove {count} events from {stream} into ingest");
+        }
+        Command::HashKey { key } => println!("{}", gateway::hash_key(&key)),
+    }
+    Ok(())
+}
+
+async fn dlq(bus: Bus, command: DlqCommand) -> Result<()> {
+    match command {
+        DlqCommand::List { from_seq, limit } => {
+            for entry in bus.dlq_list(from_seq, limit).await? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+        }
+        DlqCommand::Show { seq } => {
+            let entry = bus.dlq_get(seq).await?;
+            let encoding = entry
+                .content_type
+                .as_deref()
+                .and_then(events::Encoding::from_content_type)
+                .unwrap_or(events::Encoding::Protobuf);
+            let payload = match events::decode(&entry.payload, encoding) {
+                Ok(event) => serde_json::to_value(&event)?,
+                Err(_) => {
+                    serde_json::Value::String(String::from_utf8_lossy(&entry.payload).into_owned())
+                }
+            };
+            let mut value = serde_json::to_value(&entry)?;
+            value["payload"] = payload;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        DlqCommand::Replay { seq, all, event } => {
+            let seqs = if all {
+                bus.dlq_list(1, usize::MAX)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.seq)
+                    .collect()
+            } else {
+                seq.into_iter().collect::<Vec<_>>()
+            };
+            let replacement = match event {
+                Some(path) => {
+                    let text = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let fixed = events::decode(&text, events::Encoding::Json)?;
+                    events::validate(&fixed)?;
+                    let kind = EventType::of(&fixed).context("the fixed event has no payload")?;
+                    Some((
+                        events::ingest_subject(&fixed.tenant_id, kind)?,
+                        events::encode_proto(&fixed).into(),
+                    ))
+                }
+                None => None,
+            };
+            for seq in seqs {
+                let published = bus.dlq_replay(seq, replacement.clone()).await?;
+                println!(
+                    "dead letter {seq} re-driven into {} seq {}",
+                    published.stream, published.sequence
+                );
+            }
+        }
+        DlqCommand::Purge { stage } => {
+            let purged = bus.dlq_purge(stage.as_deref()).await?;
+            println!("purged {purged} dead letters");
         }
     }
     Ok(())

@@ -119,8 +119,14 @@ async fn suite(store: Store) {
     // Last writer wins per field; the older write is logged as a conflict.
     let newer = update("c2", 2_000_000_000, "title", "CEO");
     let older = update("c2", 1_900_000_000, "title", "Intern");
-    store.apply_batch(std::slice::from_ref(&newer)).await.expect("apply");
-    let result = store.apply_batch(std::slice::from_ref(&older)).await.expect("apply");
+    store
+        .apply_batch(std::slice::from_ref(&newer))
+        .await
+        .expect("apply");
+    let result = store
+        .apply_batch(std::slice::from_ref(&older))
+        .await
+        .expect("apply");
     assert_eq!(result.conflicts, 1);
     let profile = store
         .profile("acme", "c2")

@@ -1,0 +1,221 @@
+//! Starting roles: shared connections, admin endpoints, and shutdown on SIGTERM / Ctrl-C.
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use bus::{Bus, CancellationToken, Definitions};
+use futures::future::BoxFuture;
+use std::{sync::Arc, time::Duration};
+use store::{ContextCache, Store};
+use telemetry::Readiness;
+
+/// Which roles run in this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Roles {
+    pub gateway: bool,
+    pub router: bool,
+    pub projector: bool,
+}
+
+/// The store's profiles as the gateway wants them.
+struct StoreProfiles(Store);
+
+impl gateway::ProfileSource for StoreProfiles {
+    fn profile(
+        &self,
+        tenant: &str,
+        customer: &str,
+    ) -> BoxFuture<'_, Result<Option<serde_json::Value>, String>> {
+        let (tenant, customer) = (tenant.to_owned(), customer.to_owned());
+        Box::pin(async move {
+            let profile = self
+                .0
+                .profile(&tenant, &customer)
+                .await
+                .map_err(|e| e.to_string())?;
+            profile
+                .map(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
+                .transpose()
+        })
+    }
+}
+
+/// The store's cached customer context as the router wants it.
+struct CachedContext(ContextCache);
+
+impl router::ContextLookup for CachedContext {
+    fn lookup<'a>(
+        &'a self,
+        tenant: &'a str,
+        customer: &'a str,
+    ) -> BoxFuture<'a, Result<Option<routing::CustomerContext>, String>> {
+        Box::pin(async move {
+            let context = self.0.get(tenant, customer).await.map_err(|e| {
+                metrics::counter!("crm_cache_requests_total", "cache" => "customer_context", "result" => "error")
+                    .increment(1);
+                e.to_string()
+            })?;
+            Ok(context.map(|c| routing::CustomerContext {
+                tier: c.tier,
+                lifetime_value_minor: c.lifetime_value_minor,
+            }))
+        })
+    }
+
+    fn invalidate<'a>(&'a self, tenant: &'a str, customer: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.0.invalidate(tenant, customer))
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Keep `crm_nats_connected` and readiness in step with the connection.
+async fn watch_connection(bus: Bus, readiness: Readiness, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let up = bus.is_connected();
+                readiness.set("nats", up);
+                metrics::gauge!("crm_nats_connected").set(if up { 1.0 } else { 0.0 });
+            }
+        }
+    }
+}
+
+/// The directory of a `sqlite://path?…` URL, so it can be created before connecting.
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let path = url.strip_prefix("sqlite://")?.split('?').next()?;
+    let dir = std::path::Path::new(path).parent()?;
+    (!dir.as_os_str().is_empty()).then(|| dir.to_path_buf())
+}
+
+/// Run `roles` until SIGTERM / Ctrl-C; then stop taking work, finish what is in flight, exit.
+pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()> {
+    let handle = telemetry::install_recorder().map_err(anyhow::Error::msg)?;
+    let readiness = Readiness::default();
+    readiness.set("nats", false);
+    readiness.set("streams", false);
+    let shutdown = CancellationToken::new();
+
+    let bus = Bus::connect(&config.nats.options(process_name)).await?;
+    readiness.set("nats", true);
+    let report = bus
+        .provision(&Definitions::embedded()?)
+        .await
+        .context("provisioning streams and consumers")?;
+    for change in report
+        .changes
+        .iter()
+        .filter(|c| c.action != bus::Action::Unchanged)
+    {
+        tracing::info!(%change, "provisioned");
+    }
+    readiness.set("streams", true);
+
+    let (admin_addr, admin) = telemetry::serve_admin(
+        config.admin.listen,
+        telemetry::admin_router(handle, readiness.clone()),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await
+    .with_context(|| format!("binding the admin endpoint {}", config.admin.listen))?;
+    tracing::info!(%admin_addr, "admin endpoints: /metrics /healthz /readyz");
+    tokio::spawn(watch_connection(
+        bus.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    let needs_store = roles.gateway || roles.router || roles.projector;
+    let store = if needs_store {
+        if let Some(dir) = sqlite_dir(&config.store.url) {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Some(Store::connect(&config.store.url).await?)
+    } else {
+        None
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if roles.gateway {
+        let profiles: Option<Arc<dyn gateway::ProfileSource>> = store
+            .clone()
+            .map(|s| Arc::new(StoreProfiles(s)) as Arc<dyn gateway::ProfileSource>);
+        let (addr, server) = gateway::serve(
+            &config.gateway,
+            bus.clone(),
+            profiles,
+            shutdown.clone().cancelled_owned(),
+        )
+        .await?;
+        tracing::info!(%addr, "gateway listening");
+        tasks.spawn(async move { server.await?.map_err(anyhow::Error::from) });
+    }
+    if roles.router {
+        let rules = match &config.router.rules_file {
+            Some(path) if path.exists() => {
+                let rules = router::RulesHandle::load(path).map_err(anyhow::Error::msg)?;
+                tokio::spawn(router::watch_rules(
+                    rules.clone(),
+                    path.clone(),
+                    Duration::from_secs(1),
+                    shutdown.clone(),
+                ));
+                rules
+            }
+            Some(path) => anyhow::bail!("routing rules file {} not found", path.display()),
+            None => router::RulesHandle::new(routing::Rules::default()),
+        };
+        let context = store.clone().map(|s| {
+            Arc::new(CachedContext(ContextCache::new(
+                s,
+                config.cache.max_customers,
+                config.cache.ttl,
+            ))) as Arc<dyn router::ContextLookup>
+        });
+        let (bus, config, shutdown) = (bus.clone(), config.router.clone(), shutdown.clone());
+        tasks.spawn(async move { Ok(router::run(bus, config, rules, context, shutdown).await?) });
+    }
+    if roles.projector {
+        let store = store.clone().context("the projector needs a store")?;
+        let (bus, config, shutdown) = (bus.clone(), config.projector.clone(), shutdown.clone());
+        tasks.spawn(async move { Ok(projector::run(bus, store, &config, shutdown).await?) });
+    }
+
+    let mut result = Ok(());
+    tokio::select! {
+        _ = termination() => tracing::info!("shutting down: finishing in-flight work"),
+        Some(done) = tasks.join_next() => {
+            result = done.context("a role panicked").and_then(|r| r);
+            if let Err(err) = &result {
+                tracing::error!(error = %format!("{err:#}"), "a role failed; stopping");
+            }
+        }
+    }
+    shutdown.cancel();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(err)) = done {
+            tracing::warn!(error = %format!("{err:#}"), "role stopped with an error");
+        }
+    }
+    let _ = admin.await;
+    tracing::info!("stopped");
+    result
+}

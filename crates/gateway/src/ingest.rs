@@ -1,0 +1,218 @@
+//! `POST /v1/events` and `POST /v1/events:batch`: decode → validate → tenant check → publish,
+//! answering 202 only for what JetStream acknowledged.
+
+use crate::{GatewayState, auth::Tenant, problem::Problem};
+use axum::{
+    Extension, Json,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
+};
+use bus::{BusError, Published, headers as nats};
+use bytes::Bytes;
+use events::{Encoding, Event, EventType, FieldError, ValidationErrors};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Most events one batch may carry.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Publishes of one batch awaiting their ack at once.
+const BATCH_PUBLISH_CONCURRENCY: usize = 128;
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Accepted {
+    event_id: String,
+    stream_seq: u64,
+    duplicate: bool,
+}
+
+pub(crate) async fn single(
+    State(state): State<GatewayState>,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), Problem> {
+    let encoding = encoding(&headers, "application/json or application/x-protobuf")?;
+    let body = body.map_err(|r| Problem::unreadable_body(&r, state.max_body_bytes()))?;
+    let event = events::decode(&body, encoding).map_err(Problem::undecodable)?;
+    let subject = admit(&event, &tenant)?;
+    let published = state
+        .publish(&subject, &event, &traceparent(&headers))
+        .await
+        .map_err(|err| unavailable(&subject, &err))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            event_id: event.event_id,
+            stream_seq: published.sequence,
+            duplicate: published.duplicate,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    // Raw, so that one undecodable item fails alone, with positions relative to the item.
+    events: Vec<Box<RawValue>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct BatchResponse {
+    results: Vec<ItemResult>,
+}
+
+/// The outcome of one batch item, as the status a single request would have had.
+#[derive(Debug, Serialize)]
+struct ItemResult {
+    index: usize,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<FieldError>,
+}
+
+impl ItemResult {
+    fn failed(index: usize, event_id: Option<String>, problem: Problem) -> Self {
+        Self {
+            index,
+            status: problem.status.as_u16(),
+            event_id: event_id.filter(|id| !id.is_empty()),
+            stream_seq: None,
+            duplicate: None,
+            detail: Some(problem.detail),
+            errors: problem.errors,
+        }
+    }
+
+    fn published(index: usize, event_id: String, published: Published) -> Self {
+        Self {
+            index,
+            status: StatusCode::ACCEPTED.as_u16(),
+            event_id: Some(event_id),
+            stream_seq: Some(published.sequence),
+            duplicate: Some(published.duplicate),
+            detail: None,
+            errors: Vec::new(),
+        }
+    }
+}
+
+pub(crate) async fn batch(
+    State(state): State<GatewayState>,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchResponse>, Problem> {
+    if encoding(&headers, "application/json")? != Encoding::Json {
+        return Err(Problem::unsupported_media_type(
+            content_type(&headers),
+            "application/json",
+        ));
+    }
+    let body = body.map_err(|r| Problem::unreadable_body(&r, state.max_body_bytes()))?;
+    let request: BatchRequest = serde_json::from_slice(&body).map_err(|err| {
+        Problem::undecodable(events::DecodeError::Json {
+            message: err.to_string(),
+            line: err.line(),
+            column: err.column(),
+        })
+    })?;
+    if request.events.len() > MAX_BATCH_EVENTS {
+        return Err(Problem::too_large(format!(
+            "a batch holds at most {MAX_BATCH_EVENTS} events, not {}",
+            request.events.len()
+        )));
+    }
+
+    let mut results = Vec::with_capacity(request.events.len());
+    let mut admitted = Vec::new();
+    for (index, raw) in request.events.iter().enumerate() {
+        let result = match events::decode(raw.get().as_bytes(), Encoding::Json) {
+            Err(err) => ItemResult::failed(index, None, Problem::undecodable(err)),
+            Ok(event) => match admit(&event, &tenant) {
+                Err(problem) => ItemResult::failed(index, Some(event.event_id), problem),
+                Ok(subject) => {
+                    // Overwritten once the publish settles.
+                    let pending = ItemResult::failed(
+                        index,
+                        Some(event.event_id.clone()),
+                        Problem::internal("not published"),
+                    );
+                    admitted.push((index, subject, event));
+                    pending
+                }
+            },
+        };
+        results.push(result);
+    }
+
+    // One trace for the whole request. `buffered` starts the publishes in batch order, so the
+    // stream keeps that order unless a retry intervenes.
+    let traceparent = traceparent(&headers);
+    let state = &state;
+    let traceparent = traceparent.as_str();
+    let mut settled = futures::stream::iter(admitted)
+        .map(|(index, subject, event)| async move {
+            let outcome = state.publish(&subject, &event, traceparent).await;
+            (index, subject, event.event_id, outcome)
+        })
+        .buffered(BATCH_PUBLISH_CONCURRENCY);
+    while let Some((index, subject, event_id, outcome)) = settled.next().await {
+        results[index] = match outcome {
+            Ok(published) => ItemResult::published(index, event_id, published),
+            Err(err) => ItemResult::failed(index, Some(event_id), unavailable(&subject, &err)),
+        };
+    }
+    Ok(Json(BatchResponse { results }))
+}
+
+/// Validate `event` and check it belongs to the caller's tenant; returns its ingest subject.
+fn admit(event: &Event, tenant: &Tenant) -> Result<String, Problem> {
+    events::validate(event).map_err(Problem::invalid_event)?;
+    if event.tenant_id != **tenant {
+        return Err(Problem::wrong_tenant(&event.tenant_id, tenant));
+    }
+    let invalid = |field: &str, message: String| {
+        Problem::invalid_event(ValidationErrors(vec![FieldError {
+            field: field.into(),
+            message,
+        }]))
+    };
+    // Both hold after validation; kept as errors rather than panics.
+    let kind = EventType::of(event)
+        .ok_or_else(|| invalid("payload", "is required: set exactly one event type".into()))?;
+    events::ingest_subject(&event.tenant_id, kind)
+        .map_err(|err| invalid("tenant_id", err.to_string()))
+}
+
+fn unavailable(subject: &str, err: &BusError) -> Problem {
+    tracing::warn!(subject, kind = ?err.kind(), error = %err, "event not acknowledged");
+    Problem::unavailable()
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}
+
+fn encoding(headers: &HeaderMap, accepted: &str) -> Result<Encoding, Problem> {
+    content_type(headers)
+        .and_then(Encoding::from_content_type)
+        .ok_or_else(|| Problem::unsupported_media_type(content_type(headers), accepted))
+}
+
+/// The caller's `traceparent` when well-formed, else a new trace.
+fn traceparent(headers: &HeaderMap) -> String {
+    headers
+        .get(nats::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| nats::is_traceparent(v))
+        .map_or_else(nats::new_traceparent, str::to_owned)
+}

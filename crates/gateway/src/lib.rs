@@ -1,0 +1,126 @@
+//! The HTTP ingest gateway: authenticates producers, decodes and validates events, publishes them
+//! to `crm.ingest.<tenant>.<type>` and answers 202 only after JetStream has stored them.
+//!
+//! Cross-cutting concerns are tower layers around the axum router (outermost first): metrics,
+//! load shedding over a global concurrency limit, the body limit, and bearer-key auth on `/v1`.
+
+mod auth;
+mod config;
+mod ingest;
+mod observe;
+mod problem;
+mod profiles;
+mod state;
+
+pub use config::{
+    ApiKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_PUBLISH_TIMEOUT, GatewayConfig,
+    hash_key,
+};
+pub use ingest::MAX_BATCH_EVENTS;
+pub use profiles::ProfileSource;
+pub use state::GatewayState;
+
+use axum::{
+    Router,
+    error_handling::HandleErrorLayer,
+    extract::DefaultBodyLimit,
+    http::header::CONTENT_TYPE,
+    middleware,
+    routing::{get, post},
+    serve::ListenerExt,
+};
+use bus::Bus;
+use problem::Problem;
+use std::{future::Future, net::SocketAddr, sync::Arc};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tower::{ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer};
+
+/// Route templates; they double as the bounded `route` metric label.
+pub mod routes {
+    pub const EVENTS: &str = "/v1/events";
+    pub const EVENTS_BATCH: &str = "/v1/events:batch";
+    pub const CUSTOMER: &str = "/v1/customers/{id}";
+    pub const OPENAPI: &str = "/openapi.json";
+}
+
+/// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+/// Why the gateway could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("gateway.api_keys[{index}]: {reason}")]
+    InvalidApiKey { index: usize, reason: String },
+    #[error("gateway.{field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error("binding the gateway listener on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The gateway's routes with all of its layers.
+pub fn router(state: GatewayState) -> Router {
+    // Added before `route_layer` so that auth also guards these routes' 405 answers.
+    let v1 = Router::new()
+        .route(routes::EVENTS, post(ingest::single))
+        .route(routes::EVENTS_BATCH, post(ingest::batch))
+        .route(routes::CUSTOMER, get(profiles::customer))
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    // One semaphore for every route: `ConcurrencyLimitLayer` would give each route its own.
+    let shedding = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(observe::shed))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(state.max_inflight()));
+    Router::new()
+        .merge(v1)
+        .route(
+            routes::OPENAPI,
+            get(|| async { ([(CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
+        )
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .fallback(|| async { Problem::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(state.max_body_bytes()))
+        .layer(shedding)
+        .layer(middleware::from_fn(observe::track))
+        .with_state(state)
+}
+
+/// Bind `config.listen` (port 0 picks a free port) and serve until `shutdown` resolves, then
+/// drain in-flight requests. Returns the bound address and the server task.
+pub async fn serve(
+    config: &GatewayConfig,
+    bus: Bus,
+    profiles: Option<Arc<dyn ProfileSource>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, JoinHandle<Result<(), GatewayError>>), GatewayError> {
+    let app = router(GatewayState::new(bus, config, profiles)?);
+    let bind_error = |source| GatewayError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    // Small request/response pairs: Nagle plus delayed ACKs would add tens of milliseconds.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
+    tracing::info!(%addr, "gateway listening");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(GatewayError::Serve)
+    });
+    Ok((addr, task))
+}

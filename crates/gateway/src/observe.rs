@@ -1,0 +1,76 @@
+//! The gateway's metrics, each recorded in one place, and the load-shedding answer.
+
+use crate::{problem::Problem, routes};
+use axum::{
+    BoxError,
+    extract::{MatchedPath, Request},
+    middleware::Next,
+    response::Response,
+};
+use std::time::Instant;
+
+pub const REQUESTS_TOTAL: &str = "crm_gateway_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "crm_gateway_request_duration_seconds";
+pub const INFLIGHT_REQUESTS: &str = "crm_gateway_inflight_requests";
+pub const SHED_TOTAL: &str = "crm_gateway_shed_total";
+
+/// The `route` label: a known template, never a raw path (which would carry ids).
+fn route_label(request: &Request) -> &'static str {
+    let matched = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    [
+        routes::EVENTS,
+        routes::EVENTS_BATCH,
+        routes::CUSTOMER,
+        routes::OPENAPI,
+    ]
+    .into_iter()
+    .find(|route| Some(*route) == matched)
+    .unwrap_or("other")
+}
+
+/// Counts the in-flight gauge down even when the request future is dropped.
+struct InflightGuard;
+
+impl InflightGuard {
+    fn enter() -> Self {
+        metrics::gauge!(INFLIGHT_REQUESTS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(INFLIGHT_REQUESTS).decrement(1.0);
+    }
+}
+
+pub(crate) async fn track(request: Request, next: Next) -> Response {
+    let route = route_label(&request);
+    let _inflight = InflightGuard::enter();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(
+        REQUESTS_TOTAL,
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    response
+}
+
+/// `HandleErrorLayer` callback for the shedding stack.
+pub(crate) async fn shed(err: BoxError) -> Problem {
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!(SHED_TOTAL).increment(1);
+        tracing::debug!("request shed: too many in flight");
+        Problem::overloaded()
+    } else {
+        tracing::error!(error = %err, "middleware failed");
+        Problem::internal("the request could not be handled")
+    }
+}

@@ -1,0 +1,242 @@
+//! RFC 9457 problem details: every error the gateway returns is `application/problem+json`.
+
+use axum::{
+    extract::rejection::BytesRejection,
+    http::{
+        HeaderValue, StatusCode,
+        header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
+    },
+    response::{IntoResponse, Response},
+};
+use events::{DecodeError, FieldError, ValidationErrors};
+use serde::Serialize;
+
+const TYPE_BASE: &str = "https://crm-events.dev/problems/";
+
+/// One problem: its status, a stable slug (the `type` URL's last segment), a title per slug,
+/// a detail for this occurrence and, for invalid events, every field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub status: StatusCode,
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl Problem {
+    pub fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Missing or unknown API key",
+            "send `Authorization: Bearer <api key>`",
+        )
+    }
+
+    pub fn wrong_tenant(event_tenant: &str, key_tenant: &str) -> Self {
+        let mut problem = Self::new(
+            StatusCode::FORBIDDEN,
+            "tenant-mismatch",
+            "Event belongs to another tenant",
+            format!("tenant_id {event_tenant:?} is not the API key's tenant"),
+        );
+        problem.errors.push(FieldError {
+            field: "tenant_id".into(),
+            message: format!("must be {key_tenant:?}, the API key's tenant"),
+        });
+        problem
+    }
+
+    pub fn undecodable(err: DecodeError) -> Self {
+        let (slug, title) = match err {
+            DecodeError::Json { .. } => ("invalid-json", "Body is not a valid JSON event"),
+            DecodeError::Protobuf(_) => ("invalid-protobuf", "Body is not a valid protobuf event"),
+        };
+        Self::new(StatusCode::BAD_REQUEST, slug, title, err.to_string())
+    }
+
+    pub fn invalid_event(errors: ValidationErrors) -> Self {
+        let mut problem = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-event",
+            "Event failed validation",
+            format!("{} field(s) are invalid", errors.0.len()),
+        );
+        problem.errors = errors.0;
+        problem
+    }
+
+    pub fn unsupported_media_type(got: Option<&str>, accepted: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported Content-Type",
+            format!(
+                "Content-Type {} is not accepted here; send {accepted}",
+                got.map_or_else(|| "(none)".to_owned(), |v| format!("{v:?}"))
+            ),
+        )
+    }
+
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Request too large",
+            detail,
+        )
+    }
+
+    /// The body could not be read: over the size limit (413) or broken off (400).
+    pub fn unreadable_body(rejection: &BytesRejection, limit: usize) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::too_large(format!("the request body exceeds {limit} bytes"))
+        } else {
+            Self::new(
+                rejection.status(),
+                "unreadable-body",
+                "Request body could not be read",
+                rejection.body_text(),
+            )
+        }
+    }
+
+    /// JetStream did not confirm storage; the client retries (with the same idempotency key).
+    pub fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Event store unavailable",
+            "JetStream did not acknowledge the event, so it may not be stored; retry with the same \
+             event_id or idempotency_key",
+        )
+    }
+
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Gateway overloaded",
+            "too many requests in flight; retry shortly",
+        )
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            detail,
+        )
+    }
+}
+
+pub(crate) async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this route does not accept that method",
+    )
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    r#type: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = Body {
+            r#type: format!("{TYPE_BASE}{}", self.slug),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+            errors: &self.errors,
+        };
+        // Serializing strings and numbers cannot fail.
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = (self.status, json).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(problem: Problem) -> (Response, serde_json::Value) {
+        let response = problem.into_response();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        let json = serde_json::from_slice(&bytes).expect("json");
+        (Response::from_parts(parts, axum::body::Body::empty()), json)
+    }
+
+    #[tokio::test]
+    async fn renders_rfc9457_with_field_errors() {
+        let (response, json) = render(Problem::invalid_event(ValidationErrors(vec![FieldError {
+            field: "payload.deal_won.amount.minor_units".into(),
+            message: "must be > 0".into(),
+        }])))
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "https://crm-events.dev/problems/invalid-event",
+                "title": "Event failed validation",
+                "status": 400,
+                "detail": "1 field(s) are invalid",
+                "errors": [{"field": "payload.deal_won.amount.minor_units", "message": "must be > 0"}],
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn adds_retry_after_and_www_authenticate() {
+        let (response, json) = render(Problem::unavailable()).await;
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        assert!(json.get("errors").is_none(), "{json}");
+        let (response, _) = render(Problem::unauthorized()).await;
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
+    }
+}

@@ -1,0 +1,632 @@
+//! The gateway over real HTTP against a real nats-server (one per test, provisioned).
+
+use bus::{Bus, ConnectOptions, Definitions, headers};
+use events::{Encoding, Event, EventType, pb::event::Payload};
+use futures::future::BoxFuture;
+use gateway::{ApiKey, GatewayConfig, ProfileSource, hash_key};
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use test_support::NatsServer;
+use tokio::sync::{Notify, oneshot};
+
+const KEY: &str = "acme-secret-key";
+
+struct Gateway {
+    server: NatsServer,
+    bus: Bus,
+    addr: SocketAddr,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), gateway::GatewayError>>,
+}
+
+async fn start() -> Gateway {
+    start_with(|_| {}, None).await
+}
+
+async fn start_with(
+    tweak: impl FnOnce(&mut GatewayConfig),
+    profiles: Option<Arc<dyn ProfileSource>>,
+) -> Gateway {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&ConnectOptions::new(server.url()))
+        .await
+        .expect("connects");
+    bus.provision(&Definitions::embedded().expect("definitions"))
+        .await
+        .expect("provisions");
+    let mut config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        api_keys: vec![ApiKey {
+            sha256: hash_key(KEY),
+            tenant: "acme".into(),
+        }],
+        ..GatewayConfig::default()
+    };
+    tweak(&mut config);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (addr, task) = gateway::serve(&config, bus.clone(), profiles, async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("serves");
+    Gateway {
+        server,
+        bus,
+        addr,
+        http: reqwest::Client::new(),
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Gateway {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(KEY)
+            .header("content-type", content_type)
+            .body(body)
+    }
+
+    async fn post_event(&self, event: &Event) -> Response {
+        self.post("/v1/events", "application/json", events::encode_json(event))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn ingest_messages(&self) -> u64 {
+        let mut stream = self
+            .bus
+            .jetstream()
+            .get_stream("CRM_INGEST")
+            .await
+            .expect("stream");
+        stream.info().await.expect("info").state.messages
+    }
+
+    async fn stored(&self, seq: u64) -> bus::jetstream::message::StreamMessage {
+        self.bus
+            .jetstream()
+            .get_stream("CRM_INGEST")
+            .await
+            .expect("stream")
+            .get_raw_message(seq)
+            .await
+            .expect("stored message")
+    }
+}
+
+fn deal_won() -> Event {
+    events::sample::event(EventType::DealWon, "acme", "cust-1")
+}
+
+/// Status, then the problem body after checking it is `application/problem+json`.
+async fn problem(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "{status}"
+    );
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(
+        body["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("https://crm-events.dev/problems/")),
+        "{body}"
+    );
+    (status, body)
+}
+
+fn fields(problem: &Value) -> Vec<&str> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| errors.iter().filter_map(|e| e["field"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn json_event_is_acked_after_storage_with_its_headers() {
+    let gw = start().await;
+    let event = deal_won();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let response = gw
+        .post(
+            "/v1/events",
+            "application/json",
+            events::encode_json(&event),
+        )
+        .header("traceparent", traceparent)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["event_id"], event.event_id.as_str());
+    assert_eq!(body["duplicate"], false);
+    let seq = body["stream_seq"].as_u64().expect("stream_seq");
+
+    let stored = gw.stored(seq).await;
+    assert_eq!(stored.subject.as_str(), "crm.ingest.acme.deal_won");
+    assert_eq!(
+        events::decode(&stored.payload, Encoding::Protobuf).expect("protobuf"),
+        event
+    );
+    let header = |name| headers::get(Some(&stored.headers), name).map(str::to_owned);
+    assert_eq!(header(headers::MSG_ID), Some(event.event_id.clone()));
+    assert_eq!(header(headers::TRACEPARENT).as_deref(), Some(traceparent));
+    let ingested: u128 = header(headers::INGESTED_AT)
+        .expect("Crm-Ingested-At")
+        .parse()
+        .expect("decimal ns");
+    assert!(ingested >= before, "{ingested} < {before}");
+}
+
+#[tokio::test]
+async fn protobuf_body_is_accepted_and_gets_a_new_trace() {
+    let gw = start().await;
+    let event = events::sample::event(EventType::TicketEscalated, "acme", "cust-2");
+    let response = gw
+        .post(
+            "/v1/events",
+            "application/x-protobuf",
+            events::encode_proto(&event),
+        )
+        .header("traceparent", "garbage")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.expect("json");
+    let stored = gw.stored(body["stream_seq"].as_u64().expect("seq")).await;
+    assert_eq!(stored.subject.as_str(), "crm.ingest.acme.ticket_escalated");
+    assert_eq!(
+        events::decode(&stored.payload, Encoding::Protobuf).expect("protobuf"),
+        event
+    );
+    let traceparent = headers::get(Some(&stored.headers), headers::TRACEPARENT).unwrap_or_default();
+    assert!(headers::is_traceparent(traceparent), "{traceparent:?}");
+
+    let (status, body) = problem(
+        gw.post(
+            "/v1/events",
+            "application/x-protobuf",
+            vec![0xff, 0xff, 0xff],
+        )
+        .send()
+        .await
+        .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("invalid-protobuf"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn same_idempotency_key_twice_is_stored_once() {
+    let gw = start().await;
+    let mut first = deal_won();
+    first.idempotency_key = "order-42".into();
+    let mut second = deal_won(); // another event_id, same key
+    second.idempotency_key = "order-42".into();
+
+    let a: Value = gw.post_event(&first).await.json().await.expect("json");
+    let response = gw.post_event(&second).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let b: Value = response.json().await.expect("json");
+    assert_eq!(a["duplicate"], false);
+    assert_eq!(b["duplicate"], true, "{b}");
+    assert_eq!(a["stream_seq"], b["stream_seq"]);
+    assert_eq!(gw.ingest_messages().await, 1);
+    let stored = gw.stored(a["stream_seq"].as_u64().expect("seq")).await;
+    assert_eq!(
+        headers::get(Some(&stored.headers), headers::MSG_ID),
+        Some("order-42")
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_are_problems() {
+    let gw = start().await;
+
+    let (status, body) = problem(
+        gw.post("/v1/events", "application/json", "{\n  \"eventId\": 5")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("invalid-json")
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("line 2 column"),
+        "{body}"
+    );
+
+    let (status, body) = problem(
+        gw.post("/v1/events", "text/plain", "hello")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    let missing = gw
+        .http
+        .post(gw.url("/v1/events"))
+        .bearer_auth(KEY)
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(problem(missing).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let oversize = format!("{{\"source\": \"{}\"}}", "x".repeat(1 << 20));
+    let (status, body) = problem(
+        gw.post("/v1/events", "application/json", oversize.clone())
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let (status, _) = problem(
+        gw.post(
+            "/v1/events:batch",
+            "application/json",
+            format!("{{\"events\": [{oversize}]}}"),
+        )
+        .send()
+        .await
+        .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(gw.ingest_messages().await, 0);
+}
+
+#[tokio::test]
+async fn every_invalid_field_is_listed() {
+    let gw = start().await;
+    let mut event = deal_won();
+    event.event_id = "not-a-uuid".into();
+    event.customer_id.clear();
+    if let Some(Payload::DealWon(deal)) = event.payload.as_mut() {
+        deal.amount.as_mut().expect("amount").minor_units = -5;
+        deal.amount.as_mut().expect("amount").currency_code = "usd".into();
+    }
+    let (status, body) = problem(gw.post_event(&event).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        fields(&body),
+        [
+            "event_id",
+            "customer_id",
+            "payload.deal_won.amount.currency_code",
+            "payload.deal_won.amount.minor_units"
+        ],
+        "{body}"
+    );
+    assert_eq!(gw.ingest_messages().await, 0);
+}
+
+#[tokio::test]
+async fn auth_and_tenant_are_enforced() {
+    let gw = start().await;
+    let event = deal_won();
+
+    for request in [
+        gw.http.post(gw.url("/v1/events")),
+        gw.http.post(gw.url("/v1/events")).bearer_auth("wrong-key"),
+        gw.http
+            .get(gw.url("/v1/customers/c1"))
+            .header("authorization", "Basic YWNtZQ=="),
+    ] {
+        let response = request
+            .header("content-type", "application/json")
+            .body(events::encode_json(&event))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        assert_eq!(problem(response).await.0, StatusCode::UNAUTHORIZED);
+    }
+
+    let other = events::sample::event(EventType::DealWon, "globex", "cust-1");
+    let (status, body) = problem(gw.post_event(&other).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(fields(&body), ["tenant_id"], "{body}");
+    assert_eq!(gw.ingest_messages().await, 0);
+
+    // Unknown routes and methods are problems too; /openapi.json needs no key.
+    let (status, _) = problem(gw.http.get(gw.url("/nope")).send().await.expect("request")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let response = gw
+        .http
+        .get(gw.url("/v1/events"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(problem(response).await.0, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn batch_reports_each_item_and_stores_only_valid_ones() {
+    let gw = start().await;
+    let valid = deal_won();
+    let mut invalid = events::sample::event(EventType::PageViewed, "acme", "cust-1");
+    if let Some(Payload::PageViewed(page)) = invalid.payload.as_mut() {
+        page.url = "ftp://x".into();
+    }
+    let foreign = events::sample::event(EventType::DealLost, "globex", "cust-1");
+    let last = events::sample::event(EventType::EmailOpened, "acme", "cust-3");
+    let json = |e: &Event| serde_json::from_slice::<Value>(&events::encode_json(e)).expect("json");
+    let body = json!({"events": [json(&valid), json(&invalid), json(&foreign), {"noSuchField": 1}, json(&last)]});
+    let response = gw
+        .post("/v1/events:batch", "application/json", body.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let results = body["results"].as_array().expect("results");
+    let statuses: Vec<_> = results.iter().map(|r| r["status"].as_u64()).collect();
+    assert_eq!(
+        statuses,
+        [Some(202), Some(400), Some(403), Some(400), Some(202)],
+        "{body}"
+    );
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result["index"], i);
+    }
+    assert_eq!(results[0]["event_id"], valid.event_id.as_str());
+    assert_eq!(results[1]["errors"][0]["field"], "payload.page_viewed.url");
+    assert_eq!(results[2]["errors"][0]["field"], "tenant_id");
+    assert!(
+        results[3]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("noSuchField")
+    );
+    assert_eq!(gw.ingest_messages().await, 2);
+    let seq = results[4]["stream_seq"].as_u64().expect("seq");
+    assert_eq!(
+        events::decode(&gw.stored(seq).await.payload, Encoding::Protobuf).expect("protobuf"),
+        last
+    );
+
+    let too_many = json!({"events": vec![json(&valid); gateway::MAX_BATCH_EVENTS + 1]});
+    let response = gw
+        .post("/v1/events:batch", "application/json", too_many.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(problem(response).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_gives_quick_503_and_recovers_without_a_gateway_restart() {
+    let mut gw = start().await;
+    let first = deal_won();
+    let response = gw.post_event(&first).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let first_seq = response.json::<Value>().await.expect("json")["stream_seq"]
+        .as_u64()
+        .expect("seq");
+
+    gw.server.stop();
+    let started = Instant::now();
+    let response = gw.post_event(&deal_won()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, body) = problem(response).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let batch = json!({"events": [serde_json::from_slice::<Value>(&events::encode_json(&deal_won())).expect("json")]});
+    let body: Value = gw
+        .post("/v1/events:batch", "application/json", batch.to_string())
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["results"][0]["status"], 503, "{body}");
+
+    gw.server.restart();
+    let event = deal_won();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let response = gw.post_event(&event).await;
+        if response.status() != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break response.status();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // The restarted server kept its store. (An event answered 503 may still have been stored:
+    // the client flushes what it sent just before the break once it reconnects.)
+    assert_eq!(
+        events::decode(&gw.stored(first_seq).await.payload, Encoding::Protobuf).expect("protobuf"),
+        first
+    );
+}
+
+/// Lookups wait at the gate when there is one (to hold a request in flight).
+#[derive(Default)]
+struct Profiles {
+    gate: Option<Gate>,
+}
+
+#[derive(Clone, Default)]
+struct Gate {
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl ProfileSource for Profiles {
+    fn profile(
+        &self,
+        tenant: &str,
+        customer: &str,
+    ) -> BoxFuture<'_, Result<Option<Value>, String>> {
+        let known = (tenant == "acme" && customer == "cust-1")
+            .then(|| json!({"customer_id": customer, "tier": "premium"}));
+        let fail = customer == "broken";
+        Box::pin(async move {
+            if let Some(gate) = &self.gate {
+                gate.entered.notify_one();
+                gate.release.notified().await;
+            }
+            if fail {
+                Err("database is down".into())
+            } else {
+                Ok(known)
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn customers_are_read_from_the_profile_source() {
+    let gw = start_with(|_| {}, Some(Arc::new(Profiles::default()))).await;
+    let get = |id: &str| {
+        gw.http
+            .get(gw.url(&format!("/v1/customers/{id}")))
+            .bearer_auth(KEY)
+            .send()
+    };
+    let response = get("cust-1").await.expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let profile: Value = response.json().await.expect("json");
+    assert_eq!(profile["tier"], "premium");
+    assert_eq!(
+        problem(get("cust-9").await.expect("request")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        problem(get("broken").await.expect("request")).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let without = start().await;
+    let response = without
+        .http
+        .get(without.url("/v1/customers/cust-1"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(problem(response).await.0, StatusCode::NOT_IMPLEMENTED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_max_inflight_are_shed() {
+    let gate = Gate::default();
+    let profiles = Profiles {
+        gate: Some(gate.clone()),
+    };
+    let gw = start_with(|c| c.max_inflight = 1, Some(Arc::new(profiles))).await;
+    let held = tokio::spawn(
+        gw.http
+            .get(gw.url("/v1/customers/cust-1"))
+            .bearer_auth(KEY)
+            .send(),
+    );
+    // The held request now occupies the only slot.
+    tokio::time::timeout(Duration::from_secs(10), gate.entered.notified())
+        .await
+        .expect("held request reached the profile source");
+    let shed = gw.post_event(&deal_won()).await;
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let (status, body) = problem(shed).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("overloaded"),
+        "{body}"
+    );
+
+    gate.release.notify_one();
+    let response = held.await.expect("join").expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        gw.post_event(&deal_won()).await.status(),
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test]
+async fn openapi_is_served_and_shutdown_is_graceful() {
+    let mut gw = start().await;
+    let response = gw
+        .http
+        .get(gw.url("/openapi.json"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let doc: Value = response.json().await.expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in ["/v1/events", "/v1/events:batch", "/v1/customers/{id}"] {
+        assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["Event"]["oneOf"]
+            .as_array()
+            .map(Vec::len),
+        Some(12)
+    );
+
+    gw.stop
+        .take()
+        .expect("stop")
+        .send(())
+        .expect("gateway running");
+    tokio::time::timeout(Duration::from_secs(5), &mut gw.task)
+        .await
+        .expect("stops in time")
+        .expect("join")
+        .expect("clean shutdown");
+}

@@ -1,0 +1,105 @@
+//! The live rule set: swapped atomically on reload; a bad file is refused and the old rules stay.
+
+use routing::Rules;
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+/// Shared, reloadable rules.
+#[derive(Debug, Clone)]
+pub struct RulesHandle {
+    current: Arc<RwLock<Arc<Rules>>>,
+}
+
+impl RulesHandle {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(rules))),
+        }
+    }
+
+    /// Load from `path` (refusing a bad file with an error naming the problem).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        Ok(Self::new(read(path)?))
+    }
+
+    pub fn current(&self) -> Arc<Rules> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, rules: Rules) {
+        match self.current.write() {
+            Ok(mut guard) => *guard = Arc::new(rules),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(rules),
+        }
+    }
+
+    /// Re-read `path`; on error keep the current rules and return the error.
+    pub fn reload(&self, path: &std::path::Path) -> Result<(), String> {
+        match read(path) {
+            Ok(rules) => {
+                self.replace(rules);
+                metrics::counter!("crm_rules_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(path = %path.display(), "routing rules reloaded");
+                Ok(())
+            }
+            Err(error) => {
+                metrics::counter!("crm_rules_reloads_total", "result" => "error").increment(1);
+                tracing::error!(path = %path.display(), error, "routing rules refused; keeping the previous rules");
+                Err(error)
+            }
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Rules, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| format!("reading {}: {err}", path.display()))?;
+    Rules::from_toml(&text).map_err(|err| format!("{}: {err}", path.display()))
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reload `path` when it changes (checked every `interval`) or on SIGHUP, until `shutdown`.
+pub async fn watch_rules(
+    handle: RulesHandle,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: bus::CancellationToken,
+) {
+    let mut last = modified(&path);
+    let mut ticker = tokio::time::interval(interval);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<()>();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup => { let _ = handle.reload(&path); last = modified(&path); }
+            _ = ticker.tick() => {
+                let now = modified(&path);
+                if now != last {
+                    last = now;
+                    let _ = handle.reload(&path);
+                }
+            }
+        }
+    }
+}
