@@ -1,14 +1,13 @@
 //! `crm`: runs the platform's roles and operates it (provisioning, publishing, dead letters, replay).
 
-mod config;
-mod roles;
-
 use anyhow::{Context, Result};
 use bus::{Bus, Definitions, PublishOptions, jetstream::consumer::DeliverPolicy};
 use clap::{Parser, Subcommand};
-use config::Config;
+use cli::{
+    config::Config,
+    roles::{self, Roles},
+};
 use events::EventType;
-use roles::Roles;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]

@@ -106,8 +106,20 @@ fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
     (!dir.as_os_str().is_empty()).then(|| dir.to_path_buf())
 }
 
-/// Run `roles` until SIGTERM / Ctrl-C; then stop taking work, finish what is in flight, exit.
-pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()> {
+/// A running set of roles.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the gateway listens, when it runs.
+    pub gateway_addr: Option<std::net::SocketAddr>,
+    pub admin_addr: std::net::SocketAddr,
+    pub readiness: Readiness,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<Result<()>>,
+    admin: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Connect, provision, open the store and start `roles` in the background.
+pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<Running> {
     let handle = telemetry::install_recorder().map_err(anyhow::Error::msg)?;
     let readiness = Readiness::default();
     readiness.set("nats", false);
@@ -143,8 +155,7 @@ pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()>
         shutdown.clone(),
     ));
 
-    let needs_store = roles.gateway || roles.router || roles.projector;
-    let store = if needs_store {
+    let store = if roles.gateway || roles.router || roles.projector {
         if let Some(dir) = sqlite_dir(&config.store.url) {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -154,6 +165,7 @@ pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()>
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut gateway_addr = None;
     if roles.gateway {
         let profiles: Option<Arc<dyn gateway::ProfileSource>> = store
             .clone()
@@ -165,7 +177,7 @@ pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()>
             shutdown.clone().cancelled_owned(),
         )
         .await?;
-        tracing::info!(%addr, "gateway listening");
+        gateway_addr = Some(addr);
         tasks.spawn(async move { server.await?.map_err(anyhow::Error::from) });
     }
     if roles.router {
@@ -190,32 +202,59 @@ pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()>
                 config.cache.ttl,
             ))) as Arc<dyn router::ContextLookup>
         });
-        let (bus, config, shutdown) = (bus.clone(), config.router.clone(), shutdown.clone());
-        tasks.spawn(async move { Ok(router::run(bus, config, rules, context, shutdown).await?) });
+        let (bus, router_config, shutdown) = (bus.clone(), config.router.clone(), shutdown.clone());
+        tasks.spawn(
+            async move { Ok(router::run(bus, router_config, rules, context, shutdown).await?) },
+        );
     }
     if roles.projector {
         let store = store.clone().context("the projector needs a store")?;
-        let (bus, config, shutdown) = (bus.clone(), config.projector.clone(), shutdown.clone());
-        tasks.spawn(async move { Ok(projector::run(bus, store, &config, shutdown).await?) });
+        let (bus, projector_config, shutdown) =
+            (bus.clone(), config.projector.clone(), shutdown.clone());
+        tasks.spawn(
+            async move { Ok(projector::run(bus, store, projector_config, shutdown).await?) },
+        );
     }
+    Ok(Running {
+        gateway_addr,
+        admin_addr,
+        readiness,
+        shutdown,
+        tasks,
+        admin,
+    })
+}
 
-    let mut result = Ok(());
-    tokio::select! {
-        _ = termination() => tracing::info!("shutting down: finishing in-flight work"),
-        Some(done) = tasks.join_next() => {
-            result = done.context("a role panicked").and_then(|r| r);
-            if let Err(err) = &result {
-                tracing::error!(error = %format!("{err:#}"), "a role failed; stopping");
+impl Running {
+    /// Run until `stop` resolves or a role fails; then stop taking work, finish what is in
+    /// flight and return.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        let mut result = Ok(());
+        tokio::select! {
+            _ = stop => tracing::info!("shutting down: finishing in-flight work"),
+            Some(done) = self.tasks.join_next() => {
+                result = done.context("a role panicked").and_then(|r| r);
+                if let Err(err) = &result {
+                    tracing::error!(error = %format!("{err:#}"), "a role failed; stopping");
+                }
             }
         }
-    }
-    shutdown.cancel();
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Err(err)) = done {
-            tracing::warn!(error = %format!("{err:#}"), "role stopped with an error");
+        self.shutdown.cancel();
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(Err(err)) = done {
+                tracing::warn!(error = %format!("{err:#}"), "role stopped with an error");
+            }
         }
+        let _ = self.admin.await;
+        tracing::info!("stopped");
+        result
     }
-    let _ = admin.await;
-    tracing::info!("stopped");
-    result
+}
+
+/// Run `roles` until SIGTERM / Ctrl-C.
+pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()> {
+    start(&config, roles, process_name)
+        .await?
+        .run_until(termination())
+        .await
 }

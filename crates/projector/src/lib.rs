@@ -128,7 +128,7 @@ pub const fn router_subject() -> &'static str {
 pub async fn run(
     bus: Bus,
     store: Store,
-    config: &ProjectorConfig,
+    config: ProjectorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), bus::BusError> {
     let mut worker = WorkerConfig::new("projector", DURABLE, DlqStage::Projector);

@@ -1,0 +1,5 @@
+//! The `crm` binary's library half: configuration and starting roles, so tests can run the whole
+//! platform in-process.
+
+pub mod config;
+pub mod roles;
