@@ -71,8 +71,10 @@ nats: tools ## run the dev nats-server (JetStream, store in .data/) in the foreg
 run: tools ## run the platform on the embedded defaults (dev nats-server + every role)
 	@./deploy/dev/run.sh
 
-bench: ## benchmarks
-	@echo "make bench: not yet — arrives with the event spine (issue 4)"
+BENCH_EVENTS ?= 50000
+bench: tools ## router and projector throughput vs raw JetStream on one throwaway server
+	$(CARGO) build --release -p cli --bin crm-bench
+	@./deploy/dev/bench.sh $(BENCH_EVENTS)
 
 loadtest: ## load-test harness
 	@echo "make loadtest: not yet — arrives with crm-load (issue 6)"

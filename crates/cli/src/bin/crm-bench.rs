@@ -1,0 +1,188 @@
+//! `crm-bench`: router and projector throughput beside raw JetStream publish and pull-consume on
+//! the same server, in the same run. `make bench` starts a throwaway nats-server for it.
+
+use anyhow::{Context, Result};
+use bus::{Bus, ConnectOptions, PublishOptions, jetstream};
+use clap::Parser;
+use cli::{
+    config::Config,
+    roles::{self, Roles},
+};
+use events::EventType;
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(about = "Throughput of the router and projector against raw JetStream on one server")]
+struct Args {
+    #[arg(long, env = "CRM_NATS_URL", default_value = "nats://127.0.0.1:14333")]
+    nats_url: String,
+    /// Events per phase.
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+const WINDOW: usize = 1000;
+
+/// Publish `payloads` to subjects, pipelined in windows of acks.
+async fn publish_all(bus: &Bus, messages: &[(String, String, bytes::Bytes)]) -> Result<()> {
+    for window in messages.chunks(WINDOW) {
+        let mut acks = Vec::with_capacity(window.len());
+        for (subject, id, payload) in window {
+            acks.push((subject, bus.send(subject, payload.clone(), &PublishOptions::with_msg_id(id.clone())).await?));
+        }
+        for (subject, ack) in acks {
+            bus.await_ack(subject, ack).await?;
+        }
+    }
+    Ok(())
+}
+
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !done().await? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn stream_messages(bus: &Bus, stream: &str) -> Result<u64> {
+    Ok(bus.jetstream().get_stream(stream).await?.get_info().await?.state.messages)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let n = args.events;
+    let bus = Bus::connect(&ConnectOptions::new(&args.nats_url).name("crm-bench")).await?;
+    bus.provision(&bus::Definitions::embedded()?).await?;
+
+    // The same mix the load harness uses: 10% critical, 10% high-value deals, the rest standard.
+    let events: Vec<events::Event> = (0..n)
+        .map(|i| {
+            let kind = match i % 10 {
+                0 => EventType::PaymentFailed,
+                1 => EventType::DealWon,
+                2 => EventType::ContactUpdated,
+                _ => EventType::PageViewed,
+            };
+            events::sample::event(kind, "bench", &format!("customer-{}", i % 1000))
+        })
+        .collect();
+    let encoded: Vec<(String, String, bytes::Bytes)> = events
+        .iter()
+        .map(|e| {
+            let kind = EventType::of(e).unwrap_or(EventType::PageViewed);
+            let subject = events::ingest_subject(&e.tenant_id, kind).unwrap_or_default();
+            (subject, e.event_id.clone(), events::encode_proto(e).into())
+        })
+        .collect();
+
+    // Raw baseline: a plain stream, same payloads, no pipeline.
+    let _ = bus.jetstream().delete_stream("BENCH_RAW").await;
+    let raw_stream = bus
+        .jetstream()
+        .create_stream(jetstream::stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.raw.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let raw: Vec<_> = encoded
+        .iter()
+        .map(|(_, id, payload)| ("bench.raw.x".to_owned(), id.clone(), payload.clone()))
+        .collect();
+    let started = Instant::now();
+    publish_all(&bus, &raw).await?;
+    let raw_publish = rate(n, started.elapsed());
+
+    let consumer = raw_stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await?;
+    let mut consumed = 0;
+    while consumed < n {
+        let message = messages.next().await.context("raw stream ended")?.map_err(anyhow::Error::msg)?;
+        message.ack().await.map_err(anyhow::Error::msg)?;
+        consumed += 1;
+    }
+    let raw_consume = rate(n, started.elapsed());
+    drop(messages);
+    let _ = bus.jetstream().delete_stream("BENCH_RAW").await;
+
+    // Ingest: the same events to CRM_INGEST (what the gateway does after validation).
+    let ingest_before = stream_messages(&bus, "CRM_INGEST").await?;
+    let started = Instant::now();
+    publish_all(&bus, &encoded).await?;
+    let ingest_publish = rate(n, started.elapsed());
+
+    let db = tempfile::tempdir()?;
+    let mut config = Config::default();
+    config.nats.url = args.nats_url.clone();
+    config.store.url = format!("sqlite://{}?mode=rwc", db.path().join("bench.db").display());
+    config.admin.listen = "127.0.0.1:0".parse()?;
+
+    // Router alone over the ingest backlog.
+    let lanes = ["CRM_LANE_CRITICAL", "CRM_LANE_HIGH", "CRM_LANE_STANDARD"];
+    let mut lanes_before = 0;
+    for lane in lanes {
+        lanes_before += stream_messages(&bus, lane).await?;
+    }
+    let running = roles::start(&config, Roles { router: true, ..Roles::default() }, "bench-router").await?;
+    let started = Instant::now();
+    wait_for("the router", async || {
+        let mut total = 0;
+        for lane in lanes {
+            total += stream_messages(&bus, lane).await?;
+        }
+        Ok(total - lanes_before >= n as u64)
+    })
+    .await?;
+    let router = rate(n, started.elapsed());
+    running.run_until(async {}).await?;
+
+    // Projector alone over the lane backlog (SQLite, WAL, batched transactions).
+    let store = store::Store::connect(&config.store.url).await?;
+    let running = roles::start(&config, Roles { projector: true, ..Roles::default() }, "bench-projector").await?;
+    let started = Instant::now();
+    wait_for("the projector", async || Ok(store.processed_count().await? as usize >= n)).await?;
+    let projector = rate(n, started.elapsed());
+    running.run_until(async {}).await?;
+
+    let results = serde_json::json!({
+        "events": n,
+        "ingest_stream_before": ingest_before,
+        "raw_publish_per_s": raw_publish.round(),
+        "raw_consume_per_s": raw_consume.round(),
+        "ingest_publish_per_s": ingest_publish.round(),
+        "router_per_s": router.round(),
+        "projector_sqlite_per_s": projector.round(),
+        "router_vs_raw_consume": (router / raw_consume * 100.0).round() / 100.0,
+        "projector_vs_raw_consume": (projector / raw_consume * 100.0).round() / 100.0,
+    });
+    println!("| phase | events/s | ÷ raw consume |");
+    println!("|---|---|---|");
+    println!("| raw JetStream async publish | {raw_publish:.0} | |");
+    println!("| raw JetStream pull-consume + ack | {raw_consume:.0} | 1.00 |");
+    println!("| ingest publish (protobuf events) | {ingest_publish:.0} | |");
+    println!("| router (decode, validate, classify, lane publish, ack) | {router:.0} | {:.2} |", router / raw_consume);
+    println!("| projector (SQLite, batched) | {projector:.0} | {:.2} |", projector / raw_consume);
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
