@@ -8,12 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Where the pinned nats-server lives: `$CRM_NATS_SERVER`, else `.tools/bin/nats-server`.
+/// Every server gets this config: dead letters carry an event of up to 1 MiB plus headers, as in
+/// `nats/dev.conf`.
+const BASE_CONF: &str = "max_payload: 2MB\n";
+
+/// Where the pinned nats-server lives: `$CRM_NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`.
+/// Panics when it is missing.
 pub fn nats_server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CRM_NATS_SERVER") {
-        return PathBuf::from(path);
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
+    let path = std::env::var_os("CRM_NATS_SERVER").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server"),
+        PathBuf::from,
+    );
     assert!(
         path.exists(),
         "nats-server not found at {} — run `make tools` (or set CRM_NATS_SERVER)",
@@ -32,18 +37,29 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Start a JetStream-enabled server on a free port.
+    /// Start a JetStream-enabled server on a free port (never 4222).
     pub fn start() -> Self {
-        Self::launch(true)
+        Self::launch(true, "")
+    }
+
+    /// Like [`NatsServer::start`], with `extra_conf` appended to the server's config file
+    /// (plain nats-server config, no `include`). It is kept across [`NatsServer::restart`].
+    pub fn start_with_config(extra_conf: &str) -> Self {
+        Self::launch(true, extra_conf)
     }
 
     /// Start a server with JetStream disabled (to test that we refuse it).
     pub fn start_without_jetstream() -> Self {
-        Self::launch(false)
+        Self::launch(false, "")
     }
 
-    fn launch(jetstream: bool) -> Self {
+    fn launch(jetstream: bool, extra_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        std::fs::write(
+            dir.path().join("server.conf"),
+            format!("{BASE_CONF}{extra_conf}\n"),
+        )
+        .expect("write server.conf");
         let mut server = Self {
             child: None,
             dir,
@@ -59,10 +75,9 @@ impl NatsServer {
         let ports_dir = dir.join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
-        let conf = dir.join("server.conf");
-        std::fs::write(&conf, "max_payload: 2MB\n").expect("write server.conf");
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr file");
-        let mut command = Command::new(nats_server_binary());
+        let binary = nats_server_binary();
+        let mut command = Command::new(&binary);
         // `-p -1` lets the server pick a free port and write it to the ports file: no race.
         let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
         command
@@ -70,15 +85,16 @@ impl NatsServer {
             .arg(&ports_dir)
             .arg("-l")
             .arg(dir.join("server.log"))
-            // Dead letters carry an event of up to 1 MiB plus headers, as in nats/dev.conf.
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("server.conf"))
             .stdout(Stdio::null())
             .stderr(stderr);
         if self.jetstream {
             command.arg("-js").arg("-sd").arg(dir.join("store"));
         }
-        let child = command.spawn().expect("spawn nats-server");
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot spawn {}: {err}", binary.display()));
         let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -93,7 +109,7 @@ impl NatsServer {
                 .and_then(|c| c.try_wait().ok().flatten());
             assert!(
                 exited.is_none() && Instant::now() < deadline,
-                "nats-server did not start ({exited:?}); log:\n{}\nstderr:\n{}",
+                "nats-server did not write its ports file within 10 s ({exited:?}); log:\n{}\nstderr:\n{}",
                 self.log(),
                 std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
             );
@@ -102,18 +118,22 @@ impl NatsServer {
         wait_for_port(self.port, true);
     }
 
+    /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The client port; it stays the same across [`NatsServer::restart`].
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The JetStream store directory (`-sd`), kept across restarts.
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
     }
 
+    /// The server's log file so far (all runs, as `-l` appends).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
@@ -171,16 +191,19 @@ pub struct TempSqlite {
 }
 
 impl TempSqlite {
+    /// A fresh temp dir; the database file is created on first connect (`mode=rwc`).
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().expect("temp dir for SQLite"),
         }
     }
 
+    /// The database file, inside the temp dir.
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("crm.db")
     }
 
+    /// `sqlite://<path>?mode=rwc`.
     pub fn url(&self) -> String {
         format!("sqlite://{}?mode=rwc", self.path().display())
     }
@@ -228,17 +251,29 @@ impl TempPostgres {
         Self { admin_url, name }
     }
 
+    /// The database name, `crm_test_<uuid>`.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The admin URL with the database swapped for this one.
     pub fn url(&self) -> String {
-        let base = self
-            .admin_url
-            .rsplit_once('/')
-            .map_or(self.admin_url.as_str(), |(b, _)| b);
-        format!("{base}/{}", self.name)
+        database_url(&self.admin_url, &self.name)
     }
+}
+
+/// `admin_url` with its database path replaced by `name`, keeping any `?query`.
+fn database_url(admin_url: &str, name: &str) -> String {
+    let (url, query) = admin_url
+        .split_once('?')
+        .map_or((admin_url, ""), |(u, q)| (u, q));
+    let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{base}/{name}{query}")
 }
 
 impl Drop for TempPostgres {
@@ -271,29 +306,62 @@ mod tests {
     use sqlx::Connection;
 
     #[test]
-    fn servers_start_on_distinct_ports_stop_and_restart() {
-        let mut a = NatsServer::start();
-        let b = NatsServer::start();
-        assert_ne!(a.port(), b.port());
-        assert_ne!(a.port(), 4222);
-        assert!(a.store_dir().exists(), "JetStream store created");
-        let port = a.port();
-        a.stop();
-        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
-        a.restart();
-        assert_eq!(a.port(), port);
+    fn server_starts_stops_and_restarts_on_the_same_port() {
+        let mut server = NatsServer::start();
+        let port = server.port();
+        assert_ne!(port, 4222);
+        assert_eq!(server.url(), format!("nats://127.0.0.1:{port}"));
         assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
-        assert!(a.log().contains("Server is ready"), "{}", a.log());
+        assert!(server.store_dir().is_dir(), "JetStream store created");
+        server.stop();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        server.restart();
+        assert_eq!(server.port(), port);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert_eq!(server.log().matches("Server is ready").count(), 2);
     }
 
     #[test]
-    fn temp_sqlite_is_removed_on_drop() {
+    fn servers_started_in_parallel_get_distinct_ports() {
+        let servers: Vec<NatsServer> = (0..3)
+            .map(|_| std::thread::spawn(NatsServer::start))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|handle| handle.join().expect("server thread"))
+            .collect();
+        let mut ports: Vec<u16> = servers.iter().map(NatsServer::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), servers.len(), "{ports:?}");
+    }
+
+    #[test]
+    fn extra_config_is_applied() {
+        let server = NatsServer::start_with_config("server_name: crm_test_extra");
+        assert!(server.log().contains("crm_test_extra"), "{}", server.log());
+    }
+
+    #[test]
+    fn temp_sqlite_dir_is_removed_on_drop() {
         let db = TempSqlite::new();
         let path = db.path();
+        let dir = path.parent().expect("parent dir").to_path_buf();
         std::fs::write(&path, b"x").expect("write");
-        assert!(db.url().starts_with("sqlite://"));
+        assert_eq!(db.url(), format!("sqlite://{}?mode=rwc", path.display()));
         drop(db);
-        assert!(!path.exists());
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn postgres_url_keeps_the_query() {
+        assert_eq!(
+            database_url("postgres://u@h:1/postgres?sslmode=disable", "x"),
+            "postgres://u@h:1/x?sslmode=disable"
+        );
+        assert_eq!(
+            database_url("postgres://u@h/postgres", "x"),
+            "postgres://u@h/x"
+        );
     }
 
     #[tokio::test]
@@ -308,7 +376,7 @@ mod tests {
             .await
             .expect("select");
         assert_eq!(one, 1);
-        conn.close().await.expect("close");
+        // Left open on purpose: the drop must force it closed.
         drop(db);
         let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
             .await
@@ -320,5 +388,6 @@ mod tests {
                 .await
                 .expect("query");
         assert!(!exists, "database {name} dropped");
+        drop(conn);
     }
 }
