@@ -99,6 +99,35 @@ async fn watch_connection(bus: Bus, readiness: Readiness, shutdown: Cancellation
     }
 }
 
+/// Publish `crm_consumer_pending_messages` / `crm_consumer_ack_pending_messages` for every
+/// durable consumer, every few seconds.
+async fn watch_consumers(bus: Bus, shutdown: CancellationToken) {
+    let Ok(definitions) = Definitions::embedded() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                for consumer in &definitions.consumers {
+                    let Ok(info) = bus
+                        .jetstream()
+                        .get_consumer_from_stream::<bus::jetstream::consumer::pull::Config, _, _>(&consumer.durable, &consumer.stream)
+                        .await
+                    else {
+                        continue;
+                    };
+                    let Ok(info) = info.get_info().await else { continue };
+                    let labels = [("stream", consumer.stream.clone()), ("consumer", consumer.durable.clone())];
+                    metrics::gauge!("crm_consumer_pending_messages", &labels).set(info.num_pending as f64);
+                    metrics::gauge!("crm_consumer_ack_pending_messages", &labels).set(info.num_ack_pending as f64);
+                }
+            }
+        }
+    }
+}
+
 /// The directory of a `sqlite://path?…` URL, so it can be created before connecting.
 fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
     let path = url.strip_prefix("sqlite://")?.split('?').next()?;

@@ -103,3 +103,41 @@ pub async fn watch_rules(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_file_is_refused_and_the_old_rules_stay() {
+        let dir = std::env::temp_dir().join(format!("crm-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("routing.toml");
+        std::fs::write(
+            &path,
+            "[[critical]]\nreason = \"only_deals\"\ntypes = [\"deal_lost\"]\n",
+        )
+        .expect("write");
+        let handle = RulesHandle::load(&path).expect("valid rules");
+        let lost = events::sample::event(events::EventType::DealLost, "t", "c");
+        assert_eq!(handle.current().classify(&lost, None).reason, "only_deals");
+
+        std::fs::write(
+            &path,
+            "[[critical]]\nreason = \"x\"\ntypes = [\"no_such_type\"]\n",
+        )
+        .expect("write");
+        let error = handle.reload(&path).expect_err("refused");
+        assert!(error.contains("critical[0].types[0]"), "{error}");
+        assert_eq!(
+            handle.current().classify(&lost, None).reason,
+            "only_deals",
+            "old rules kept"
+        );
+
+        std::fs::write(&path, "").expect("write");
+        handle.reload(&path).expect("empty rules are valid");
+        assert_eq!(handle.current().classify(&lost, None).reason, "default");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
