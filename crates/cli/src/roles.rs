@@ -183,6 +183,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         readiness.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(watch_consumers(bus.clone(), shutdown.clone()));
 
     let store = if roles.gateway || roles.router || roles.projector {
         if let Some(dir) = sqlite_dir(&config.store.url) {

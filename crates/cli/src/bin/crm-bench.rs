@@ -32,7 +32,15 @@ async fn publish_all(bus: &Bus, messages: &[(String, String, bytes::Bytes)]) -> 
     for window in messages.chunks(WINDOW) {
         let mut acks = Vec::with_capacity(window.len());
         for (subject, id, payload) in window {
-            acks.push((subject, bus.send(subject, payload.clone(), &PublishOptions::with_msg_id(id.clone())).await?));
+            acks.push((
+                subject,
+                bus.send(
+                    subject,
+                    payload.clone(),
+                    &PublishOptions::with_msg_id(id.clone()),
+                )
+                .await?,
+            ));
         }
         for (subject, ack) in acks {
             bus.await_ack(subject, ack).await?;
@@ -55,7 +63,14 @@ async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> Result<bool>) -> Re
 }
 
 async fn stream_messages(bus: &Bus, stream: &str) -> Result<u64> {
-    Ok(bus.jetstream().get_stream(stream).await?.get_info().await?.state.messages)
+    Ok(bus
+        .jetstream()
+        .get_stream(stream)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .messages)
 }
 
 #[tokio::main]
@@ -113,10 +128,18 @@ async fn main() -> Result<()> {
         })
         .await?;
     let started = Instant::now();
-    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
     let mut consumed = 0;
     while consumed < n {
-        let message = messages.next().await.context("raw stream ended")?.map_err(anyhow::Error::msg)?;
+        let message = messages
+            .next()
+            .await
+            .context("raw stream ended")?
+            .map_err(anyhow::Error::msg)?;
         message.ack().await.map_err(anyhow::Error::msg)?;
         consumed += 1;
     }
@@ -142,7 +165,15 @@ async fn main() -> Result<()> {
     for lane in lanes {
         lanes_before += stream_messages(&bus, lane).await?;
     }
-    let running = roles::start(&config, Roles { router: true, ..Roles::default() }, "bench-router").await?;
+    let running = roles::start(
+        &config,
+        Roles {
+            router: true,
+            ..Roles::default()
+        },
+        "bench-router",
+    )
+    .await?;
     let started = Instant::now();
     wait_for("the router", async || {
         let mut total = 0;
@@ -157,9 +188,20 @@ async fn main() -> Result<()> {
 
     // Projector alone over the lane backlog (SQLite, WAL, batched transactions).
     let store = store::Store::connect(&config.store.url).await?;
-    let running = roles::start(&config, Roles { projector: true, ..Roles::default() }, "bench-projector").await?;
+    let running = roles::start(
+        &config,
+        Roles {
+            projector: true,
+            ..Roles::default()
+        },
+        "bench-projector",
+    )
+    .await?;
     let started = Instant::now();
-    wait_for("the projector", async || Ok(store.processed_count().await? as usize >= n)).await?;
+    wait_for("the projector", async || {
+        Ok(store.processed_count().await? as usize >= n)
+    })
+    .await?;
     let projector = rate(n, started.elapsed());
     running.run_until(async {}).await?;
 
@@ -179,8 +221,14 @@ async fn main() -> Result<()> {
     println!("| raw JetStream async publish | {raw_publish:.0} | |");
     println!("| raw JetStream pull-consume + ack | {raw_consume:.0} | 1.00 |");
     println!("| ingest publish (protobuf events) | {ingest_publish:.0} | |");
-    println!("| router (decode, validate, classify, lane publish, ack) | {router:.0} | {:.2} |", router / raw_consume);
-    println!("| projector (SQLite, batched) | {projector:.0} | {:.2} |", projector / raw_consume);
+    println!(
+        "| router (decode, validate, classify, lane publish, ack) | {router:.0} | {:.2} |",
+        router / raw_consume
+    );
+    println!(
+        "| projector (SQLite, batched) | {projector:.0} | {:.2} |",
+        projector / raw_consume
+    );
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     }
