@@ -42,7 +42,7 @@ impl Platform {
         assert!(
             running.readiness.is_ready(),
             "{:?}",
-            running.readiness.failing()
+            running.readiness.report().failing
         );
         let gateway = running.gateway_addr;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

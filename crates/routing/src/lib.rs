@@ -1,4 +1,8 @@
-//! Pure classifier: TOML rules plus optional customer context decide an event's lane. No I/O.
+//! Pure event classifier: TOML rules plus optional customer context decide an event's lane. No I/O.
+//!
+//! Critical rules are checked first, then high, in file order; the first match wins and anything
+//! else goes to the standard lane with reason [`DEFAULT_REASON`]. The format is documented in
+//! [`EXAMPLE_TOML`], which is also what [`Rules::default`] holds.
 
 use events::{
     Event, EventType, Lane,
@@ -6,8 +10,17 @@ use events::{
 };
 use serde::Deserialize;
 
-/// The built-in rules (the committed `routing.toml`).
-pub const DEFAULT_RULES: &str = include_str!("../../../routing.toml");
+#[cfg(test)]
+mod tests;
+
+/// The documented example rule file; [`Rules::default`] is equal to it (a test checks).
+pub const EXAMPLE_TOML: &str = include_str!("../routing.example.toml");
+
+/// The reason of every standard-lane decision.
+pub const DEFAULT_REASON: &str = "default";
+
+/// Longest accepted reason label (it is a metric label and a header value).
+pub const MAX_REASON_LEN: usize = 64;
 
 /// What the store knows about a customer that routing may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,20 +29,290 @@ pub struct CustomerContext {
     pub lifetime_value_minor: i64,
 }
 
-/// Lane and why (a bounded label).
+/// The lane an event goes to and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub lane: Lane,
+    /// The deciding rule's reason, or [`DEFAULT_REASON`]: a bounded label.
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A rule file that cannot be used.
+#[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("invalid rules TOML: {0}")]
-    Toml(String),
+    #[error("routing rules are not valid: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A rule breaks a constraint; `path` is e.g. `high[1].when.min_customer_tier`.
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
+
+/// A validated rule set; cheap to evaluate, immutable once built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// Critical rules, then high rules, each in file order.
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    lane: Lane,
+    reason: String,
+    types: TypeSet,
+    when: Conditions,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Conditions {
+    consent_granted: Option<bool>,
+    min_ticket_severity: Option<TicketSeverity>,
+    min_amount_minor: Option<i64>,
+    min_customer_tier: Option<CustomerTier>,
+    min_lifetime_value_minor: Option<i64>,
+}
+
+/// A set of event types as a bit mask (bit = declaration index of [`EventType`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TypeSet(u16);
+
+impl TypeSet {
+    const ALL: Self = Self::of(&EventType::ALL);
+
+    const fn of(kinds: &[EventType]) -> Self {
+        let mut bits = 0;
+        let mut i = 0;
+        while i < kinds.len() {
+            bits |= 1 << kinds[i] as u16;
+            i += 1;
+        }
+        Self(bits)
+    }
+
+    const fn contains(self, kind: EventType) -> bool {
+        self.0 & (1 << kind as u16) != 0
+    }
+
+    fn names(self) -> String {
+        let names: Vec<_> = EventType::ALL
+            .into_iter()
+            .filter(|kind| self.contains(*kind))
+            .map(EventType::as_str)
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// The types whose payload carries what each event condition looks at.
+const CONSENT_TYPES: TypeSet = TypeSet::of(&[EventType::ConsentChanged]);
+const SEVERITY_TYPES: TypeSet = TypeSet::of(&[EventType::TicketOpened, EventType::TicketEscalated]);
+const AMOUNT_TYPES: TypeSet = TypeSet::of(&[
+    EventType::DealStageChanged,
+    EventType::DealWon,
+    EventType::PaymentFailed,
+]);
+
+const SEVERITY_NAMES: [(&str, TicketSeverity); 4] = [
+    ("low", TicketSeverity::Low),
+    ("medium", TicketSeverity::Medium),
+    ("high", TicketSeverity::High),
+    ("critical", TicketSeverity::Critical),
+];
+
+const TIER_NAMES: [(&str, CustomerTier); 4] = [
+    ("free", CustomerTier::Free),
+    ("standard", CustomerTier::Standard),
+    ("premium", CustomerTier::Premium),
+    ("enterprise", CustomerTier::Enterprise),
+];
+
+/// What the event conditions look at, read from an event once per decision.
+struct Facts {
+    kind: EventType,
+    consent_granted: Option<bool>,
+    /// `None` for a value this build does not know.
+    ticket_severity: Option<TicketSeverity>,
+    amount_minor: Option<i64>,
+}
+
+impl Facts {
+    fn of(event: &Event) -> Option<Self> {
+        let payload = event.payload.as_ref()?;
+        let severity = |value: i32| TicketSeverity::try_from(value).ok();
+        let (consent_granted, ticket_severity, amount) = match payload {
+            Payload::ConsentChanged(p) => (Some(p.granted), None, None),
+            Payload::TicketOpened(p) => (None, severity(p.severity), None),
+            Payload::TicketEscalated(p) => (None, severity(p.severity), None),
+            Payload::DealWon(p) => (None, None, p.amount.as_ref()),
+            Payload::DealStageChanged(p) => (None, None, p.amount.as_ref()),
+            Payload::PaymentFailed(p) => (None, None, p.amount.as_ref()),
+            _ => (None, None, None),
+        };
+        Some(Self {
+            kind: EventType::of_payload(payload),
+            consent_granted,
+            ticket_severity,
+            amount_minor: amount.map(|money| money.minor_units),
+        })
+    }
+}
+
+impl Rules {
+    /// Parse and validate a rule file (format: [`EXAMPLE_TOML`]).
+    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
+        let raw: RawRules = toml::from_str(text)?;
+        let mut rules = Vec::with_capacity(raw.critical.len() + raw.high.len());
+        for (lane, list) in [(Lane::Critical, raw.critical), (Lane::High, raw.high)] {
+            for (index, rule) in list.into_iter().enumerate() {
+                rules.push(rule.validate(lane, index)?);
+            }
+        }
+        Ok(Self { rules })
+    }
+
+    /// Whether [`classify`](Self::classify) could decide differently with the customer's
+    /// context: the first rule whose event conditions hold needs it. When this is `false` the
+    /// caller can skip the lookup and pass `None`.
+    pub fn needs_customer_context(&self, event: &Event) -> bool {
+        Facts::of(event).is_some_and(|facts| {
+            self.rules
+                .iter()
+                .find(|rule| rule.matches_event(&facts))
+                .is_some_and(|rule| rule.when.needs_context())
+        })
+    }
+
+    /// The lane for `event`. Conditions on the customer never hold when `context` is `None`.
+    pub fn classify(&self, event: &Event, context: Option<&CustomerContext>) -> Decision {
+        let rule = Facts::of(event).and_then(|facts| {
+            self.rules
+                .iter()
+                .find(|rule| rule.matches_event(&facts) && rule.when.matches_context(context))
+        });
+        match rule {
+            Some(rule) => Decision {
+                lane: rule.lane,
+                reason: rule.reason.clone(),
+            },
+            None => Decision {
+                lane: Lane::Standard,
+                reason: DEFAULT_REASON.to_owned(),
+            },
+        }
+    }
+
+    /// Every reason a decision can carry, in rule order, ending with [`DEFAULT_REASON`]
+    /// (a reason used by several rules repeats).
+    pub fn reasons(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .map(|rule| rule.reason.as_str())
+            .chain([DEFAULT_REASON])
+    }
+}
+
+impl Default for Rules {
+    /// The rules of [`EXAMPLE_TOML`], built without parsing so this cannot fail.
+    fn default() -> Self {
+        let rule = |lane, reason: &str, types, when| Rule {
+            lane,
+            reason: reason.to_owned(),
+            types,
+            when,
+        };
+        let none = Conditions::default();
+        Self {
+            rules: vec![
+                rule(
+                    Lane::Critical,
+                    "consent_revoked",
+                    CONSENT_TYPES,
+                    Conditions {
+                        consent_granted: Some(false),
+                        ..none
+                    },
+                ),
+                rule(
+                    Lane::Critical,
+                    "payment_failed",
+                    TypeSet::of(&[EventType::PaymentFailed]),
+                    none,
+                ),
+                rule(
+                    Lane::Critical,
+                    "ticket_severity",
+                    SEVERITY_TYPES,
+                    Conditions {
+                        min_ticket_severity: Some(TicketSeverity::High),
+                        ..none
+                    },
+                ),
+                rule(
+                    Lane::High,
+                    "deal_amount",
+                    TypeSet::of(&[EventType::DealWon, EventType::DealStageChanged]),
+                    Conditions {
+                        min_amount_minor: Some(1_000_000),
+                        ..none
+                    },
+                ),
+                rule(
+                    Lane::High,
+                    "customer_tier",
+                    TypeSet::ALL,
+                    Conditions {
+                        min_customer_tier: Some(CustomerTier::Premium),
+                        ..none
+                    },
+                ),
+                rule(
+                    Lane::High,
+                    "lifetime_value",
+                    TypeSet::ALL,
+                    Conditions {
+                        min_lifetime_value_minor: Some(5_000_000),
+                        ..none
+                    },
+                ),
+            ],
+        }
+    }
+}
+
+impl Rule {
+    fn matches_event(&self, facts: &Facts) -> bool {
+        let when = &self.when;
+        self.types.contains(facts.kind)
+            && when
+                .consent_granted
+                .is_none_or(|want| facts.consent_granted == Some(want))
+            && when
+                .min_ticket_severity
+                .is_none_or(|min| facts.ticket_severity.is_some_and(|s| s >= min))
+            && when
+                .min_amount_minor
+                .is_none_or(|min| facts.amount_minor.is_some_and(|a| a >= min))
+    }
+}
+
+impl Conditions {
+    fn needs_context(&self) -> bool {
+        self.min_customer_tier.is_some() || self.min_lifetime_value_minor.is_some()
+    }
+
+    fn matches_context(&self, context: Option<&CustomerContext>) -> bool {
+        if !self.needs_context() {
+            return true;
+        }
+        context.is_some_and(|context| {
+            self.min_customer_tier.is_none_or(|min| context.tier >= min)
+                && self
+                    .min_lifetime_value_minor
+                    .is_none_or(|min| context.lifetime_value_minor >= min)
+        })
+    }
+}
+
+// ---- the file format -------------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,12 +329,12 @@ struct RawRule {
     reason: String,
     types: Option<Vec<String>>,
     #[serde(default)]
-    when: RawWhen,
+    when: RawConditions,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawWhen {
+struct RawConditions {
     consent_granted: Option<bool>,
     min_ticket_severity: Option<String>,
     min_amount_minor: Option<i64>,
@@ -59,387 +342,141 @@ struct RawWhen {
     min_lifetime_value_minor: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rule {
-    lane: Lane,
-    reason: String,
-    types: Option<Vec<EventType>>,
-    consent_granted: Option<bool>,
-    min_severity: Option<TicketSeverity>,
-    min_amount_minor: Option<i64>,
-    min_tier: Option<CustomerTier>,
-    min_lifetime_value_minor: Option<i64>,
-}
-
-/// A validated rule set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rules {
-    rules: Vec<Rule>,
-}
-
-fn severity(name: &str) -> Option<TicketSeverity> {
-    match name {
-        "low" => Some(TicketSeverity::Low),
-        "medium" => Some(TicketSeverity::Medium),
-        "high" => Some(TicketSeverity::High),
-        "critical" => Some(TicketSeverity::Critical),
-        _ => None,
-    }
-}
-
-fn tier(name: &str) -> Option<CustomerTier> {
-    match name {
-        "free" => Some(CustomerTier::Free),
-        "standard" => Some(CustomerTier::Standard),
-        "premium" => Some(CustomerTier::Premium),
-        "enterprise" => Some(CustomerTier::Enterprise),
-        _ => None,
-    }
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        // The committed file is checked by a test, so this cannot fail.
-        Self::from_toml(DEFAULT_RULES).unwrap_or(Self { rules: Vec::new() })
-    }
-}
-
-impl Rules {
-    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
-        let raw: RawRules = toml::from_str(text).map_err(|e| RulesError::Toml(e.to_string()))?;
-        let mut rules = Vec::new();
-        for (lane, section, list) in [
-            (Lane::Critical, "critical", raw.critical),
-            (Lane::High, "high", raw.high),
-        ] {
-            for (index, rule) in list.into_iter().enumerate() {
-                let invalid = |field: &str, message: String| RulesError::Invalid {
-                    path: format!("{section}[{index}].{field}"),
-                    message,
-                };
-                if rule.reason.is_empty()
-                    || rule.reason == "default"
-                    || !rule
-                        .reason
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                {
-                    return Err(invalid(
-                        "reason",
-                        format!(
-                            "{:?} must be a non-empty [a-z0-9_] label other than \"default\"",
-                            rule.reason
-                        ),
-                    ));
-                }
-                let types = match rule.types {
-                    None => None,
-                    Some(names) => Some(
-                        names
-                            .iter()
-                            .enumerate()
-                            .map(|(i, name)| {
-                                EventType::from_name(name).ok_or_else(|| {
-                                    invalid(
-                                        &format!("types[{i}]"),
-                                        format!("unknown event type {name:?}"),
-                                    )
-                                })
-                            })
-                            .collect::<Result<Vec<_>, _>>()?,
-                    ),
-                };
-                let when = rule.when;
-                let min_severity = when
-                    .min_ticket_severity
-                    .map(|n| {
-                        severity(&n).ok_or_else(|| {
-                            invalid(
-                                "when.min_ticket_severity",
-                                format!("unknown severity {n:?}"),
-                            )
-                        })
-                    })
-                    .transpose()?;
-                let min_tier = when
-                    .min_customer_tier
-                    .map(|n| {
-                        tier(&n).ok_or_else(|| {
-                            invalid("when.min_customer_tier", format!("unknown tier {n:?}"))
-                        })
-                    })
-                    .transpose()?;
-                rules.push(Rule {
-                    lane,
-                    reason: rule.reason,
-                    types,
-                    consent_granted: when.consent_granted,
-                    min_severity,
-                    min_amount_minor: when.min_amount_minor,
-                    min_tier,
-                    min_lifetime_value_minor: when.min_lifetime_value_minor,
-                });
-            }
-        }
-        Ok(Self { rules })
-    }
-
-    /// Whether classifying `event` may need the customer's context: some rule that applies to
-    /// this type needs it, and no context-free rule before it already matches.
-    pub fn needs_customer_context(&self, event: &Event) -> bool {
-        let Some(kind) = EventType::of(event) else {
-            return false;
+impl RawRule {
+    fn validate(self, lane: Lane, index: usize) -> Result<Rule, RulesError> {
+        let invalid = |field: &str, message: String| RulesError::Invalid {
+            path: format!("{lane}[{index}].{field}"),
+            message,
         };
-        for rule in &self.rules {
-            if !rule.applies_to(kind) {
+
+        let reason = self.reason;
+        let label_ok = !reason.is_empty()
+            && reason.len() <= MAX_REASON_LEN
+            && reason
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !label_ok || reason == DEFAULT_REASON {
+            return Err(invalid(
+                "reason",
+                format!(
+                    "{reason:?} must be 1 to {MAX_REASON_LEN} of [a-z0-9_] and not {DEFAULT_REASON:?}"
+                ),
+            ));
+        }
+
+        let types = match &self.types {
+            None => TypeSet::ALL,
+            Some(names) if names.is_empty() => {
+                return Err(invalid(
+                    "types",
+                    "names no event type (omit it to match every type)".into(),
+                ));
+            }
+            Some(names) => {
+                let mut kinds = Vec::with_capacity(names.len());
+                for (i, name) in names.iter().enumerate() {
+                    let kind = EventType::from_name(name).ok_or_else(|| {
+                        invalid(
+                            &format!("types[{i}]"),
+                            format!("unknown event type {name:?}"),
+                        )
+                    })?;
+                    kinds.push(kind);
+                }
+                TypeSet::of(&kinds)
+            }
+        };
+
+        let raw = self.when;
+        let when = Conditions {
+            consent_granted: raw.consent_granted,
+            min_ticket_severity: named(&raw.min_ticket_severity, &SEVERITY_NAMES).map_err(
+                |msg| {
+                    invalid(
+                        "when.min_ticket_severity",
+                        format!("unknown severity {msg}"),
+                    )
+                },
+            )?,
+            min_amount_minor: non_negative(raw.min_amount_minor)
+                .map_err(|msg| invalid("when.min_amount_minor", msg))?,
+            min_customer_tier: named(&raw.min_customer_tier, &TIER_NAMES)
+                .map_err(|msg| invalid("when.min_customer_tier", format!("unknown tier {msg}")))?,
+            min_lifetime_value_minor: non_negative(raw.min_lifetime_value_minor)
+                .map_err(|msg| invalid("when.min_lifetime_value_minor", msg))?,
+        };
+
+        // A condition on a field the event type does not carry can never hold: refuse rules
+        // that could never match rather than silently never routing by them.
+        let mut scope = types;
+        for (field, present, applies) in [
+            (
+                "consent_granted",
+                when.consent_granted.is_some(),
+                CONSENT_TYPES,
+            ),
+            (
+                "min_ticket_severity",
+                when.min_ticket_severity.is_some(),
+                SEVERITY_TYPES,
+            ),
+            (
+                "min_amount_minor",
+                when.min_amount_minor.is_some(),
+                AMOUNT_TYPES,
+            ),
+        ] {
+            if !present {
                 continue;
             }
-            if rule.needs_context() {
-                return true;
-            }
-            if rule.matches(event, None) {
-                return false;
-            }
-        }
-        false
-    }
-
-    /// The lane for `event`. Rules needing context do not match when `context` is `None`.
-    pub fn classify(&self, event: &Event, context: Option<&CustomerContext>) -> Decision {
-        self.rules
-            .iter()
-            .find(|rule| {
-                EventType::of(event).is_some_and(|k| rule.applies_to(k))
-                    && rule.matches(event, context)
-            })
-            .map_or_else(
-                || Decision {
-                    lane: Lane::Standard,
-                    reason: "default".into(),
-                },
-                |rule| Decision {
-                    lane: rule.lane,
-                    reason: rule.reason.clone(),
-                },
-            )
-    }
-
-    /// Every reason a decision can carry.
-    pub fn reasons(&self) -> impl Iterator<Item = &str> {
-        self.rules
-            .iter()
-            .map(|r| r.reason.as_str())
-            .chain(["default"])
-    }
-}
-
-fn amount(payload: &Payload) -> Option<i64> {
-    match payload {
-        Payload::DealWon(p) => p.amount.as_ref().map(|m| m.minor_units),
-        Payload::DealStageChanged(p) => p.amount.as_ref().map(|m| m.minor_units),
-        Payload::PaymentFailed(p) => p.amount.as_ref().map(|m| m.minor_units),
-        _ => None,
-    }
-}
-
-fn ticket_severity(payload: &Payload) -> Option<i32> {
-    match payload {
-        Payload::TicketOpened(p) => Some(p.severity),
-        Payload::TicketEscalated(p) => Some(p.severity),
-        _ => None,
-    }
-}
-
-impl Rule {
-    fn applies_to(&self, kind: EventType) -> bool {
-        self.types
-            .as_ref()
-            .is_none_or(|types| types.contains(&kind))
-    }
-
-    fn needs_context(&self) -> bool {
-        self.min_tier.is_some() || self.min_lifetime_value_minor.is_some()
-    }
-
-    fn matches(&self, event: &Event, context: Option<&CustomerContext>) -> bool {
-        let Some(payload) = event.payload.as_ref() else {
-            return false;
-        };
-        if let Some(granted) = self.consent_granted {
-            let Payload::ConsentChanged(consent) = payload else {
-                return false;
-            };
-            if consent.granted != granted {
-                return false;
-            }
-        }
-        if let Some(min) = self.min_severity
-            && ticket_severity(payload).is_none_or(|s| s < min as i32)
-        {
-            return false;
-        }
-        if let Some(min) = self.min_amount_minor
-            && amount(payload).is_none_or(|a| a < min)
-        {
-            return false;
-        }
-        if self.needs_context() {
-            let Some(context) = context else { return false };
-            if self
-                .min_tier
-                .is_some_and(|min| (context.tier as i32) < min as i32)
+            let path = format!("when.{field}");
+            if self.types.is_some()
+                && let Some(kind) = EventType::ALL
+                    .into_iter()
+                    .find(|kind| scope.contains(*kind) && !applies.contains(*kind))
             {
-                return false;
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "does not apply to {:?}, only to {}",
+                        kind.as_str(),
+                        applies.names()
+                    ),
+                ));
             }
-            if self
-                .min_lifetime_value_minor
-                .is_some_and(|min| context.lifetime_value_minor < min)
-            {
-                return false;
+            scope = TypeSet(scope.0 & applies.0);
+            if scope.0 == 0 {
+                return Err(invalid(
+                    &path,
+                    "no event type carries both this and an earlier condition".into(),
+                ));
             }
         }
-        true
+
+        Ok(Rule {
+            lane,
+            reason,
+            types,
+            when,
+        })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use events::{
-        pb::{ConsentChanged, Money},
-        sample,
-    };
-    use proptest::prelude::*;
-
-    fn event(kind: EventType) -> Event {
-        sample::event(kind, "acme", "c1")
-    }
-
-    fn decide(event: &Event, context: Option<&CustomerContext>) -> (Lane, String) {
-        let d = Rules::default().classify(event, context);
-        (d.lane, d.reason)
-    }
-
-    #[test]
-    fn default_rules_parse_and_cover_both_lanes() {
-        let rules = Rules::from_toml(DEFAULT_RULES).expect("committed routing.toml is valid");
-        assert_eq!(rules, Rules::default());
-        assert_eq!(rules.rules.len(), 6);
-    }
-
-    #[test]
-    fn critical_by_type_and_predicate() {
-        assert_eq!(
-            decide(&event(EventType::PaymentFailed), None),
-            (Lane::Critical, "payment_failed".into())
-        );
-        let mut consent = event(EventType::ConsentChanged);
-        assert_eq!(
-            decide(&consent, None),
-            (Lane::Critical, "consent_revoked".into())
-        );
-        consent.payload = Some(Payload::ConsentChanged(ConsentChanged {
-            channel: 1,
-            granted: true,
-        }));
-        assert_eq!(decide(&consent, None), (Lane::Standard, "default".into()));
-        // Sample escalation is critical severity; sample opening is medium.
-        assert_eq!(
-            decide(&event(EventType::TicketEscalated), None),
-            (Lane::Critical, "ticket_severity".into())
-        );
-        assert_eq!(
-            decide(&event(EventType::TicketOpened), None),
-            (Lane::Standard, "default".into())
-        );
-    }
-
-    #[test]
-    fn high_value_by_amount_and_context() {
-        let mut won = event(EventType::DealWon);
-        assert_eq!(decide(&won, None), (Lane::High, "deal_amount".into()));
-        if let Some(Payload::DealWon(p)) = won.payload.as_mut() {
-            p.amount = Some(Money {
-                currency_code: "USD".into(),
-                minor_units: 999_999,
-            });
+/// The value `name` stands for in `table`; the error lists the accepted names.
+fn named<T: Copy>(name: &Option<String>, table: &[(&str, T)]) -> Result<Option<T>, String> {
+    let Some(name) = name else { return Ok(None) };
+    match table.iter().find(|(n, _)| n == name) {
+        Some((_, value)) => Ok(Some(*value)),
+        None => {
+            let known: Vec<_> = table.iter().map(|(n, _)| *n).collect();
+            Err(format!("{name:?} (one of {})", known.join(", ")))
         }
-        assert_eq!(decide(&won, None), (Lane::Standard, "default".into()));
-        let premium = CustomerContext {
-            tier: CustomerTier::Premium,
-            lifetime_value_minor: 0,
-        };
-        let whale = CustomerContext {
-            tier: CustomerTier::Free,
-            lifetime_value_minor: 5_000_000,
-        };
-        let small = CustomerContext {
-            tier: CustomerTier::Standard,
-            lifetime_value_minor: 10,
-        };
-        let page = event(EventType::PageViewed);
-        assert_eq!(
-            decide(&page, Some(&premium)),
-            (Lane::High, "customer_tier".into())
-        );
-        assert_eq!(
-            decide(&page, Some(&whale)),
-            (Lane::High, "lifetime_value".into())
-        );
-        assert_eq!(
-            decide(&page, Some(&small)),
-            (Lane::Standard, "default".into())
-        );
-        assert_eq!(decide(&page, None), (Lane::Standard, "default".into()));
     }
+}
 
-    #[test]
-    fn context_is_looked_up_only_when_it_can_matter() {
-        let rules = Rules::default();
-        assert!(
-            !rules.needs_customer_context(&event(EventType::PaymentFailed)),
-            "critical by type already"
-        );
-        assert!(
-            !rules.needs_customer_context(&event(EventType::DealWon)),
-            "big deal matches first"
-        );
-        assert!(rules.needs_customer_context(&event(EventType::PageViewed)));
-        let no_context_rules =
-            Rules::from_toml("[[critical]]\nreason = \"x\"\ntypes = [\"deal_lost\"]\n")
-                .expect("rules");
-        assert!(!no_context_rules.needs_customer_context(&event(EventType::PageViewed)));
-    }
-
-    #[test]
-    fn errors_name_the_rule_and_field() {
-        let err = |text: &str| Rules::from_toml(text).expect_err("invalid").to_string();
-        assert_eq!(
-            err(
-                "[[high]]\nreason = \"a\"\n[[high]]\nreason = \"b\"\nwhen = { min_customer_tier = \"gold\" }\n"
-            ),
-            "high[1].when.min_customer_tier: unknown tier \"gold\""
-        );
-        assert_eq!(
-            err("[[critical]]\nreason = \"a\"\ntypes = [\"deal_won\", \"nope\"]\n"),
-            "critical[0].types[1]: unknown event type \"nope\""
-        );
-        assert!(err("[[critical]]\nreason = \"Bad Label\"\n").starts_with("critical[0].reason"));
-        assert!(
-            err("[[critical]]\nreason = \"a\"\nwhen = { colour = 1 }\n").contains("unknown field")
-        );
-        assert!(err("[[medium]]\nreason = \"a\"\n").contains("unknown field"));
-    }
-
-    proptest! {
-        #[test]
-        fn decisions_carry_a_known_reason(kind in 0usize..12, tier in 0i32..5, ltv in any::<i64>(), with_context in any::<bool>()) {
-            let rules = Rules::default();
-            let event = event(EventType::ALL[kind]);
-            let context = CustomerContext { tier: CustomerTier::try_from(tier).unwrap_or_default(), lifetime_value_minor: ltv };
-            let decision = rules.classify(&event, with_context.then_some(&context));
-            prop_assert!(rules.reasons().any(|r| r == decision.reason));
-            prop_assert_eq!(decision.lane == Lane::Standard, decision.reason == "default");
-        }
+fn non_negative(value: Option<i64>) -> Result<Option<i64>, String> {
+    match value {
+        Some(v) if v < 0 => Err(format!("{v} must be >= 0")),
+        _ => Ok(value),
     }
 }

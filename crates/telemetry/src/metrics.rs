@@ -1,0 +1,180 @@
+//! Every metric of the platform in one place: its name, kind, unit, labels and help text.
+//!
+//! Names follow `crm_<component>_<what>_<unit>[_total]`. Labels are bounded: never tenant or
+//! customer ids. Record with the `metrics` macros and these names, e.g.
+//! `metrics::counter!(ROUTER_ROUTED_TOTAL, "lane" => "high", "reason" => "deal_amount")`.
+
+use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const GATEWAY_REQUESTS_TOTAL: &str = "crm_gateway_requests_total";
+pub const GATEWAY_REQUEST_DURATION_SECONDS: &str = "crm_gateway_request_duration_seconds";
+pub const GATEWAY_INFLIGHT_REQUESTS: &str = "crm_gateway_inflight_requests";
+pub const GATEWAY_SHED_TOTAL: &str = "crm_gateway_shed_total";
+pub const LANE_E2E_LATENCY_SECONDS: &str = "crm_lane_e2e_latency_seconds";
+pub const ROUTER_ROUTED_TOTAL: &str = "crm_router_routed_total";
+pub const ROUTER_BATCH_SIZE: &str = "crm_router_batch_size";
+pub const WORKER_PROCESSED_TOTAL: &str = "crm_worker_processed_total";
+pub const WORKER_BATCH_DURATION_SECONDS: &str = "crm_worker_batch_duration_seconds";
+pub const DLQ_EVENTS_TOTAL: &str = "crm_dlq_events_total";
+pub const CONSUMER_PENDING_MESSAGES: &str = "crm_consumer_pending_messages";
+pub const CONSUMER_ACK_PENDING_MESSAGES: &str = "crm_consumer_ack_pending_messages";
+pub const CACHE_REQUESTS_TOTAL: &str = "crm_cache_requests_total";
+pub const PROJECTOR_CONFLICTS_TOTAL: &str = "crm_projector_conflicts_total";
+pub const PROJECTOR_DUPLICATES_TOTAL: &str = "crm_projector_duplicates_total";
+pub const RULES_RELOADS_TOTAL: &str = "crm_rules_reloads_total";
+pub const NATS_CONNECTED: &str = "crm_nats_connected";
+pub const THROTTLE_ANALYTICS_RATE: &str = "crm_throttle_analytics_rate";
+pub const THROTTLE_LEVEL: &str = "crm_throttle_level";
+pub const ANALYTICS_DEFERRED_MESSAGES: &str = "crm_analytics_deferred_messages";
+pub const ANALYTICS_OLDEST_DEFERRED_AGE_SECONDS: &str = "crm_analytics_oldest_deferred_age_seconds";
+pub const FORECAST_INGEST_RATE: &str = "crm_forecast_ingest_rate";
+
+/// How a metric is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric's definition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub unit: Option<Unit>,
+    /// The label names it is recorded with (all bounded sets).
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn def(
+    name: &'static str,
+    kind: MetricKind,
+    unit: Option<Unit>,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind,
+        unit,
+        labels,
+        help,
+    }
+}
+
+use MetricKind::{Counter, Gauge, Histogram};
+
+const COUNT: Option<Unit> = Some(Unit::Count);
+const SECONDS: Option<Unit> = Some(Unit::Seconds);
+const PER_SECOND: Option<Unit> = Some(Unit::CountPerSecond);
+
+/// Every metric, grouped by component.
+#[rustfmt::skip]
+pub const ALL: &[MetricDef] = &[
+    def(GATEWAY_REQUESTS_TOTAL, Counter, COUNT, &["route", "status"],
+        "HTTP requests by route template and status code"),
+    def(GATEWAY_REQUEST_DURATION_SECONDS, Histogram, SECONDS, &["route"],
+        "HTTP request duration by route template"),
+    def(GATEWAY_INFLIGHT_REQUESTS, Gauge, COUNT, &[],
+        "HTTP requests being handled"),
+    def(GATEWAY_SHED_TOTAL, Counter, COUNT, &[],
+        "HTTP requests refused with 503 because the gateway was at capacity"),
+    def(LANE_E2E_LATENCY_SECONDS, Histogram, SECONDS, &["lane"],
+        "Time from ingest to the end of processing, by lane"),
+    def(ROUTER_ROUTED_TOTAL, Counter, COUNT, &["lane", "reason"],
+        "Events routed, by lane and the reason label of the deciding rule"),
+    def(ROUTER_BATCH_SIZE, Histogram, COUNT, &[],
+        "Messages the router fetched per pull batch"),
+    def(WORKER_PROCESSED_TOTAL, Counter, COUNT, &["role", "lane", "outcome"],
+        "Messages settled by workers, by role, lane and outcome (ack, retry, poison)"),
+    def(WORKER_BATCH_DURATION_SECONDS, Histogram, SECONDS, &["role", "lane"],
+        "Handler time per batch, by role and lane"),
+    def(DLQ_EVENTS_TOTAL, Counter, COUNT, &["stage", "reason"],
+        "Messages dead-lettered, by stage and reason"),
+    def(CONSUMER_PENDING_MESSAGES, Gauge, COUNT, &["stream", "consumer"],
+        "Messages in the stream not yet delivered to the durable consumer"),
+    def(CONSUMER_ACK_PENDING_MESSAGES, Gauge, COUNT, &["stream", "consumer"],
+        "Messages delivered to the durable consumer and not yet acknowledged"),
+    def(CACHE_REQUESTS_TOTAL, Counter, COUNT, &["cache", "result"],
+        "Cache lookups by cache and result (hit, miss, error)"),
+    def(PROJECTOR_CONFLICTS_TOTAL, Counter, COUNT, &[],
+        "Profile field updates lost to a newer write (last-writer-wins)"),
+    def(PROJECTOR_DUPLICATES_TOTAL, Counter, COUNT, &[],
+        "Redelivered events recognised by the processed-event ledger and skipped"),
+    def(RULES_RELOADS_TOTAL, Counter, COUNT, &["result"],
+        "Routing rule reloads by result (ok, error)"),
+    def(NATS_CONNECTED, Gauge, None, &[],
+        "1 while connected to NATS, else 0"),
+    def(THROTTLE_ANALYTICS_RATE, Gauge, PER_SECOND, &[],
+        "Analytics processing rate currently allowed by the throttler"),
+    def(THROTTLE_LEVEL, Gauge, None, &[],
+        "Throttler pressure level (0 = unthrottled; higher means more analytics is deferred)"),
+    def(ANALYTICS_DEFERRED_MESSAGES, Gauge, COUNT, &[],
+        "Analytics messages deferred (left in the stream) by the throttler"),
+    def(ANALYTICS_OLDEST_DEFERRED_AGE_SECONDS, Gauge, SECONDS, &[],
+        "Age of the oldest deferred analytics message"),
+    def(FORECAST_INGEST_RATE, Gauge, PER_SECOND, &[],
+        "Forecast ingest rate (events per second) the throttler plans with"),
+];
+
+/// Register help text and unit of every metric with the installed recorder (a no-op without
+/// one). [`install_recorder`](crate::install_recorder) calls it.
+pub fn describe_all() {
+    for metric in ALL {
+        let (name, help) = (metric.name, metric.help);
+        match (metric.kind, metric.unit) {
+            (Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Counter, None) => describe_counter!(name, help),
+            (Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Gauge, None) => describe_gauge!(name, help),
+            (Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+            (Histogram, None) => describe_histogram!(name, help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let mut seen = HashSet::new();
+        for metric in ALL {
+            let name = metric.name;
+            assert!(seen.insert(name), "{name} listed twice");
+            assert!(name.starts_with("crm_"), "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+            assert_eq!(
+                metric.kind == Counter,
+                name.ends_with("_total"),
+                "{name}: counters and only counters end in _total"
+            );
+            assert_eq!(
+                metric.unit == Some(Unit::Seconds),
+                name.ends_with("_seconds"),
+                "{name}: the unit is in the name"
+            );
+            assert!(!metric.help.is_empty(), "{name}");
+            for label in metric.labels {
+                assert!(
+                    !label.contains("tenant") && !label.contains("customer") && *label != "id",
+                    "{name}: label {label} is unbounded"
+                );
+            }
+        }
+        assert_eq!(ALL.len(), 22);
+    }
+
+    #[test]
+    fn describe_all_without_a_recorder_is_a_no_op() {
+        describe_all();
+    }
+}
