@@ -1,324 +1,515 @@
-//! One conformance suite, run against SQLite and PostgreSQL.
+//! One conformance suite, run against SQLite and PostgreSQL: every scenario is an async fn of a
+//! fresh [`Store`], and `conformance!` makes one test per scenario and backend.
 
-use events::pbjson_types::{FieldMask, Timestamp};
+mod common;
+
+use common::*;
 use events::{
     EventType,
-    pb::{
-        ConsentChanged, Contact, ContactUpdated, CustomerTier, DealWon, Event, Money,
-        event::Payload,
-    },
+    pb::{ConsentChannel, CustomerTier, TicketSeverity},
     sample,
 };
-use proptest::prelude::*;
-use std::time::Duration;
-use store::{Applied, ContextCache, Store};
-use test_support::{TempPostgres, TempSqlite};
+use proptest::{
+    collection::vec,
+    prelude::*,
+    test_runner::{Config, TestRunner},
+};
+use store::{Applied, CustomerContext, Profile, Store, StoreError};
+use test_support::TempSqlite;
 
-fn at(event: &mut Event, seconds: i64) -> &mut Event {
-    event.occurred_at = Some(Timestamp { seconds, nanos: 0 });
-    event
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = test_support::TempSqlite::new();
+                    let store = store::Store::connect(&db.url()).await.expect("connect to SQLite");
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = test_support::TempPostgres::create().await;
+                    let store = store::Store::connect(&db.url()).await.expect("connect to PostgreSQL");
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+    };
 }
 
-fn update(customer: &str, seconds: i64, field: &str, value: &str) -> Event {
-    let mut contact = Contact::default();
-    match field {
-        "email" => contact.email = value.into(),
-        "title" => contact.title = value.into(),
-        "phone" => contact.phone = value.into(),
-        "tier" => contact.tier = CustomerTier::from_str_name(value).unwrap_or_default() as i32,
-        _ => unreachable!("test field"),
-    }
-    let mut event = sample::with_payload(
-        Payload::ContactUpdated(ContactUpdated {
-            contact: Some(contact),
-            update_mask: Some(FieldMask {
-                paths: vec![field.into()],
-            }),
-        }),
-        "acme",
-        customer,
-    );
-    at(&mut event, seconds);
-    event
-}
+conformance!(
+    applies_and_reads_a_profile,
+    duplicates_have_no_second_effect,
+    a_redelivered_batch_changes_nothing,
+    an_older_write_loses_and_is_logged,
+    an_update_mask_clears_fields,
+    consents_deals_and_tickets_are_last_writer_wins,
+    the_conflicting_set_converges_in_reverse,
+    concurrent_overlapping_batches_apply_each_event_once,
+);
 
-fn won(customer: &str, deal: &str, minor_units: i64) -> Event {
-    sample::with_payload(
-        Payload::DealWon(DealWon {
-            deal_id: deal.into(),
-            amount: Some(Money {
-                currency_code: "USD".into(),
-                minor_units,
-            }),
-        }),
-        "acme",
-        customer,
-    )
-}
-
-async fn suite(store: Store) {
-    // Apply and read back.
-    let created = sample::event(EventType::ContactCreated, "acme", "c1");
-    let result = store
-        .apply_batch(std::slice::from_ref(&created))
+async fn profile(store: &Store, customer: &str) -> Profile {
+    store
+        .profile(TENANT, customer)
         .await
-        .expect("apply");
+        .expect("read profile")
+        .unwrap_or_else(|| panic!("customer {customer} has a profile"))
+}
+
+async fn apply(store: &Store, events: &[events::Event]) -> store::BatchResult {
+    store.apply_batch(events).await.expect("apply batch")
+}
+
+async fn applies_and_reads_a_profile(store: Store) {
+    let created = sample::event(EventType::ContactCreated, TENANT, "c1");
+    let result = apply(&store, std::slice::from_ref(&created)).await;
     assert_eq!(result.outcomes, [Applied::Applied]);
     assert_eq!(
         result.changed_customers,
-        [("acme".to_owned(), "c1".to_owned())]
-    );
-    let profile = store
-        .profile("acme", "c1")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(profile.fields["email"], "ada@example.com");
-    assert_eq!(profile.tier, "standard");
-    assert!(
-        store
-            .profile("acme", "nobody")
-            .await
-            .expect("read")
-            .is_none()
-    );
-    assert!(
-        store
-            .profile("other-tenant", "c1")
-            .await
-            .expect("read")
-            .is_none()
+        [(TENANT.to_owned(), "c1".to_owned())]
     );
 
-    // Duplicates, across and within batches, have no second effect.
-    let deal = won("c1", "d1", 700);
-    let result = store
-        .apply_batch(&[created.clone(), deal.clone(), deal.clone()])
-        .await
-        .expect("apply");
+    let p = profile(&store, "c1").await;
+    assert_eq!(
+        (p.tenant_id.as_str(), p.customer_id.as_str()),
+        (TENANT, "c1")
+    );
+    assert_eq!(p.fields["email"], "ada@example.com");
+    assert_eq!(p.fields["country_code"], "GB");
+    assert!(
+        !p.fields.contains_key("phone"),
+        "empty fields are not written"
+    );
+    assert_eq!(p.fields["tier"], "standard");
+    assert_eq!(p.tier, "standard");
+    assert_eq!(p.field_versions["email"].event_id, created.event_id);
+    assert_eq!(
+        (p.events_applied, p.payment_failures, p.lifetime_value_minor),
+        (1, 0, 0)
+    );
+    assert_eq!(p.field_versions["email"].occurred_at, p.last_event_at);
+
+    let json = serde_json::to_value(&p).expect("json");
+    for key in [
+        "fields",
+        "field_versions",
+        "tier",
+        "consents",
+        "deals",
+        "tickets",
+        "last_event_at",
+    ] {
+        assert!(json.get(key).is_some(), "{key} in {json}");
+    }
+    assert_eq!(
+        store.customer_context(TENANT, "c1").await.expect("context"),
+        Some(CustomerContext {
+            tier: CustomerTier::Standard,
+            lifetime_value_minor: 0
+        })
+    );
+    assert_eq!(store.profile(TENANT, "nobody").await.expect("read"), None);
+    assert_eq!(
+        store.profile("other-tenant", "c1").await.expect("read"),
+        None
+    );
+    assert_eq!(
+        store
+            .customer_context(TENANT, "nobody")
+            .await
+            .expect("context"),
+        None
+    );
+    assert_eq!(store.processed_count().await.expect("count"), 1);
+}
+
+async fn duplicates_have_no_second_effect(store: Store) {
+    let deal = won("c1", 1, "d1", "USD", 700);
+    let failure = at("c1", 2, sample::payload(EventType::PaymentFailed));
+    let result = apply(
+        &store,
+        &[deal.clone(), failure.clone(), deal.clone(), failure.clone()],
+    )
+    .await;
     assert_eq!(
         result.outcomes,
-        [Applied::Duplicate, Applied::Applied, Applied::Duplicate]
+        [
+            Applied::Applied,
+            Applied::Applied,
+            Applied::Duplicate,
+            Applied::Duplicate
+        ]
     );
-    let profile = store
-        .profile("acme", "c1")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(profile.lifetime_value_minor, 700);
-    assert_eq!(profile.events_applied, 2);
-    // A whole batch redelivered (crash before ack) changes nothing.
-    let again = store.apply_batch(&[created, deal]).await.expect("apply");
-    assert_eq!(again.outcomes, [Applied::Duplicate, Applied::Duplicate]);
-    assert!(again.changed_customers.is_empty());
+    assert_eq!(result.changed_customers.len(), 1);
+    let result = apply(
+        &store,
+        &[failure, deal.clone(), won("c1", 3, "d2", "EUR", 300)],
+    )
+    .await;
     assert_eq!(
-        store.profile("acme", "c1").await.expect("read"),
-        Some(profile)
+        result.outcomes,
+        [Applied::Duplicate, Applied::Duplicate, Applied::Applied]
     );
 
-    // Last writer wins per field; the older write is logged as a conflict.
-    let newer = update("c2", 2_000_000_000, "title", "CEO");
-    let older = update("c2", 1_900_000_000, "title", "Intern");
-    store
-        .apply_batch(std::slice::from_ref(&newer))
-        .await
-        .expect("apply");
-    let result = store
-        .apply_batch(std::slice::from_ref(&older))
-        .await
-        .expect("apply");
-    assert_eq!(result.conflicts, 1);
-    let profile = store
-        .profile("acme", "c2")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(profile.fields["title"], "CEO");
-    assert_eq!(profile.field_versions["title"].event_id, newer.event_id);
-    let conflicts = store.conflicts("acme", "c2").await.expect("conflicts");
+    let p = profile(&store, "c1").await;
+    assert_eq!(
+        p.lifetime_value_minor, 1_000,
+        "each deal once, currencies added as they are"
+    );
+    assert_eq!((p.events_applied, p.payment_failures), (3, 1));
+    assert_eq!(store.processed_count().await.expect("count"), 3);
+
+    // Outcomes follow the input order however the batch is applied; customers are reported once.
+    let (b, a) = (won("cb", 1, "d", "USD", 1), won("ca", 1, "d", "USD", 1));
+    let result = apply(&store, &[b.clone(), a, b]).await;
+    assert_eq!(
+        result.outcomes,
+        [Applied::Applied, Applied::Applied, Applied::Duplicate]
+    );
+    let customers: Vec<_> = result
+        .changed_customers
+        .iter()
+        .map(|(_, c)| c.as_str())
+        .collect();
+    assert_eq!(customers, ["ca", "cb"]);
+
+    // The same event id in another tenant is another event.
+    let mut elsewhere = deal;
+    elsewhere.tenant_id = "other".into();
+    assert_eq!(
+        apply(&store, &[elsewhere]).await.outcomes,
+        [Applied::Applied]
+    );
+}
+
+async fn a_redelivered_batch_changes_nothing(store: Store) {
+    let mut batch = conflicting_set();
+    batch.push(sample::event(EventType::ContactCreated, TENANT, "c2"));
+    let first = apply(&store, &batch).await;
+    assert!(first.outcomes.iter().all(|o| *o == Applied::Applied));
+    assert_eq!(first.changed_customers.len(), 2);
+    let before = (
+        serde_json::to_value(profile(&store, "p").await).expect("json"),
+        store.conflicts(TENANT, "p").await.expect("conflicts"),
+        store.processed_count().await.expect("count"),
+    );
+
+    // The worker crashed after the commit, before the ack: the same batch comes again.
+    let again = apply(&store, &batch).await;
+    assert!(again.outcomes.iter().all(|o| *o == Applied::Duplicate));
+    assert!(again.changed_customers.is_empty());
+    assert_eq!(again.conflicts, 0);
+    let after = (
+        serde_json::to_value(profile(&store, "p").await).expect("json"),
+        store.conflicts(TENANT, "p").await.expect("conflicts"),
+        store.processed_count().await.expect("count"),
+    );
+    assert_eq!(before, after);
+}
+
+async fn an_older_write_loses_and_is_logged(store: Store) {
+    let newer = update("c2", 20, "title", "CEO");
+    let older = update("c2", 10, "title", "Intern");
+    let same_value = update("c2", 5, "title", "CEO");
+    apply(&store, std::slice::from_ref(&newer)).await;
+    assert_eq!(
+        apply(&store, std::slice::from_ref(&older)).await.conflicts,
+        1
+    );
+    assert_eq!(
+        apply(&store, &[same_value]).await.conflicts,
+        0,
+        "same value: no conflict"
+    );
+
+    let p = profile(&store, "c2").await;
+    assert_eq!(p.fields["title"], "CEO");
+    assert_eq!(p.field_versions["title"].event_id, newer.event_id);
+    assert_eq!(
+        p.events_applied, 3,
+        "a losing write is still applied (and counted)"
+    );
+    let conflicts = store.conflicts(TENANT, "c2").await.expect("conflicts");
     assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].field, "title");
     assert_eq!(conflicts[0].losing_value, "Intern");
+    assert_eq!(conflicts[0].losing_event_id, older.event_id);
+    assert_eq!(conflicts[0].losing_occurred_at, "2023-11-14T22:13:30Z");
     assert_eq!(conflicts[0].winning_event_id, newer.event_id);
 
-    // An update mask naming a field with an empty value clears it.
-    store
-        .apply_batch(&[update("c2", 2_100_000_000, "title", "")])
-        .await
-        .expect("apply");
-    let profile = store
-        .profile("acme", "c2")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(profile.fields["title"], "");
-
-    // Consent: last writer wins regardless of arrival order.
-    let mut revoke = sample::with_payload(
-        Payload::ConsentChanged(ConsentChanged {
-            channel: 1,
-            granted: false,
-        }),
-        "acme",
-        "c3",
+    // At the same instant the greater event id wins, whichever comes first.
+    let (a, b) = (
+        update("c3", 1, "company", "A"),
+        update("c3", 1, "company", "B"),
     );
-    at(&mut revoke, 2_000_000_100);
-    let mut grant = sample::with_payload(
-        Payload::ConsentChanged(ConsentChanged {
-            channel: 1,
-            granted: true,
-        }),
-        "acme",
-        "c3",
-    );
-    at(&mut grant, 2_000_000_000);
-    store.apply_batch(&[revoke, grant]).await.expect("apply");
-    let profile = store
-        .profile("acme", "c3")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert!(!profile.consents["email"].granted);
+    let winner = if a.event_id > b.event_id { "A" } else { "B" };
+    apply(&store, &[b, a]).await;
+    assert_eq!(profile(&store, "c3").await.fields["company"], winner);
+}
 
-    // Tickets and deal state.
-    store
-        .apply_batch(&[
-            sample::event(EventType::TicketOpened, "acme", "c3"),
-            sample::event(EventType::TicketEscalated, "acme", "c3"),
-        ])
-        .await
-        .expect("apply");
-    let profile = store
-        .profile("acme", "c3")
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(profile.tickets[0].status, "escalated");
-    assert_eq!(profile.tickets[0].severity, "critical");
-
-    // Customer context through the cache: miss, hit, invalidate, fresh value.
-    let cache = ContextCache::new(store.clone(), 100, Duration::from_secs(60));
-    assert_eq!(cache.get("acme", "c9").await.expect("ctx"), None);
-    store
-        .apply_batch(&[update(
-            "c9",
-            2_000_000_000,
-            "tier",
-            "CUSTOMER_TIER_ENTERPRISE",
-        )])
-        .await
-        .expect("apply");
+async fn an_update_mask_clears_fields(store: Store) {
+    apply(
+        &store,
+        &[at("c4", 1, sample::payload(EventType::ContactCreated))],
+    )
+    .await;
+    apply(
+        &store,
+        &[update("c4", 2, "email", ""), update("c4", 2, "tier", "")],
+    )
+    .await;
+    let p = profile(&store, "c4").await;
+    assert_eq!(p.fields["email"], "");
     assert_eq!(
-        cache.get("acme", "c9").await.expect("ctx"),
-        None,
-        "negative result cached"
+        p.fields["first_name"], "Ada",
+        "fields outside the mask are untouched"
     );
-    cache.invalidate("acme", "c9").await;
-    let context = cache.get("acme", "c9").await.expect("ctx").expect("known");
-    assert_eq!(context.tier, CustomerTier::Enterprise);
-    store
-        .apply_batch(&[won("c9", "big", 9_000_000)])
-        .await
-        .expect("apply");
-    cache.invalidate("acme", "c9").await;
+    assert_eq!(p.tier, "unspecified");
+    let context = store.customer_context(TENANT, "c4").await.expect("context");
+    assert_eq!(context.map(|c| c.tier), Some(CustomerTier::Unspecified));
+
+    // The sample update names title and tier, not the other fields.
+    apply(
+        &store,
+        &[at("c4", 3, sample::payload(EventType::ContactUpdated))],
+    )
+    .await;
+    let p = profile(&store, "c4").await;
     assert_eq!(
-        cache
-            .get("acme", "c9")
-            .await
-            .expect("ctx")
-            .expect("known")
-            .lifetime_value_minor,
-        9_000_000
+        (p.fields["title"].as_str(), p.tier.as_str()),
+        ("CTO", "premium")
     );
+    assert_eq!(p.fields["email"], "");
 }
 
-#[tokio::test]
-async fn conformance_sqlite() {
-    let db = TempSqlite::new();
-    suite(Store::connect(&db.url()).await.expect("sqlite")).await;
+async fn consents_deals_and_tickets_are_last_writer_wins(store: Store) {
+    let c = "c5";
+    // Each pair arrives newest first.
+    apply(&store, &[consent(c, 20, ConsentChannel::Email, false)]).await;
+    apply(&store, &[consent(c, 10, ConsentChannel::Email, true)]).await;
+    apply(&store, &[won(c, 30, "d1", "USD", 500)]).await;
+    apply(&store, &[stage(c, 10, "d1", "proposal", Some(100))]).await;
+    apply(
+        &store,
+        &[ticket_escalated(c, 20, "t1", TicketSeverity::High)],
+    )
+    .await;
+    apply(&store, &[ticket_opened(c, 10, "t1", TicketSeverity::Low)]).await;
+
+    let p = profile(&store, c).await;
+    assert!(!p.consents["email"].granted);
+    assert_eq!(p.consents["email"].occurred_at, "2023-11-14T22:13:40Z");
+    let deal = &p.deals[0];
+    assert_eq!(
+        (deal.stage.as_str(), deal.status.as_str()),
+        ("closed_won", "won")
+    );
+    assert_eq!(
+        (deal.amount_minor, deal.currency.as_deref()),
+        (Some(500), Some("USD"))
+    );
+    assert_eq!(p.lifetime_value_minor, 500);
+    let ticket = &p.tickets[0];
+    assert_eq!(
+        (ticket.status.as_str(), ticket.severity.as_str()),
+        ("escalated", "high")
+    );
+
+    // A newer loss takes the deal out of the lifetime value; it keeps its last amount.
+    apply(&store, &[lost(c, 40, "d1")]).await;
+    let p = profile(&store, c).await;
+    assert_eq!(
+        (p.deals[0].status.as_str(), p.deals[0].amount_minor),
+        ("lost", Some(500))
+    );
+    assert_eq!(p.lifetime_value_minor, 0);
+    // Re-won later with a new amount: counted once, at that amount.
+    apply(
+        &store,
+        &[won(c, 50, "d1", "USD", 650), won(c, 45, "d1", "USD", 999)],
+    )
+    .await;
+    let context = store.customer_context(TENANT, c).await.expect("context");
+    assert_eq!(context.map(|c| c.lifetime_value_minor), Some(650));
 }
 
-#[tokio::test]
-async fn conformance_postgres() {
-    let db = TempPostgres::create().await;
-    suite(Store::connect(&db.url()).await.expect("postgres")).await;
-}
-
-#[tokio::test]
-async fn unsupported_urls_are_refused() {
-    let err = Store::connect("mysql://x").await.expect_err("refused");
-    assert!(err.to_string().contains("unsupported store URL"), "{err}");
-}
-
-/// A fixed set of conflicting updates on one customer.
-fn update_set() -> Vec<Event> {
-    let mut events = vec![
-        update("p", 2_000_000_000, "title", "A"),
-        update("p", 2_000_000_005, "title", "B"),
-        update("p", 2_000_000_005, "email", "x@example.com"),
-        update("p", 2_000_000_001, "email", "y@example.com"),
-        update("p", 2_000_000_003, "phone", "1"),
-        update("p", 2_000_000_003, "phone", "2"),
-        won("p", "d1", 100),
-        won("p", "d2", 250),
-    ];
-    for (i, seconds) in [(0, 2_000_000_010), (1, 2_000_000_002)] {
-        let mut consent = sample::with_payload(
-            Payload::ConsentChanged(ConsentChanged {
-                channel: 2,
-                granted: i == 0,
-            }),
-            "acme",
-            "p",
-        );
-        at(&mut consent, seconds);
-        events.push(consent);
+/// Workers redelivering overlapping batches at once: no deadlock, and each event counts once.
+async fn concurrent_overlapping_batches_apply_each_event_once(store: Store) {
+    let customers = ["k0", "k1", "k2", "k3"];
+    let events: Vec<_> = (0..40)
+        .map(|i| won(customers[i % 4], i as i64, &format!("d{i}"), "USD", 10))
+        .collect();
+    let tasks: Vec<_> = (0..4)
+        .map(|worker| {
+            let (store, mut batch) = (store.clone(), events.clone());
+            batch.rotate_left(worker * 7);
+            if worker % 2 == 1 {
+                batch.reverse();
+            }
+            tokio::spawn(async move {
+                for chunk in batch.chunks(8) {
+                    store.apply_batch(chunk).await.expect("apply batch");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("worker");
     }
-    events
+    assert_eq!(store.processed_count().await.expect("count"), 40);
+    for customer in customers {
+        let p = profile(&store, customer).await;
+        assert_eq!(
+            (p.events_applied, p.lifetime_value_minor),
+            (10, 100),
+            "{customer}"
+        );
+    }
 }
 
-async fn projected(
-    url: &str,
-    events: &[Event],
+fn expect_converged(p: &Profile) {
+    assert_eq!(p.fields["title"], "CTO");
+    assert_eq!(p.fields["email"], "new@example.com");
+    assert_eq!(p.fields["phone"], "");
+    assert_eq!(p.tier, "enterprise");
+    assert!(!p.consents["email"].granted);
+    assert!(p.consents["sms"].granted);
+    let deals: Vec<_> = p
+        .deals
+        .iter()
+        .map(|d| (d.deal_id.as_str(), d.status.as_str(), d.amount_minor))
+        .collect();
+    assert_eq!(
+        deals,
+        [
+            ("d1", "won", Some(120_000)),
+            ("d2", "lost", Some(5_000)),
+            ("d3", "won", Some(30_000))
+        ]
+    );
+    assert_eq!(p.lifetime_value_minor, 150_000);
+    assert_eq!(p.tickets[0].status, "escalated");
+    assert_eq!((p.payment_failures, p.events_applied), (1, 21));
+}
+
+/// Deterministic: reversed, with duplicates, in batches of three, equals the in-order SQLite
+/// profile — the same JSON from either backend.
+async fn the_conflicting_set_converges_in_reverse(store: Store) {
+    let events = conflicting_set();
+    let reference = projected_json(
+        &events,
+        &(0..events.len()).collect::<Vec<_>>(),
+        events.len(),
+    )
+    .await;
+    let mut order: Vec<usize> = (0..events.len()).rev().collect();
+    order.extend([0, 7, 7, 20]);
+    let sequence: Vec<_> = order.iter().map(|&i| events[i].clone()).collect();
+    for chunk in sequence.chunks(3) {
+        apply(&store, chunk).await;
+    }
+    let p = profile(&store, "p").await;
+    expect_converged(&p);
+    assert_eq!(serde_json::to_value(&p).expect("json"), reference);
+}
+
+/// The profile JSON of customer `p` after applying `events[order[..]]` in batches of `batch`
+/// to a fresh SQLite store.
+async fn projected_json(
+    events: &[events::Event],
     order: &[usize],
     batch: usize,
 ) -> serde_json::Value {
-    let store = Store::connect(url).await.expect("store");
-    let sequence: Vec<Event> = order
-        .iter()
-        .map(|&i| events[i % events.len()].clone())
-        .collect();
+    let db = TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("connect");
+    let sequence: Vec<_> = order.iter().map(|&i| events[i].clone()).collect();
     for chunk in sequence.chunks(batch.max(1)) {
-        store.apply_batch(chunk).await.expect("apply");
+        apply(&store, chunk).await;
     }
-    let mut profile =
-        serde_json::to_value(store.profile("acme", "p").await.expect("read")).expect("json");
-    profile.as_object_mut().map(|o| o.remove("events_applied"));
-    profile
+    serde_json::to_value(profile(&store, "p").await).expect("json")
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
-    /// Any permutation with duplicates, in any batching, gives the same profile.
-    #[test]
-    fn lww_merge_is_order_and_duplicate_insensitive(
-        order in Just((0..10usize).collect::<Vec<_>>()).prop_shuffle(),
-        extra in proptest::collection::vec(0usize..10, 0..6),
-        batch in 1usize..5,
-    ) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-        let mut shuffled = order.clone();
-        shuffled.extend(extra);
-        let events = update_set();
-        let (a, b) = runtime.block_on(async {
-            let reference = TempSqlite::new();
-            let shuffled_db = TempSqlite::new();
-            (
-                projected(&reference.url(), &events, &(0..10).collect::<Vec<_>>(), 10).await,
-                projected(&shuffled_db.url(), &events, &shuffled, batch).await,
-            )
-        });
-        prop_assert_eq!(&a["fields"]["title"], "B");
-        prop_assert_eq!(&a["lifetime_value_minor"], 350);
-        prop_assert_eq!(a, b);
-    }
+/// Any permutation of the conflicting set, with any duplicates, in any batching, projects the
+/// same profile.
+#[test]
+fn any_order_and_duplication_converge() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let events = conflicting_set();
+    let n = events.len();
+    let reference = runtime.block_on(projected_json(&events, &(0..n).collect::<Vec<_>>(), n));
+    let strategy = (
+        Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+        vec(0..n, 0..8),
+        1..6usize,
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |(mut order, duplicates, batch)| {
+            order.extend(duplicates);
+            let projected = runtime.block_on(projected_json(&events, &order, batch));
+            prop_assert_eq!(&projected, &reference);
+            Ok(())
+        })
+        .expect("every order converges");
+    let converged: Profile = runtime.block_on(async {
+        let db = TempSqlite::new();
+        let store = Store::connect(&db.url()).await.expect("connect");
+        apply(&store, &events).await;
+        profile(&store, "p").await
+    });
+    expect_converged(&converged);
+}
+
+#[tokio::test]
+async fn unsupported_schemes_are_refused_by_name() {
+    let err = Store::connect("mysql://root:hunter2@db/crm")
+        .await
+        .expect_err("refused");
+    assert!(matches!(&err, StoreError::UnsupportedScheme { scheme, .. } if scheme == "mysql"));
+    let message = err.to_string();
+    assert!(
+        message.contains("\"mysql\"") && !message.contains("hunter2"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn connect_errors_name_the_backend_and_the_url() {
+    let url = format!("{}_no_such_database", test_support::postgres_admin_url());
+    let err = Store::connect(&url).await.expect_err("no such database");
+    assert!(
+        matches!(
+            err,
+            StoreError::Connect {
+                backend: "postgres",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no_such_database"), "{err}");
+    let url = "sqlite:///nonexistent-dir/crm.db";
+    let err = Store::connect(url).await.expect_err("no such directory");
+    assert!(
+        matches!(
+            err,
+            StoreError::Connect {
+                backend: "sqlite",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(url), "{err}");
 }
