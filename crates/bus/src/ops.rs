@@ -67,13 +67,16 @@ fn ingest_subject_of(dlq_subject: &str) -> Option<String> {
 }
 
 impl Bus {
-    /// Dead letters from `from_seq` on, at most `limit`.
-    pub async fn dlq_list(&self, from_seq: u64, limit: usize) -> Result<Vec<DlqEntry>, BusError> {
-        let stream = self
-            .jetstream()
+    async fn dlq_stream(&self) -> Result<jetstream::stream::Stream, BusError> {
+        self.jetstream()
             .get_stream(DLQ_STREAM)
             .await
-            .map_err(|e| unavailable("opening CRM_DLQ", e))?;
+            .map_err(|e| unavailable("opening CRM_DLQ", e))
+    }
+
+    /// Dead letters from `from_seq` on, at most `limit`.
+    pub async fn dlq_list(&self, from_seq: u64, limit: usize) -> Result<Vec<DlqEntry>, BusError> {
+        let stream = self.dlq_stream().await?;
         let last = stream
             .get_info()
             .await
@@ -94,11 +97,7 @@ impl Bus {
 
     /// One dead letter by sequence.
     pub async fn dlq_get(&self, seq: u64) -> Result<DlqEntry, BusError> {
-        let stream = self
-            .jetstream()
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable("opening CRM_DLQ", e))?;
+        let stream = self.dlq_stream().await?;
         let message = stream.get_raw_message(seq).await.map_err(|e| {
             BusError::with_source(
                 BusErrorKind::Rejected,
@@ -138,11 +137,7 @@ impl Bus {
             }
         };
         let published = self.publish(&subject, payload, &options).await?;
-        let stream = self
-            .jetstream()
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable("opening CRM_DLQ", e))?;
+        let stream = self.dlq_stream().await?;
         stream
             .delete_message(seq)
             .await
@@ -152,11 +147,7 @@ impl Bus {
 
     /// Delete dead letters, all or those of one stage. Returns how many were purged.
     pub async fn dlq_purge(&self, stage: Option<&str>) -> Result<u64, BusError> {
-        let stream = self
-            .jetstream()
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable("opening CRM_DLQ", e))?;
+        let stream = self.dlq_stream().await?;
         let purge = stream.purge();
         let response = match stage {
             Some(stage) => purge.filter(format!("crm.dlq.{stage}.>")).await,

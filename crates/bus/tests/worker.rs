@@ -156,14 +156,7 @@ where
 {
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(run_worker(bus.clone(), config, handler, shutdown.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    test_support::eventually("the condition", done).await;
     shutdown.cancel();
     worker.await.expect("join").expect("worker ok");
 }

@@ -8,9 +8,9 @@ use cli::{
 };
 use events::{DlqStage, EventType};
 use serde_json::Value;
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 use store::Store;
-use test_support::{NatsServer, TempPostgres, TempSqlite};
+use test_support::{NatsServer, TempPostgres, TempSqlite, eventually};
 
 const KEY: &str = "test-key";
 
@@ -80,21 +80,6 @@ async fn bus(nats: &NatsServer) -> Bus {
     Bus::connect(&ConnectOptions::new(nats.url()))
         .await
         .expect("connect")
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn post(
