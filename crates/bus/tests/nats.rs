@@ -188,3 +188,78 @@ async fn a_server_without_jetstream_is_refused_with_a_message() {
     assert_eq!(err.kind(), BusErrorKind::Unsupported);
     assert!(err.to_string().contains("JetStream disabled"), "{err}");
 }
+
+#[tokio::test]
+async fn replaying_a_stream_re_drives_events_into_ingest_under_fresh_ids() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    let subject = events::ingest_subject("acme", events::EventType::PageViewed).expect("subject");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let event = events::sample::event(events::EventType::PageViewed, "acme", "c");
+        bus.publish(
+            &subject,
+            Bytes::from(events::encode_proto(&event)),
+            &PublishOptions::with_msg_id(&event.event_id),
+        )
+        .await
+        .expect("stored");
+        ids.push(event.event_id);
+    }
+    let replayed = bus
+        .replay_stream(
+            "CRM_INGEST",
+            bus::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: 2 },
+            None,
+        )
+        .await
+        .expect("replayed");
+    assert_eq!(replayed, 2);
+    let stream = bus
+        .jetstream()
+        .get_stream("CRM_INGEST")
+        .await
+        .expect("stream");
+    assert_eq!(stream.get_info().await.expect("info").state.messages, 5);
+    let copy = stream.get_raw_message(4).await.expect("replayed copy");
+    assert_eq!(
+        headers::get(Some(&copy.headers), headers::MSG_ID),
+        Some("replay:CRM_INGEST:2")
+    );
+    let event = events::decode(&copy.payload, events::Encoding::Protobuf).expect("decodes");
+    assert_eq!(
+        event.event_id, ids[1],
+        "the event keeps its id, so effects stay exactly-once"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_purged_by_stage() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    for (stage, n) in [("router", 2), ("projector", 3)] {
+        for i in 0..n {
+            bus.publish(
+                &format!("crm.dlq.{stage}.acme.deal_won"),
+                Bytes::from_static(b"x"),
+                &PublishOptions::with_msg_id(format!("{stage}-{i}")),
+            )
+            .await
+            .expect("stored");
+        }
+    }
+    assert_eq!(bus.dlq_list(1, 100).await.expect("list").len(), 5);
+    assert_eq!(bus.dlq_purge(Some("router")).await.expect("purge"), 2);
+    let left = bus.dlq_list(1, 100).await.expect("list");
+    assert_eq!(left.len(), 3);
+    assert!(
+        left.iter()
+            .all(|e| e.subject.starts_with("crm.dlq.projector."))
+    );
+    let err = bus.dlq_replay(99, None).await.expect_err("no such letter");
+    assert!(
+        err.to_string().contains("no dead letter with seq 99"),
+        "{err}"
+    );
+    assert_eq!(bus.dlq_purge(None).await.expect("purge"), 3);
+}
