@@ -108,6 +108,17 @@ impl Bus {
         if let Some(id) = &options.msg_id {
             headers.insert(headers::MSG_ID, id.as_str());
         }
+        self.send_with_headers(subject, payload, headers).await
+    }
+
+    /// [`Bus::send`] with a ready header map (which must carry `Nats-Msg-Id` if dedupe is
+    /// wanted), for hot paths that build their headers once.
+    pub async fn send_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: HeaderMap,
+    ) -> Result<PublishAckFuture, BusError> {
         self.jetstream()
             .publish_with_headers(subject.to_owned(), headers, payload)
             .await

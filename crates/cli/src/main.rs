@@ -1,5 +1,9 @@
 //! `crm`: runs the platform's roles and operates it (provisioning, publishing, dead letters, replay).
 
+/// Many small, short-lived allocations per event: mimalloc handles them with less contention.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use bus::{Bus, Definitions, PublishOptions, jetstream::consumer::DeliverPolicy};
 use clap::{Parser, Subcommand};

@@ -8,7 +8,7 @@ mod rules;
 pub use rules::{RulesHandle, watch_rules};
 
 use bus::{
-    Bus, BusError, BusErrorKind, CancellationToken, DeadLetter, PublishOptions, headers,
+    Bus, BusError, BusErrorKind, CancellationToken, DeadLetter, headers,
     jetstream::{self, AckKind, consumer::pull},
 };
 use events::{DlqStage, Encoding, Event, EventType, Lane};
@@ -160,7 +160,7 @@ async fn listen_for_invalidations(
 }
 
 /// Why an ingest message is not an acceptable event.
-fn check(message: &jetstream::Message) -> Result<(Event, EventType), String> {
+fn check(message: &jetstream::Message) -> Result<(Event, EventType, Encoding), String> {
     let encoding = match headers::get(message.headers.as_ref(), headers::CONTENT_TYPE) {
         None => Encoding::Protobuf,
         Some(value) => Encoding::from_content_type(value)
@@ -176,12 +176,12 @@ fn check(message: &jetstream::Message) -> Result<(Event, EventType), String> {
             message.subject, event.tenant_id
         ));
     }
-    Ok((event, kind))
+    Ok((event, kind, encoding))
 }
 
 impl Router {
     async fn route(&self, message: jetstream::Message) {
-        let (event, kind) = match check(&message) {
+        let (event, kind, encoding) = match check(&message) {
             Ok(checked) => checked,
             Err(error) => {
                 let letter = DeadLetter {
@@ -210,7 +210,14 @@ impl Router {
         };
         let decision = rules.classify(&event, context.as_ref());
         match self
-            .publish_to_lane(&message, &event, kind, decision.lane, &decision.reason)
+            .publish_to_lane(
+                &message,
+                &event,
+                kind,
+                encoding,
+                decision.lane,
+                &decision.reason,
+            )
             .await
         {
             Ok(()) => {
@@ -238,37 +245,44 @@ impl Router {
         message: &jetstream::Message,
         event: &Event,
         kind: EventType,
+        encoding: Encoding,
         lane: Lane,
         reason: &str,
     ) -> Result<(), BusError> {
         let subject = events::lane_subject(lane, &event.tenant_id, kind)
             .map_err(|err| BusError::with_source(BusErrorKind::Rejected, "lane subject", err))?;
-        let msg_id = headers::get(message.headers.as_ref(), headers::MSG_ID)
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                if event.idempotency_key.is_empty() {
-                    event.event_id.clone()
-                } else {
-                    event.idempotency_key.clone()
-                }
-            });
-        let mut options = PublishOptions::with_msg_id(msg_id).header(headers::ROUTE_REASON, reason);
-        for name in [headers::TRACEPARENT, headers::INGESTED_AT] {
-            if let Some(value) = headers::get(message.headers.as_ref(), name) {
-                options = options.header(name, value);
-            }
+        let original = message.headers.as_ref();
+        let mut lane_headers = bus::HeaderMap::new();
+        let msg_id = match headers::get(original, headers::MSG_ID) {
+            Some(id) => id.to_owned(),
+            None if event.idempotency_key.is_empty() => event.event_id.clone(),
+            None => event.idempotency_key.clone(),
+        };
+        lane_headers.insert(headers::MSG_ID, msg_id.as_str());
+        lane_headers.insert(headers::ROUTE_REASON, reason);
+        if let Some(value) = headers::get(original, headers::TRACEPARENT) {
+            lane_headers.insert(headers::TRACEPARENT, value);
         }
-        if headers::get(Some(&options.headers), headers::INGESTED_AT).is_none() {
+        match headers::get(original, headers::INGESTED_AT) {
+            Some(value) => lane_headers.insert(headers::INGESTED_AT, value),
             // Published straight to NATS without the header: the stream's timestamp is when it
             // entered the platform.
-            if let Ok(info) = message.info() {
-                let nanos = info.published.unix_timestamp_nanos();
-                options = options.header(headers::INGESTED_AT, nanos.to_string());
+            None => {
+                if let Ok(info) = message.info() {
+                    let nanos = info.published.unix_timestamp_nanos().to_string();
+                    lane_headers.insert(headers::INGESTED_AT, nanos.as_str());
+                }
             }
         }
-        // Lanes always carry protobuf, whatever the producer sent.
-        let payload = bytes::Bytes::from(events::encode_proto(event));
-        let ack = self.bus.send(&subject, payload, &options).await?;
+        // Lanes always carry protobuf: the producer's bytes when it sent protobuf, else re-encoded.
+        let payload = match encoding {
+            Encoding::Protobuf => message.payload.clone(),
+            Encoding::Json => bytes::Bytes::from(events::encode_proto(event)),
+        };
+        let ack = self
+            .bus
+            .send_with_headers(&subject, payload, lane_headers)
+            .await?;
         self.bus.await_ack(&subject, ack).await.map(|_| ())
     }
 }
