@@ -110,7 +110,7 @@ pub const ALL: &[MetricDef] = &[
     def(THROTTLE_ANALYTICS_RATE, Gauge, PER_SECOND, &[],
         "Analytics processing rate currently allowed by the throttler"),
     def(THROTTLE_LEVEL, Gauge, None, &[],
-        "Throttler pressure level (0 = analytics paused; the top level = full analytics rate)"),
+        "Throttle level (0 = analytics paused; the top level = full analytics rate)"),
     def(ANALYTICS_DEFERRED_MESSAGES, Gauge, COUNT, &[],
         "Analytics messages deferred (left in the stream) by the throttler"),
     def(ANALYTICS_OLDEST_DEFERRED_AGE_SECONDS, Gauge, SECONDS, &[],
