@@ -47,8 +47,8 @@ test-pg-check:
 	sys.exit('PostgreSQL is unreachable at $(CRM_TEST_POSTGRES_URL): the store tests need it. Start it (pg_ctlcluster 15 main start) or set CRM_TEST_POSTGRES_URL.')"
 
 test: tools test-pg-check ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
+	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
-	$(CARGO) test --workspace --doc
 
 lint: tools ## cargo fmt --check, clippy -D warnings, buf lint
 	$(CARGO) fmt --all -- --check
