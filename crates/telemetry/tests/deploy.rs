@@ -1,0 +1,64 @@
+//! The alert rules and the dashboard under deploy/ only use metrics the platform declares.
+
+const DEPLOY_FILES: [(&str, &str); 2] = [
+    (
+        "deploy/prometheus/alerts.yml",
+        include_str!("../../../deploy/prometheus/alerts.yml"),
+    ),
+    (
+        "deploy/grafana/crm-events.json",
+        include_str!("../../../deploy/grafana/crm-events.json"),
+    ),
+];
+
+fn referenced_metrics(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(offset) = text[i..].find("crm_") {
+        let start = i + offset;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(text.len() - start);
+        if boundary {
+            let name = &text[start..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            names.push(base.to_owned());
+        }
+        i = end.max(start + 1);
+    }
+    names
+}
+
+#[test]
+fn deploy_files_reference_only_declared_metrics() {
+    let declared: Vec<&str> = telemetry::metrics::ALL.iter().map(|m| m.name).collect();
+    let mut checked = 0;
+    for (path, text) in DEPLOY_FILES {
+        for name in referenced_metrics(text) {
+            assert!(
+                declared.contains(&name.as_str()),
+                "{path} uses undeclared metric {name}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 10,
+        "expected the deploy files to reference metrics, found {checked}"
+    );
+}
+
+#[test]
+fn the_scanner_finds_histogram_series() {
+    assert_eq!(
+        referenced_metrics("rate(crm_lane_e2e_latency_seconds_bucket[1m]) + crm_nats_connected"),
+        ["crm_lane_e2e_latency_seconds", "crm_nats_connected"]
+    );
+}
