@@ -77,6 +77,15 @@ async fn stream_messages(bus: &Bus, stream: &str) -> Result<u64> {
         .messages)
 }
 
+/// Messages stored in the three lane streams together.
+async fn lane_total(bus: &Bus) -> Result<u64> {
+    let mut total = 0;
+    for lane in events::Lane::ALL {
+        total += stream_messages(bus, lane.stream()).await?;
+    }
+    Ok(total)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -164,11 +173,7 @@ async fn main() -> Result<()> {
     config.admin.listen = "127.0.0.1:0".parse()?;
 
     // Router alone over the ingest backlog.
-    let lanes = ["CRM_LANE_CRITICAL", "CRM_LANE_HIGH", "CRM_LANE_STANDARD"];
-    let mut lanes_before = 0;
-    for lane in lanes {
-        lanes_before += stream_messages(&bus, lane).await?;
-    }
+    let lanes_before = lane_total(&bus).await?;
     let running = roles::start(
         &config,
         Roles {
@@ -180,11 +185,7 @@ async fn main() -> Result<()> {
     .await?;
     let started = Instant::now();
     wait_for("the router", async || {
-        let mut total = 0;
-        for lane in lanes {
-            total += stream_messages(&bus, lane).await?;
-        }
-        Ok(total - lanes_before >= n as u64)
+        Ok(lane_total(&bus).await? - lanes_before >= n as u64)
     })
     .await?;
     let router = rate(n, started.elapsed());
