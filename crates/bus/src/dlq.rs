@@ -15,14 +15,12 @@ pub struct DeadLetter<'a> {
     pub error: &'a str,
 }
 
-/// Tenant and type tokens of a `crm.ingest.<t>.<type>` or `crm.lane.<lane>.<t>.<type>` subject.
+/// Tenant and type of the subject a message arrived on, where it names them.
 fn tenant_and_type(subject: &str) -> (Option<&str>, Option<EventType>) {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let (tenant, kind) = match tokens.as_slice() {
-        ["crm", "ingest", tenant, kind] | ["crm", "lane", _, tenant, kind] => (*tenant, *kind),
-        _ => return (None, None),
-    };
-    (Some(tenant), EventType::from_name(kind))
+    match events::tenant_and_type_tokens(subject) {
+        Some((tenant, kind)) => (Some(tenant), EventType::from_name(kind)),
+        None => (None, None),
+    }
 }
 
 fn header_safe(text: &str, max: usize) -> String {

@@ -57,12 +57,12 @@ fn entry(message: jetstream::message::StreamMessage) -> DlqEntry {
 
 /// Where a replayed event goes: `crm.ingest.<tenant>.<type>` from the DLQ subject.
 fn ingest_subject_of(dlq_subject: &str) -> Option<String> {
-    let tokens: Vec<&str> = dlq_subject.split('.').collect();
-    match tokens.as_slice() {
-        ["crm", "dlq", _stage, tenant, kind] if *tenant != "_unknown" && *kind != "_unknown" => {
-            Some(format!("crm.ingest.{tenant}.{kind}"))
-        }
-        _ => None,
+    if !dlq_subject.starts_with("crm.dlq.") {
+        return None;
+    }
+    match events::tenant_and_type_tokens(dlq_subject)? {
+        ("_unknown", _) | (_, "_unknown") => None,
+        (tenant, kind) => Some(format!("crm.ingest.{tenant}.{kind}")),
     }
 }
 
@@ -191,12 +191,12 @@ impl Bus {
             };
             let message = message.map_err(|e| unavailable("reading the stream to replay", e))?;
             let info = message.info().map_err(|e| unavailable("message info", e))?;
-            let subject = match message.subject.split('.').collect::<Vec<_>>().as_slice() {
-                ["crm", "ingest", ..] => message.subject.to_string(),
-                ["crm", "lane", _, tenant, kind] | ["crm", "dlq", _, tenant, kind] => {
-                    format!("crm.ingest.{tenant}.{kind}")
-                }
-                _ => continue,
+            let subject = if message.subject.starts_with("crm.ingest.") {
+                message.subject.to_string()
+            } else if let Some((tenant, kind)) = events::tenant_and_type_tokens(&message.subject) {
+                format!("crm.ingest.{tenant}.{kind}")
+            } else {
+                continue;
             };
             let mut options =
                 PublishOptions::with_msg_id(format!("replay:{stream}:{}", info.stream_sequence));

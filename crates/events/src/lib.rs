@@ -28,8 +28,8 @@ pub use kind::EventType;
 pub use pb::Event;
 pub use pbjson_types;
 pub use subject::{
-    DlqStage, IngestSubject, Lane, SubjectError, dlq_subject, ingest_subject, is_subject_token,
-    lane_subject, parse_ingest_subject,
+    CUSTOMER_CHANGED_SUBJECT, DlqStage, IngestSubject, Lane, SubjectError, dlq_subject,
+    ingest_subject, is_subject_token, lane_subject, parse_ingest_subject, tenant_and_type_tokens,
 };
 pub use validate::{
     CONTACT_FIELDS, FieldError, MAX_FUTURE_SKEW, ValidationErrors, validate, validate_at,
@@ -37,3 +37,12 @@ pub use validate::{
 
 /// The schema version this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The `Nats-Msg-Id` an event is deduplicated by: its idempotency key, else its event id.
+pub fn dedupe_id(event: &Event) -> &str {
+    if event.idempotency_key.is_empty() {
+        &event.event_id
+    } else {
+        &event.idempotency_key
+    }
+}

@@ -136,6 +136,22 @@ pub fn dlq_subject(stage: DlqStage, tenant: Option<&str>, kind: Option<EventType
     format!("crm.dlq.{stage}.{tenant}.{kind}")
 }
 
+/// Core-NATS subject on which the projector announces customers whose profile changed, as
+/// `<tenant>\n<customer>` (routers drop their cached context for them).
+pub const CUSTOMER_CHANGED_SUBJECT: &str = "crm.control.customer_changed";
+
+/// The tenant and type tokens of `crm.ingest.<t>.<type>`, `crm.lane.<lane>.<t>.<type>` or
+/// `crm.dlq.<stage>.<t>.<type>` (tokens as written, not checked).
+pub fn tenant_and_type_tokens(subject: &str) -> Option<(&str, &str)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    match tokens.as_slice() {
+        ["crm", "ingest", tenant, kind]
+        | ["crm", "lane", _, tenant, kind]
+        | ["crm", "dlq", _, tenant, kind] => Some((tenant, kind)),
+        _ => None,
+    }
+}
+
 /// The parts of an ingest subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestSubject<'a> {
@@ -219,6 +235,25 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn reads_tenant_and_type_tokens() {
+        let tokens = tenant_and_type_tokens;
+        assert_eq!(
+            tokens("crm.ingest.acme.deal_won"),
+            Some(("acme", "deal_won"))
+        );
+        assert_eq!(
+            tokens("crm.lane.critical.acme.payment_failed"),
+            Some(("acme", "payment_failed"))
+        );
+        assert_eq!(
+            tokens("crm.dlq.router._unknown._unknown"),
+            Some(("_unknown", "_unknown"))
+        );
+        assert_eq!(tokens("crm.ingest.acme"), None);
+        assert_eq!(tokens("other.subject"), None);
     }
 
     #[test]

@@ -104,11 +104,7 @@ impl GatewayState {
                 "the NATS connection is down",
             ));
         }
-        let msg_id = if event.idempotency_key.is_empty() {
-            &event.event_id
-        } else {
-            &event.idempotency_key
-        };
+        let msg_id = events::dedupe_id(event);
         let ingested_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()

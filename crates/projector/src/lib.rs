@@ -104,7 +104,7 @@ impl Handler for Projector {
                     let _ = self
                         .bus
                         .client()
-                        .publish(router_subject(), payload.into())
+                        .publish(events::CUSTOMER_CHANGED_SUBJECT, payload.into())
                         .await;
                 }
             }
@@ -117,11 +117,6 @@ impl Handler for Projector {
         }
         outcomes
     }
-}
-
-/// Where changed customers are announced (the router listens there).
-pub const fn router_subject() -> &'static str {
-    "crm.control.customer_changed"
 }
 
 /// Run the projector until `shutdown`.

@@ -17,8 +17,6 @@ use std::{sync::Arc, time::Duration};
 
 /// The consumer the router reads CRM_INGEST with.
 pub const DURABLE: &str = "router";
-/// Core-NATS subject the projector announces changed customers on (cache invalidation).
-pub const CUSTOMER_CHANGED_SUBJECT: &str = "crm.control.customer_changed";
 
 /// Customer context for high-value rules (tier, lifetime value), usually a cache over the store.
 pub trait ContextLookup: Send + Sync + 'static {
@@ -134,7 +132,11 @@ async fn listen_for_invalidations(
     context: Arc<dyn ContextLookup>,
     shutdown: CancellationToken,
 ) {
-    let mut subscription = match bus.client().subscribe(CUSTOMER_CHANGED_SUBJECT).await {
+    let mut subscription = match bus
+        .client()
+        .subscribe(events::CUSTOMER_CHANGED_SUBJECT)
+        .await
+    {
         Ok(subscription) => subscription,
         Err(err) => {
             tracing::error!(error = %err, "cannot subscribe to customer changes; cache relies on TTL");
@@ -253,12 +255,8 @@ impl Router {
             .map_err(|err| BusError::with_source(BusErrorKind::Rejected, "lane subject", err))?;
         let original = message.headers.as_ref();
         let mut lane_headers = bus::HeaderMap::new();
-        let msg_id = match headers::get(original, headers::MSG_ID) {
-            Some(id) => id.to_owned(),
-            None if event.idempotency_key.is_empty() => event.event_id.clone(),
-            None => event.idempotency_key.clone(),
-        };
-        lane_headers.insert(headers::MSG_ID, msg_id.as_str());
+        let msg_id = headers::get(original, headers::MSG_ID).unwrap_or(events::dedupe_id(event));
+        lane_headers.insert(headers::MSG_ID, msg_id);
         lane_headers.insert(headers::ROUTE_REASON, reason);
         if let Some(value) = headers::get(original, headers::TRACEPARENT) {
             lane_headers.insert(headers::TRACEPARENT, value);
