@@ -190,7 +190,7 @@ impl Store {
             }
             tx.commit().await.map_err(failed)?;
         });
-        metrics::counter!("crm_store_profile_conflicts_total").increment(result.conflicts);
+        metrics::counter!("crm_projector_conflicts_total").increment(result.conflicts);
         Ok(result)
     }
 }

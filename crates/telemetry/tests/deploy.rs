@@ -1,4 +1,5 @@
-//! The alert rules and the dashboard under deploy/ only use metrics the platform declares.
+//! Every metric name used anywhere (the crates' sources, the alert rules, the dashboard) is one
+//! the platform declares in `telemetry::metrics`.
 
 const DEPLOY_FILES: [(&str, &str); 2] = [
     (
@@ -60,5 +61,53 @@ fn the_scanner_finds_histogram_series() {
     assert_eq!(
         referenced_metrics("rate(crm_lane_e2e_latency_seconds_bucket[1m]) + crm_nats_connected"),
         ["crm_lane_e2e_latency_seconds", "crm_nats_connected"]
+    );
+}
+
+fn rust_sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir)
+        .expect("readable source dir")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn crate_sources_use_only_declared_metrics() {
+    let declared: Vec<&str> = telemetry::metrics::ALL.iter().map(|m| m.name).collect();
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for krate in std::fs::read_dir(&crates).expect("crates dir").flatten() {
+        let src = krate.path().join("src");
+        // test-support is test tooling: its `crm_…` strings name test servers, not metrics.
+        if src.is_dir() && !krate.path().ends_with("test-support") {
+            rust_sources(&src, &mut files);
+        }
+    }
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        // Only quoted names: the places that record a metric.
+        for name in referenced_metrics(&text) {
+            // `"crm_"` alone is the naming rule's prefix, not a metric.
+            if name.len() > "crm_".len() && text.contains(&format!("\"{name}\"")) {
+                assert!(
+                    declared.contains(&name.as_str()),
+                    "{} records undeclared metric {name}",
+                    file.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 10,
+        "expected metric names in the sources, found {checked}"
     );
 }
