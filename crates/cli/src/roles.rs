@@ -111,14 +111,15 @@ async fn watch_consumers(bus: Bus, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
                 for consumer in &definitions.consumers {
-                    let Ok(info) = bus
+                    // The lookup is a CONSUMER.INFO request: its answer is the fresh info.
+                    let Ok(handle) = bus
                         .jetstream()
                         .get_consumer_from_stream::<bus::jetstream::consumer::pull::Config, _, _>(&consumer.durable, &consumer.stream)
                         .await
                     else {
                         continue;
                     };
-                    let Ok(info) = info.get_info().await else { continue };
+                    let info = handle.cached_info();
                     let labels = [("stream", consumer.stream.clone()), ("consumer", consumer.durable.clone())];
                     metrics::gauge!("crm_consumer_pending_messages", &labels).set(info.num_pending as f64);
                     metrics::gauge!("crm_consumer_ack_pending_messages", &labels).set(info.num_ack_pending as f64);
