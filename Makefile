@@ -76,8 +76,12 @@ bench: tools ## router and projector throughput vs raw JetStream on one throwawa
 	$(CARGO) build --release -p cli --bin crm-bench
 	@./deploy/dev/bench.sh $(BENCH_EVENTS)
 
-loadtest: ## load-test harness
-	@echo "make loadtest: not yet — arrives with crm-load (issue 6)"
+SCENARIO ?= steady
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+loadtest: tools ## run a load-test scenario on a throwaway platform (SCENARIO=steady; smoke, paper, overload, …)
+	$(CARGO) build --release --bin crm --bin crm-load
+	$(TARGET_DIR)/release/crm-load run --scenario loadtest/scenarios/$(SCENARIO).toml \
+	    --crm-bin $(TARGET_DIR)/release/crm $(if $(OUT),--out $(OUT))
 
 clean: ## remove build output and the dev store
 	$(CARGO) clean

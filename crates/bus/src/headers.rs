@@ -52,9 +52,32 @@ pub fn get<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|value| value.as_str())
 }
 
+/// `text` fit for a header value: control characters (line breaks included) blanked, cut to at
+/// most `max` bytes on a character boundary.
+pub fn single_line(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_line_values_are_bounded() {
+        assert_eq!(single_line("a\r\nb", 100), "a  b");
+        assert_eq!(single_line("ééé", 3), "é");
+    }
 
     #[test]
     fn traceparents_are_well_formed() {

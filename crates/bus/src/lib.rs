@@ -2,19 +2,25 @@
 //! and consumers from `nats/`, and publish with a JetStream ack.
 
 mod connect;
+pub mod control;
 mod dlq;
 mod error;
 pub mod headers;
+pub mod health;
+mod ingest;
 pub mod ops;
 mod provision;
 mod publish;
+pub mod raw;
 pub mod worker;
 
 pub use async_nats::{self, HeaderMap, jetstream};
 pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion};
 pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};
+pub use health::{HealthRecorder, e2e_latency};
+pub use ingest::decode_ingest;
 pub use provision::{Action, Change, Definitions, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
 pub use tokio_util::sync::CancellationToken;
-pub use worker::{Handler, Outcome, WorkerConfig, run_worker};
+pub use worker::{Handler, Outcome, WorkerConfig, run_worker, settle};

@@ -48,13 +48,14 @@ macro_rules! embedded {
 }
 
 /// The definitions shipped in the repository, compiled into the binary.
-const EMBEDDED: [(&str, &str); 13] = embedded![
+const EMBEDDED: [(&str, &str); 14] = embedded![
     "streams/CRM_INGEST.json",
     "streams/CRM_LANE_CRITICAL.json",
     "streams/CRM_LANE_HIGH.json",
     "streams/CRM_LANE_STANDARD.json",
     "streams/CRM_DLQ.json",
     "consumers/CRM_INGEST/router.json",
+    "consumers/CRM_INGEST/router_express.json",
     "consumers/CRM_INGEST/analytics.json",
     "consumers/CRM_LANE_CRITICAL/projector.json",
     "consumers/CRM_LANE_HIGH/projector.json",
@@ -438,7 +439,7 @@ mod tests {
     fn embedded_definitions_parse() {
         let defs = Definitions::embedded().expect("embedded definitions are valid");
         assert_eq!(defs.streams.len(), 5);
-        assert_eq!(defs.consumers.len(), 8);
+        assert_eq!(defs.consumers.len(), 9);
         assert!(defs.streams.iter().any(|s| s.name == "CRM_INGEST"
             && s.config["duplicate_window"].as_u64() == Some(120_000_000_000)));
     }

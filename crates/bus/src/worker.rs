@@ -3,7 +3,11 @@
 //! nothing starves). A handler returns an [`Outcome`] per message, which the runtime turns into
 //! ack, nak-with-delay (exponential backoff with jitter) or dead letter + term.
 
-use crate::{Bus, BusError, BusErrorKind, DeadLetter};
+use crate::{
+    Bus, BusError, BusErrorKind, DeadLetter, HealthRecorder,
+    control::{PROCESSED_SUBJECT_PREFIX, ProcessedNotice, unix_ns},
+    e2e_latency, headers,
+};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use events::{DlqStage, Lane};
 use futures::{FutureExt, StreamExt};
@@ -69,8 +73,16 @@ pub struct WorkerConfig {
     /// Lanes to consume, highest priority first.
     pub lanes: Vec<Lane>,
     pub max_batch: usize,
+    /// Messages asked for per pull request (0: twice `max_batch`). Workers with small batches
+    /// and many slots (the notifier) pull more than a batch, so one round trip feeds many slots.
+    pub pull_batch: usize,
     /// Batches processed at once.
     pub concurrency: usize,
+    /// Fill a batch that its lane cannot fill with what the lanes below it have buffered, in
+    /// priority order: one transaction then carries a few priority events and many bulk ones,
+    /// instead of a transaction for the few. The handler's `lane` is then the batch's highest;
+    /// each message's own lane is in its stream (`message.info()`).
+    pub top_up: bool,
     /// Every `1/lower_lane_share`-th batch prefers the lowest lane with work (0 = strict).
     pub lower_lane_share: f64,
     /// Deliveries after which a retried message is dead-lettered instead (≤ the consumer's
@@ -80,6 +92,11 @@ pub struct WorkerConfig {
     pub backoff_max: Duration,
     /// Handlers running longer than this send in-progress acks (keep < the consumer ack wait).
     pub progress_interval: Duration,
+    /// How often lane health is published on `crm.control.health.<role>` (zero: never).
+    pub health_interval: Duration,
+    /// Publish a processed notice per batch on `crm.control.processed.<role>` (load testers and
+    /// other observers match them by `Nats-Msg-Id`).
+    pub processed_notices: bool,
 }
 
 impl WorkerConfig {
@@ -90,12 +107,16 @@ impl WorkerConfig {
             dlq_stage,
             lanes: Lane::ALL.to_vec(),
             max_batch: 256,
+            pull_batch: 0,
             concurrency: 1,
+            top_up: false,
             lower_lane_share: 0.05,
             max_deliveries: 10,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
-            progress_interval: Duration::from_secs(10),
+            progress_interval: Duration::from_millis(1500),
+            health_interval: Duration::from_secs(1),
+            processed_notices: true,
         }
     }
 }
@@ -111,31 +132,49 @@ pub fn backoff(base: Duration, max: Duration, delivered: i64) -> Duration {
 type Messages = pull::Stream;
 
 async fn open_lane(bus: &Bus, lane: Lane, config: &WorkerConfig) -> Result<Messages, BusError> {
-    let consumer: jetstream::consumer::Consumer<pull::Config> = bus
-        .jetstream()
-        .get_consumer_from_stream(&config.durable, lane.stream())
-        .await
-        .map_err(|err| {
-            BusError::with_source(
-                BusErrorKind::Unavailable,
-                format!("consumer {}/{}", lane.stream(), config.durable),
-                err,
-            )
-        })?;
-    consumer
-        .stream()
-        .max_messages_per_batch(config.max_batch.max(1) * 2)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|err| {
-            BusError::with_source(
-                BusErrorKind::Unavailable,
-                format!("pulling from {}/{}", lane.stream(), config.durable),
-                err,
-            )
-        })
+    let batch = if config.pull_batch > 0 {
+        config.pull_batch
+    } else {
+        config.max_batch.max(1) * 2
+    };
+    bus.pull_stream(lane.stream(), &config.durable, batch).await
+}
+
+impl Bus {
+    /// A continuous pull from durable consumer `durable` on `stream`, asking for up to `batch`
+    /// messages per request (heartbeats every 5 s, requests expiring after 30 s).
+    pub async fn pull_stream(
+        &self,
+        stream: &str,
+        durable: &str,
+        batch: usize,
+    ) -> Result<pull::Stream, BusError> {
+        let consumer: jetstream::consumer::Consumer<pull::Config> = self
+            .jetstream()
+            .get_consumer_from_stream(durable, stream)
+            .await
+            .map_err(|err| {
+                BusError::with_source(
+                    BusErrorKind::Unavailable,
+                    format!("consumer {stream}/{durable}"),
+                    err,
+                )
+            })?;
+        consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|err| {
+                BusError::with_source(
+                    BusErrorKind::Unavailable,
+                    format!("pulling from {stream}/{durable}"),
+                    err,
+                )
+            })
+    }
 }
 
 /// Wait for the next message from the highest (or, when `reverse`, lowest) lane that has one.
@@ -176,6 +215,16 @@ pub async fn run_worker<H: Handler>(
     let mut lanes = Vec::with_capacity(config.lanes.len());
     for &lane in &config.lanes {
         lanes.push((lane, open_lane(&bus, lane, &config).await?));
+    }
+    let labels: Vec<&str> = config.lanes.iter().map(|lane| lane.as_str()).collect();
+    let recorder = HealthRecorder::new(config.role, &labels);
+    if !config.health_interval.is_zero() {
+        tokio::spawn(crate::health::report_health(
+            bus.clone(),
+            recorder.clone(),
+            config.health_interval,
+            shutdown.clone(),
+        ));
     }
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
@@ -220,15 +269,50 @@ pub async fn run_worker<H: Handler>(
         taken += 1;
         let lane = lanes[index].0;
         let mut batch = vec![first];
-        while batch.len() < config.max_batch {
-            match lanes[index].1.next().now_or_never() {
-                Some(Some(Ok(message))) => batch.push(message),
-                _ => break,
+        let mut batch_lanes = vec![lane];
+        let below = if config.top_up {
+            lanes.len()
+        } else {
+            index + 1
+        };
+        for (source, messages) in lanes.iter_mut().take(below).skip(index) {
+            while batch.len() < config.max_batch {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => {
+                        batch.push(message);
+                        batch_lanes.push(*source);
+                    }
+                    _ => break,
+                }
+            }
+            let last_of_lane = batch
+                .iter()
+                .zip(&batch_lanes)
+                .rev()
+                .find(|(_, l)| *l == source);
+            if let Some((message, _)) = last_of_lane
+                && let Ok(info) = message.info()
+            {
+                recorder.set_pending(source.as_str(), info.pending);
             }
         }
-        let (bus, config, handler) = (bus.clone(), config.clone(), handler.clone());
+        let (bus, config, handler, recorder) = (
+            bus.clone(),
+            config.clone(),
+            handler.clone(),
+            recorder.clone(),
+        );
         tasks.spawn(async move {
-            process_batch(&bus, &config, handler.as_ref(), lane, batch).await;
+            process_batch(
+                &bus,
+                &config,
+                handler.as_ref(),
+                &recorder,
+                lane,
+                batch,
+                batch_lanes,
+            )
+            .await;
             drop(permit);
         });
         // Reap finished tasks so the set stays small.
@@ -250,8 +334,10 @@ async fn process_batch<H: Handler>(
     bus: &Bus,
     config: &WorkerConfig,
     handler: &H,
+    recorder: &HealthRecorder,
     lane: Lane,
     batch: Vec<jetstream::Message>,
+    batch_lanes: Vec<Lane>,
 ) {
     let started = std::time::Instant::now();
     let work = handler.handle(lane, &batch);
@@ -283,19 +369,81 @@ async fn process_batch<H: Handler>(
             "handler returned the wrong number of outcomes; retrying the batch"
         );
     }
-    for (index, message) in batch.iter().enumerate() {
+    let mut done: Vec<(Lane, &jetstream::Message)> = Vec::new();
+    for (index, (message, &source)) in batch.iter().zip(&batch_lanes).enumerate() {
         let outcome = outcomes
             .get(index)
             .cloned()
             .unwrap_or_else(|| Outcome::retry("handler returned no outcome"));
-        settle(bus, config, lane, message, outcome).await;
+        if outcome == Outcome::Done {
+            done.push((source, message));
+        }
+        settle(bus, config, source.as_str(), message, outcome).await;
+    }
+    for source in Lane::ALL {
+        let of_lane: Vec<&jetstream::Message> = done
+            .iter()
+            .filter(|(l, _)| *l == source)
+            .map(|(_, m)| *m)
+            .collect();
+        record_done(bus, config, recorder, source.as_str(), &of_lane).await;
     }
 }
 
-async fn settle(
+/// Latency (metric and health) and the processed notice for messages settled as done.
+pub async fn record_done(
     bus: &Bus,
     config: &WorkerConfig,
-    lane: Lane,
+    recorder: &HealthRecorder,
+    lane: &str,
+    done: &[&jetstream::Message],
+) {
+    if done.is_empty() {
+        return;
+    }
+    let now = unix_ns();
+    let mut ids = Vec::with_capacity(if config.processed_notices {
+        done.len()
+    } else {
+        0
+    });
+    for message in done {
+        let latency = e2e_latency(message.headers.as_ref(), now);
+        if let Some(latency) = latency {
+            metrics::histogram!(
+                "crm_lane_e2e_latency_seconds",
+                "role" => config.role, "lane" => lane.to_owned()
+            )
+            .record(latency.as_secs_f64());
+        }
+        recorder.record(lane, latency);
+        if config.processed_notices
+            && let Some(id) = headers::get(message.headers.as_ref(), headers::MSG_ID)
+        {
+            ids.push(id.to_owned());
+        }
+    }
+    if !ids.is_empty() {
+        let notice = ProcessedNotice {
+            role: config.role.to_owned(),
+            lane: lane.to_owned(),
+            at_ns: u64::try_from(now).unwrap_or(u64::MAX),
+            ids,
+        };
+        let subject = format!("{PROCESSED_SUBJECT_PREFIX}.{}", config.role);
+        if let Err(err) = bus.publish_control(subject, &notice).await {
+            tracing::debug!(error = %err, "publishing a processed notice failed");
+        }
+    }
+}
+
+/// Turn `outcome` into ack, nak with delay, or dead letter + term, and count it under
+/// `crm_worker_processed_total{role, lane, outcome}`. `lane` is the source's label (a lane name,
+/// or `analytics`).
+pub async fn settle(
+    bus: &Bus,
+    config: &WorkerConfig,
+    lane: &str,
     message: &jetstream::Message,
     outcome: Outcome,
 ) {
@@ -307,7 +455,7 @@ async fn settle(
     };
     metrics::counter!(
         "crm_worker_processed_total",
-        "role" => config.role, "lane" => lane.as_str(), "outcome" => label
+        "role" => config.role, "lane" => lane.to_owned(), "outcome" => label
     )
     .increment(1);
     let result = match outcome {

@@ -265,3 +265,97 @@ async fn poison_and_exhausted_retries_land_in_the_dlq_with_reasons() {
     let info = consumer.info().await.expect("info");
     assert_eq!(info.num_pending + info.num_ack_pending as u64, 0);
 }
+
+/// Records each batch: its lead lane and every message's own lane (from its stream).
+struct Batches {
+    batches: Mutex<Vec<(Lane, Vec<Lane>)>>,
+    total: Mutex<usize>,
+    stop_after: usize,
+    shutdown: CancellationToken,
+}
+
+impl Handler for Batches {
+    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        // Slow enough that every lane's buffer is full when the next batch is taken.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let own: Vec<Lane> = batch
+            .iter()
+            .map(|m| {
+                let stream = m.info().expect("info").stream.to_owned();
+                *Lane::ALL
+                    .iter()
+                    .find(|l| l.stream() == stream)
+                    .expect("a lane stream")
+            })
+            .collect();
+        self.batches.lock().expect("lock").push((lane, own));
+        let mut total = self.total.lock().expect("lock");
+        *total += batch.len();
+        if *total >= self.stop_after {
+            self.shutdown.cancel();
+        }
+        vec![Outcome::Done; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn a_priority_batch_is_topped_up_from_the_lanes_below() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::Standard, 1000, "std").await;
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Batches {
+        batches: Mutex::new(Vec::new()),
+        total: Mutex::new(0),
+        stop_after: 1005,
+        shutdown: shutdown.clone(),
+    });
+    let mut config = config();
+    config.top_up = true;
+    let worker = tokio::spawn(run_worker(bus.clone(), config, handler.clone(), shutdown));
+    // The standard backlog is being worked on; now a few critical events arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fill(&bus, Lane::Critical, 5, "crit").await;
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("worker finishes")
+        .expect("join")
+        .expect("worker ok");
+
+    let batches = handler.batches.lock().expect("lock").clone();
+    let led_by_critical: Vec<&Vec<Lane>> = batches
+        .iter()
+        .filter(|(lead, _)| *lead == Lane::Critical)
+        .map(|(_, own)| own)
+        .collect();
+    assert!(!led_by_critical.is_empty(), "{batches:?}");
+    for own in &led_by_critical {
+        // Priority order inside a batch: the critical events first, then the standard top-up.
+        let first_standard = own
+            .iter()
+            .position(|l| *l == Lane::Standard)
+            .unwrap_or(own.len());
+        assert!(
+            own[first_standard..].iter().all(|l| *l == Lane::Standard),
+            "{own:?}"
+        );
+    }
+    let critical_batch_sizes: Vec<usize> = led_by_critical.iter().map(|own| own.len()).collect();
+    assert!(
+        critical_batch_sizes.iter().any(|n| *n > 5),
+        "a critical batch was topped up with standard events: {critical_batch_sizes:?}"
+    );
+    let critical_seen: usize = batches
+        .iter()
+        .flat_map(|(_, own)| own)
+        .filter(|l| **l == Lane::Critical)
+        .count();
+    assert_eq!(critical_seen, 5);
+    for lane in [Lane::Critical, Lane::Standard] {
+        let info = bus
+            .consumer_info(lane.stream(), "projector")
+            .await
+            .expect("consumer info");
+        assert_eq!(info.num_pending + info.num_ack_pending as u64, 0, "{lane}");
+    }
+}

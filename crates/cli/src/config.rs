@@ -25,6 +25,10 @@ pub struct Config {
     pub router: router::RouterConfig,
     #[serde(skip_serializing)]
     pub projector: projector::ProjectorConfig,
+    #[serde(skip_serializing)]
+    pub analytics: analytics::AnalyticsConfig,
+    #[serde(skip_serializing)]
+    pub notifier: notifier::NotifierConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,5 +143,45 @@ impl Config {
             config.router.rules_file = Some(dir.join(rules));
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_example_loads_and_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crm.toml");
+        let config = Config::load(&path, true).expect("crm.toml loads");
+        assert_eq!(
+            config.analytics.throttle.target_p99,
+            Duration::from_millis(100)
+        );
+        config
+            .analytics
+            .validate()
+            .expect("analytics settings are valid");
+        assert!(
+            config
+                .router
+                .rules_file
+                .as_ref()
+                .is_some_and(|rules| rules.exists()),
+            "the rules file resolves next to crm.toml"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("crm.toml");
+        std::fs::write(
+            &path,
+            "[analytics.throttle]\ntarget_p99 = \"1s\"\nshoe_size = 3\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", Config::load(&path, true).expect_err("refused"));
+        assert!(err.contains("shoe_size"), "{err}");
     }
 }

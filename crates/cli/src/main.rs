@@ -41,6 +41,10 @@ enum Command {
     Router,
     /// Lanes → customer profiles in the store.
     Projector,
+    /// CRM_INGEST → analytics aggregates, paced by the adaptive throttler.
+    Analytics,
+    /// Lanes → signed webhooks.
+    Notifier,
     /// Create or update the streams and consumers (idempotent; refuses destructive changes).
     Provision {
         /// Read definitions from this directory instead of the ones built in.
@@ -76,6 +80,15 @@ enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Lanes (backlog, rate, p99), the throttle, deferred analytics and dead letters.
+    Status {
+        /// How long to listen for the roles' health reports and throttle decisions.
+        #[arg(long, default_value = "2500ms", value_parser = humantime_duration)]
+        listen: std::time::Duration,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the SHA-256 of an API key, for [gateway].api_keys.
     HashKey { key: String },
 }
@@ -110,6 +123,10 @@ enum DlqCommand {
     },
 }
 
+fn humantime_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(text).map_err(|err| err.to_string())
+}
+
 fn parse_event_type(name: &str) -> Result<EventType, String> {
     EventType::from_name(name).ok_or_else(|| {
         let names: Vec<_> = EventType::ALL.iter().map(|k| k.as_str()).collect();
@@ -141,14 +158,7 @@ async fn run(cli: Cli) -> Result<()> {
         async move { Bus::connect(&options).await.map_err(anyhow::Error::from) }
     };
     match cli.command {
-        Command::All => {
-            let roles = Roles {
-                gateway: true,
-                router: true,
-                projector: true,
-            };
-            roles::run(config, roles, "crm-all").await?;
-        }
+        Command::All => roles::run(config, Roles::ALL, "crm-all").await?,
         Command::Gateway => {
             roles::run(
                 config,
@@ -179,6 +189,28 @@ async fn run(cli: Cli) -> Result<()> {
                     ..Roles::default()
                 },
                 "crm-projector",
+            )
+            .await?;
+        }
+        Command::Analytics => {
+            roles::run(
+                config,
+                Roles {
+                    analytics: true,
+                    ..Roles::default()
+                },
+                "crm-analytics",
+            )
+            .await?;
+        }
+        Command::Notifier => {
+            roles::run(
+                config,
+                Roles {
+                    notifier: true,
+                    ..Roles::default()
+                },
+                "crm-notifier",
             )
             .await?;
         }
@@ -243,6 +275,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .replay_stream(&stream, start, limit)
                 .await?;
             println!("re-drove {count} events from {stream} into ingest");
+        }
+        Command::Status { listen, json } => {
+            let status = cli::status::gather(&connect("crm-status").await?, listen).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
         }
         Command::HashKey { key } => println!("{}", gateway::hash_key(&key)),
     }

@@ -14,12 +14,25 @@ pub struct Roles {
     pub gateway: bool,
     pub router: bool,
     pub projector: bool,
+    pub analytics: bool,
+    pub notifier: bool,
 }
 
-/// The store's profiles as the gateway wants them.
-struct StoreProfiles(Store);
+impl Roles {
+    /// Every role (`crm all`).
+    pub const ALL: Roles = Roles {
+        gateway: true,
+        router: true,
+        projector: true,
+        analytics: true,
+        notifier: true,
+    };
+}
 
-impl gateway::ProfileSource for StoreProfiles {
+/// The store's profiles and analytics as the gateway wants them.
+struct StoreReads(Store);
+
+impl gateway::ReadModel for StoreReads {
     fn profile(
         &self,
         tenant: &str,
@@ -35,6 +48,37 @@ impl gateway::ProfileSource for StoreProfiles {
             profile
                 .map(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
                 .transpose()
+        })
+    }
+
+    fn analytics(
+        &self,
+        tenant: &str,
+        query: gateway::AnalyticsQuery,
+    ) -> BoxFuture<'_, Result<Option<serde_json::Value>, String>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move {
+            let value = match query {
+                gateway::AnalyticsQuery::Summary => self
+                    .0
+                    .analytics_summary(&tenant)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|summary| serde_json::to_value(summary).map_err(|e| e.to_string()))?,
+                gateway::AnalyticsQuery::EventsPerMinute {
+                    from_s,
+                    to_s,
+                    event_type,
+                } => {
+                    let minutes = self
+                        .0
+                        .analytics_events_per_minute(&tenant, from_s, to_s, event_type)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    serde_json::json!({ "tenant_id": tenant, "minutes": minutes })
+                }
+            };
+            Ok(Some(value))
         })
     }
 }
@@ -146,10 +190,34 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<Result<()>>,
     admin: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Dropped last: its threads stop once the gateway has drained.
+    gateway_runtime: Option<GatewayRuntime>,
+}
+
+/// The gateway's own runtime when it shares the process with other roles; shut down without
+/// blocking, so it may be dropped from async code.
+struct GatewayRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::fmt::Debug for GatewayRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayRuntime")
+    }
+}
+
+impl Drop for GatewayRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Connect, provision, open the store and start `roles` in the background.
 pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<Running> {
+    if roles.notifier {
+        // A bad subscription stops the start with its path, before anything connects.
+        config.notifier.validate()?;
+    }
     let handle = telemetry::install_recorder().map_err(anyhow::Error::msg)?;
     let readiness = Readiness::default();
     readiness.set("nats", false);
@@ -157,6 +225,33 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     let shutdown = CancellationToken::new();
 
     let bus = Bus::connect(&config.nats.options(process_name)).await?;
+    // Each role gets a connection of its own: one connection is one socket and one task doing
+    // its I/O, and a busy gateway must not make the router's deliveries and acks queue behind its
+    // publishes (nor the other way round).
+    let several = [
+        roles.gateway,
+        roles.router,
+        roles.projector,
+        roles.analytics,
+        roles.notifier,
+    ]
+    .into_iter()
+    .filter(|running| *running)
+    .count()
+        > 1;
+    let role_bus = |role: &'static str| {
+        let (bus, options) = (
+            bus.clone(),
+            config.nats.options(&format!("{process_name}-{role}")),
+        );
+        async move {
+            if several {
+                Bus::connect(&options).await
+            } else {
+                Ok(bus)
+            }
+        }
+    };
     readiness.set("nats", true);
     let report = bus
         .provision(&Definitions::embedded()?)
@@ -186,7 +281,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     ));
     tokio::spawn(watch_consumers(bus.clone(), shutdown.clone()));
 
-    let store = if roles.gateway || roles.router || roles.projector {
+    let store = if roles.gateway || roles.router || roles.projector || roles.analytics {
         if let Some(dir) = sqlite_dir(&config.store.url) {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -197,17 +292,40 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut gateway_addr = None;
+    // Beside other roles, the gateway runs on a runtime (thread) of its own: a thousand busy HTTP
+    // connections are a thousand tasks, and on one shared runtime they would leave the router,
+    // one task among them, a sliver of the CPU while ingest outruns processing. As threads, the
+    // operating system shares the cores between serving and processing.
+    let gateway_runtime = if roles.gateway && several {
+        Some(GatewayRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("crm-gateway")
+                .enable_all()
+                .build()
+                .context("starting the gateway's runtime")?,
+        )))
+    } else {
+        None
+    };
     if roles.gateway {
-        let profiles: Option<Arc<dyn gateway::ProfileSource>> = store
+        let reads: Option<Arc<dyn gateway::ReadModel>> = store
             .clone()
-            .map(|s| Arc::new(StoreProfiles(s)) as Arc<dyn gateway::ProfileSource>);
-        let (addr, server) = gateway::serve(
-            &config.gateway,
-            bus.clone(),
-            profiles,
-            shutdown.clone().cancelled_owned(),
-        )
-        .await?;
+            .map(|s| Arc::new(StoreReads(s)) as Arc<dyn gateway::ReadModel>);
+        let (gateway_config, stop) = (config.gateway.clone(), shutdown.clone().cancelled_owned());
+        let connect = role_bus("gateway");
+        let serve = async move {
+            // Connected here, so that the connection's I/O task runs where the gateway does.
+            let bus = connect.await?;
+            anyhow::Ok(gateway::serve(&gateway_config, bus, reads, stop).await?)
+        };
+        let (addr, server) = match gateway_runtime.as_ref().and_then(|r| r.0.as_ref()) {
+            Some(runtime) => runtime
+                .spawn(serve)
+                .await
+                .context("starting the gateway")??,
+            None => serve.await?,
+        };
         gateway_addr = Some(addr);
         tasks.spawn(async move { server.await?.map_err(anyhow::Error::from) });
     }
@@ -233,18 +351,44 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
                 config.cache.ttl,
             ))) as Arc<dyn router::ContextLookup>
         });
-        let (bus, router_config, shutdown) = (bus.clone(), config.router.clone(), shutdown.clone());
+        let (bus, router_config, shutdown) = (
+            role_bus("router").await?,
+            config.router.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(
             async move { Ok(router::run(bus, router_config, rules, context, shutdown).await?) },
         );
     }
     if roles.projector {
         let store = store.clone().context("the projector needs a store")?;
-        let (bus, projector_config, shutdown) =
-            (bus.clone(), config.projector.clone(), shutdown.clone());
+        let (bus, projector_config, shutdown) = (
+            role_bus("projector").await?,
+            config.projector.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(
             async move { Ok(projector::run(bus, store, projector_config, shutdown).await?) },
         );
+    }
+    if roles.analytics {
+        let store = store.clone().context("analytics needs a store")?;
+        let (bus, analytics_config, shutdown) = (
+            role_bus("analytics").await?,
+            config.analytics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(
+            async move { Ok(analytics::run(bus, store, analytics_config, shutdown).await?) },
+        );
+    }
+    if roles.notifier {
+        let (bus, notifier_config, shutdown) = (
+            role_bus("notifier").await?,
+            config.notifier.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { Ok(notifier::run(bus, notifier_config, shutdown).await?) });
     }
     Ok(Running {
         gateway_addr,
@@ -253,6 +397,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         shutdown,
         tasks,
         admin,
+        gateway_runtime,
     })
 }
 
@@ -277,6 +422,7 @@ impl Running {
             }
         }
         let _ = self.admin.await;
+        drop(self.gateway_runtime.take());
         tracing::info!("stopped");
         result
     }

@@ -1,86 +1,16 @@
 //! The event spine end to end: gateway → CRM_INGEST → router → lanes → projector → store,
 //! against a real nats-server and real SQLite / PostgreSQL.
 
-use bus::{Bus, ConnectOptions, PublishOptions, WorkerConfig, headers, jetstream};
-use cli::{
-    config::Config,
-    roles::{self, Roles},
-};
+use bus::{PublishOptions, WorkerConfig, headers, jetstream};
+use cli::roles::Roles;
 use events::{DlqStage, EventType};
 use serde_json::Value;
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 use store::Store;
 use test_support::{NatsServer, TempPostgres, TempSqlite, eventually};
 
-const KEY: &str = "test-key";
-
-fn config(nats: &NatsServer, store_url: &str) -> Config {
-    let mut config = Config::default();
-    config.nats.url = nats.url();
-    config.store.url = store_url.to_owned();
-    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.gateway.api_keys = vec![gateway::ApiKey {
-        sha256: gateway::hash_key(KEY),
-        tenant: "acme".into(),
-    }];
-    config
-}
-
-/// A platform running in this process until `stop` is sent.
-struct Platform {
-    gateway: Option<SocketAddr>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Platform {
-    async fn start(config: &Config, roles: Roles) -> Self {
-        let running = roles::start(config, roles, "test")
-            .await
-            .expect("platform starts");
-        assert!(
-            running.readiness.is_ready(),
-            "{:?}",
-            running.readiness.report().failing
-        );
-        let gateway = running.gateway_addr;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(running.run_until(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            gateway,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.gateway.expect("gateway runs"))
-    }
-
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("join").expect("clean shutdown");
-        }
-    }
-}
-
-const ALL: Roles = Roles {
-    gateway: true,
-    router: true,
-    projector: true,
-};
-
-async fn bus(nats: &NatsServer) -> Bus {
-    Bus::connect(&ConnectOptions::new(nats.url()))
-        .await
-        .expect("connect")
-}
+mod common;
+use common::*;
 
 async fn post(
     client: &reqwest::Client,
@@ -137,6 +67,31 @@ async fn post_then_read(store_url: &str) {
         .await
         .expect("GET");
     assert_eq!(missing.status(), 404);
+
+    // Analytics counts the event once, too (the duplicate POST was never stored).
+    let analytics = |path: &'static str| {
+        let request = client.get(platform.url(path)).bearer_auth(KEY);
+        async move {
+            let response = request.send().await.expect("GET");
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+    eventually("the analytics summary", || async {
+        analytics("/v1/analytics/summary").await.1["events_counted"] == 1
+    })
+    .await;
+    let (status, summary) = analytics("/v1/analytics/summary").await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["events_by_type"]["contact_created"], 1, "{summary}");
+    let (status, minutes) = analytics("/v1/analytics/events-per-minute?type=contact_created").await;
+    assert_eq!(status, 200, "{minutes}");
+    assert_eq!(minutes["minutes"][0]["events"], 1, "{minutes}");
+    let (status, problem) = analytics("/v1/analytics/events-per-minute?from=yesterday").await;
+    assert_eq!(status, 400);
+    assert_eq!(problem["errors"][0]["field"], "query.from", "{problem}");
     platform.shutdown().await;
 }
 
@@ -165,29 +120,12 @@ async fn critical_events_overtake_a_standard_backlog() {
         Roles {
             gateway: true,
             router: true,
-            projector: false,
+            ..Roles::default()
         },
     )
     .await;
     let bus = bus(&nats).await;
-    let subject = events::ingest_subject("acme", EventType::PageViewed).expect("subject");
-    // Pipelined in windows: the client bounds how many acks may be outstanding.
-    for window in (0..STANDARD).collect::<Vec<_>>().chunks(1000) {
-        let mut acks = Vec::with_capacity(window.len());
-        for i in window {
-            let event =
-                events::sample::event(EventType::PageViewed, "acme", &format!("std-{}", i % 500));
-            let options = PublishOptions::with_msg_id(event.event_id.clone());
-            acks.push(
-                bus.send(&subject, events::encode_proto(&event).into(), &options)
-                    .await
-                    .expect("send"),
-            );
-        }
-        for ack in acks {
-            bus.await_ack(&subject, ack).await.expect("stored");
-        }
-    }
+    publish_backlog(&bus, EventType::PageViewed, STANDARD, "std").await;
     eventually("the standard backlog to be routed", || async {
         let stream = bus
             .jetstream()
@@ -202,9 +140,8 @@ async fn critical_events_overtake_a_standard_backlog() {
     let back = Platform::start(
         &config,
         Roles {
-            gateway: false,
-            router: false,
             projector: true,
+            ..Roles::default()
         },
     )
     .await;
@@ -273,13 +210,7 @@ async fn invalid_events_on_nats_are_dead_lettered_and_a_fixed_one_replays() {
     .expect("stored");
     // A valid event behind them is not blocked.
     let fine = events::sample::event(EventType::PageViewed, "acme", "cust-fine");
-    bus.publish(
-        "crm.ingest.acme.page_viewed",
-        events::encode_proto(&fine).into(),
-        &PublishOptions::with_msg_id(fine.event_id.clone()),
-    )
-    .await
-    .expect("stored");
+    publish_event(&bus, &fine).await;
 
     eventually("two dead letters", || async {
         bus.dlq_list(1, 10).await.expect("list").len() == 2
@@ -454,4 +385,144 @@ async fn a_worker_killed_after_commit_redelivers_with_exactly_one_effect() {
     }
     shutdown.cancel();
     fresh.await.expect("join").expect("projector stops cleanly");
+}
+
+/// The whole path of a webhook: HTTP ingest → router → critical lane → notifier → a signed POST to
+/// a receiver, with `crm all`'s wiring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posted_payment_failure_reaches_its_webhook_signed() {
+    type Seen = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, bytes::Bytes)>>>;
+    let seen: Seen = Arc::default();
+    let sink = seen.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().expect("lock").push((headers, body));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let nats = NatsServer::start();
+    let db = TempSqlite::new();
+    let mut config = config(&nats, &db.url());
+    config.notifier.webhooks = vec![notifier::WebhookConfig {
+        id: "billing".into(),
+        tenant: "acme".into(),
+        url: hook,
+        secret: Some("whsec_test".into()),
+        secret_env: None,
+        previous_secret: None,
+        previous_secret_env: None,
+        event_types: Some(vec!["payment_failed".into()]),
+        lanes: None,
+    }];
+    let platform = Platform::start(&config, ALL).await;
+    let client = reqwest::Client::new();
+    let page = events::sample::event(EventType::PageViewed, "acme", "cust-9");
+    let failed = events::sample::event(EventType::PaymentFailed, "acme", "cust-9");
+    for event in [&page, &failed] {
+        assert_eq!(post(&client, &platform, event).await.0, 202);
+    }
+    eventually("the webhook delivery", || async {
+        !seen.lock().expect("lock").is_empty()
+    })
+    .await;
+    // Give a stray second delivery (the page view, not subscribed) a moment to show up.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1, "only the subscribed type is delivered");
+    let (headers, body) = &seen[0];
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    assert_eq!(header("crm-event-id"), failed.event_id);
+    assert_eq!(header("idempotency-key"), failed.event_id);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    notifier::verify(
+        "whsec_test",
+        header("crm-signature"),
+        body,
+        now,
+        std::time::Duration::from_secs(300),
+    )
+    .expect("the signature verifies");
+    let delivered: Value = serde_json::from_slice(body).expect("JSON body");
+    assert_eq!(
+        delivered["paymentFailed"]["paymentId"], "pay-1",
+        "{delivered}"
+    );
+    platform.shutdown().await;
+}
+
+/// The router takes express types (payment failures, consent changes, tickets, won deals) from
+/// their own consumer first: critical events ingested behind a bulk backlog are routed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn express_events_overtake_an_ingest_backlog_at_the_router() {
+    const BULK: usize = 20_000;
+    const CRITICAL: usize = 20;
+    let nats = NatsServer::start();
+    let db = TempSqlite::new();
+    let config = config(&nats, &db.url());
+    let bus = bus(&nats).await;
+    bus.provision(&bus::Definitions::embedded().expect("definitions"))
+        .await
+        .expect("provision");
+    // The backlog, then the critical events, all in CRM_INGEST before any router runs.
+    publish_backlog(&bus, EventType::PageViewed, BULK, "bulk").await;
+    for i in 0..CRITICAL {
+        let event = events::sample::event(EventType::PaymentFailed, "acme", &format!("crit-{i}"));
+        publish_event(&bus, &event).await;
+    }
+    let lane_messages = |stream: &'static str| {
+        let bus = bus.clone();
+        async move { bus.stream_state(stream).await.expect("lane state").messages as usize }
+    };
+
+    let router = Platform::start(
+        &config,
+        Roles {
+            router: true,
+            ..Roles::default()
+        },
+    )
+    .await;
+    eventually("every critical event routed", || async {
+        lane_messages("CRM_LANE_CRITICAL").await == CRITICAL
+    })
+    .await;
+    let bulk_routed = lane_messages("CRM_LANE_STANDARD").await;
+    eprintln!(
+        "when the last of {CRITICAL} critical events was routed: {bulk_routed} of {BULK} bulk were"
+    );
+    assert!(
+        bulk_routed < BULK / 2,
+        "critical events waited behind the bulk backlog: {bulk_routed} of {BULK} routed first"
+    );
+    // The bulk consumer let the express events go rather than routing them twice, and routed
+    // every bulk event.
+    eventually("the backlog routed", || async {
+        lane_messages("CRM_LANE_STANDARD").await == BULK
+    })
+    .await;
+    assert_eq!(lane_messages("CRM_LANE_CRITICAL").await, CRITICAL);
+    let express = bus
+        .consumer_info("CRM_INGEST", router::EXPRESS_DURABLE)
+        .await
+        .expect("express consumer");
+    assert_eq!(express.delivered.stream_sequence as usize, BULK + CRITICAL);
+    router.shutdown().await;
 }

@@ -34,6 +34,22 @@ impl EventType {
         Self::EmailClicked,
     ];
 
+    /// The types the router takes first, from their own consumer (`router_express` on
+    /// CRM_INGEST), so that they never queue behind a backlog of bulk events: the types the
+    /// built-in critical rules name, and won deals (high-value by amount).
+    pub const EXPRESS: [EventType; 5] = [
+        Self::TicketOpened,
+        Self::TicketEscalated,
+        Self::ConsentChanged,
+        Self::PaymentFailed,
+        Self::DealWon,
+    ];
+
+    /// Whether the router takes this type from its express consumer.
+    pub fn is_express(self) -> bool {
+        Self::EXPRESS.contains(&self)
+    }
+
     /// The snake_case name: the proto oneof field name and the subject token.
     pub const fn as_str(self) -> &'static str {
         match self {

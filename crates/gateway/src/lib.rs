@@ -9,7 +9,7 @@ mod config;
 mod ingest;
 mod observe;
 mod problem;
-mod profiles;
+mod reads;
 mod state;
 
 pub use config::{
@@ -17,7 +17,7 @@ pub use config::{
     hash_key,
 };
 pub use ingest::MAX_BATCH_EVENTS;
-pub use profiles::ProfileSource;
+pub use reads::{AnalyticsQuery, ReadModel};
 pub use state::GatewayState;
 
 use axum::{
@@ -40,6 +40,8 @@ pub mod routes {
     pub const EVENTS: &str = "/v1/events";
     pub const EVENTS_BATCH: &str = "/v1/events:batch";
     pub const CUSTOMER: &str = "/v1/customers/{id}";
+    pub const ANALYTICS_SUMMARY: &str = "/v1/analytics/summary";
+    pub const ANALYTICS_EVENTS_PER_MINUTE: &str = "/v1/analytics/events-per-minute";
     pub const OPENAPI: &str = "/openapi.json";
 }
 
@@ -69,7 +71,12 @@ pub fn router(state: GatewayState) -> Router {
     let v1 = Router::new()
         .route(routes::EVENTS, post(ingest::single))
         .route(routes::EVENTS_BATCH, post(ingest::batch))
-        .route(routes::CUSTOMER, get(profiles::customer))
+        .route(routes::CUSTOMER, get(reads::customer))
+        .route(routes::ANALYTICS_SUMMARY, get(reads::analytics_summary))
+        .route(
+            routes::ANALYTICS_EVENTS_PER_MINUTE,
+            get(reads::analytics_events_per_minute),
+        )
         .method_not_allowed_fallback(problem::method_not_allowed)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -99,10 +106,10 @@ pub fn router(state: GatewayState) -> Router {
 pub async fn serve(
     config: &GatewayConfig,
     bus: Bus,
-    profiles: Option<Arc<dyn ProfileSource>>,
+    reads: Option<Arc<dyn ReadModel>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, JoinHandle<Result<(), GatewayError>>), GatewayError> {
-    let app = router(GatewayState::new(bus, config, profiles)?);
+    let app = router(GatewayState::new(bus, config, reads)?);
     let bind_error = |source| GatewayError::Bind {
         addr: config.listen,
         source,

@@ -1,6 +1,6 @@
-//! What every handler shares: the bus, the key ring, the profile source and the limits.
+//! What every handler shares: the bus, the key ring, the read model and the limits.
 
-use crate::{GatewayConfig, GatewayError, ProfileSource, config::KeyRing};
+use crate::{GatewayConfig, GatewayError, ReadModel, config::KeyRing};
 use bus::{Bus, BusError, BusErrorKind, PublishOptions, Published, headers};
 use bytes::Bytes;
 use events::Event;
@@ -18,7 +18,7 @@ pub struct GatewayState {
 struct Inner {
     bus: Bus,
     keys: KeyRing,
-    profiles: Option<Arc<dyn ProfileSource>>,
+    reads: Option<Arc<dyn ReadModel>>,
     publish_timeout: Duration,
     max_inflight: usize,
     max_body_bytes: usize,
@@ -28,7 +28,7 @@ impl std::fmt::Debug for GatewayState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayState")
             .field("keys", &self.inner.keys)
-            .field("profiles", &self.inner.profiles.is_some())
+            .field("reads", &self.inner.reads.is_some())
             .field("publish_timeout", &self.inner.publish_timeout)
             .field("max_inflight", &self.inner.max_inflight)
             .field("max_body_bytes", &self.inner.max_body_bytes)
@@ -41,7 +41,7 @@ impl GatewayState {
     pub fn new(
         bus: Bus,
         config: &GatewayConfig,
-        profiles: Option<Arc<dyn ProfileSource>>,
+        reads: Option<Arc<dyn ReadModel>>,
     ) -> Result<Self, GatewayError> {
         let positive = |field: &'static str, ok: bool| {
             if ok {
@@ -60,7 +60,7 @@ impl GatewayState {
             inner: Arc::new(Inner {
                 bus,
                 keys: KeyRing::new(&config.api_keys)?,
-                profiles,
+                reads,
                 publish_timeout: config.publish_timeout,
                 max_inflight: config.max_inflight,
                 max_body_bytes: config.max_body_bytes,
@@ -72,8 +72,8 @@ impl GatewayState {
         &self.inner.keys
     }
 
-    pub(crate) fn profiles(&self) -> Option<&dyn ProfileSource> {
-        self.inner.profiles.as_deref()
+    pub(crate) fn reads(&self) -> Option<&dyn ReadModel> {
+        self.inner.reads.as_deref()
     }
 
     pub(crate) fn max_inflight(&self) -> usize {

@@ -3,7 +3,7 @@
 use bus::{Bus, ConnectOptions, Definitions, headers};
 use events::{Encoding, Event, EventType, pb::event::Payload};
 use futures::future::BoxFuture;
-use gateway::{ApiKey, GatewayConfig, ProfileSource, hash_key};
+use gateway::{ApiKey, GatewayConfig, ReadModel, hash_key};
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use std::{
@@ -31,7 +31,7 @@ async fn start() -> Gateway {
 
 async fn start_with(
     tweak: impl FnOnce(&mut GatewayConfig),
-    profiles: Option<Arc<dyn ProfileSource>>,
+    profiles: Option<Arc<dyn ReadModel>>,
 ) -> Gateway {
     let server = NatsServer::start();
     let bus = Bus::connect(&ConnectOptions::new(server.url()))
@@ -503,7 +503,7 @@ struct Gate {
     release: Arc<Notify>,
 }
 
-impl ProfileSource for Profiles {
+impl ReadModel for Profiles {
     fn profile(
         &self,
         tenant: &str,
@@ -609,7 +609,13 @@ async fn openapi_is_served_and_shutdown_is_graceful() {
     assert_eq!(response.status(), StatusCode::OK);
     let doc: Value = response.json().await.expect("json");
     assert_eq!(doc["openapi"], "3.1.0");
-    for path in ["/v1/events", "/v1/events:batch", "/v1/customers/{id}"] {
+    for path in [
+        gateway::routes::EVENTS,
+        gateway::routes::EVENTS_BATCH,
+        gateway::routes::CUSTOMER,
+        gateway::routes::ANALYTICS_SUMMARY,
+        gateway::routes::ANALYTICS_EVENTS_PER_MINUTE,
+    ] {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
     }
     assert_eq!(

@@ -2,12 +2,9 @@
 //! store in one transaction (field-level last-writer-wins, idempotency ledger) and acks after
 //! commit. It announces changed customers so routers drop their cached context.
 
-use bus::{Bus, CancellationToken, Handler, Outcome, WorkerConfig, headers, jetstream, run_worker};
+use bus::{Bus, CancellationToken, Handler, Outcome, WorkerConfig, jetstream, run_worker};
 use events::{DlqStage, Encoding, Event, Lane};
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 use store::Store;
 
 /// The durable consumer name on each lane.
@@ -51,23 +48,8 @@ impl Projector {
     }
 }
 
-fn now_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
-}
-
-/// Seconds from when the event entered the platform (gateway or stream) until now.
-fn e2e_seconds(message: &jetstream::Message, now: u128) -> Option<f64> {
-    let ingested: u128 = headers::get(message.headers.as_ref(), headers::INGESTED_AT)?
-        .parse()
-        .ok()?;
-    Some(Duration::from_nanos(u64::try_from(now.saturating_sub(ingested)).ok()?).as_secs_f64())
-}
-
 impl Handler for Projector {
-    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, _lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Done; batch.len()];
         let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
@@ -85,20 +67,14 @@ impl Handler for Projector {
         }
         match self.store.apply_batch(&events).await {
             Ok(result) => {
-                let now = now_nanos();
-                for &index in &positions {
-                    if let Some(seconds) = e2e_seconds(&batch[index], now) {
-                        metrics::histogram!("crm_lane_e2e_latency_seconds", "lane" => lane.as_str())
-                            .record(seconds);
-                    }
-                }
+                // The runtime records end-to-end latency when it acks.
                 let duplicates = result
                     .outcomes
                     .iter()
                     .filter(|o| **o == store::Applied::Duplicate)
                     .count();
                 metrics::counter!("crm_projector_duplicates_total").increment(duplicates as u64);
-                for (tenant, customer) in &result.changed_customers {
+                for (tenant, customer) in &result.context_changed {
                     let payload = format!("{tenant}\n{customer}");
                     // Best effort: the router's cache also expires by TTL.
                     let _ = self
@@ -128,6 +104,8 @@ pub async fn run(
 ) -> Result<(), bus::BusError> {
     let mut worker = WorkerConfig::new("projector", DURABLE, DlqStage::Projector);
     worker.max_batch = config.max_batch;
+    // Priority events share a transaction with bulk ones rather than paying for one each.
+    worker.top_up = true;
     worker.concurrency = config.concurrency;
     worker.lower_lane_share = config.lower_lane_share;
     worker.max_deliveries = config.max_deliveries;

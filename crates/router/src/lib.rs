@@ -9,14 +9,27 @@ pub use rules::{RulesHandle, watch_rules};
 
 use bus::{
     Bus, BusError, BusErrorKind, CancellationToken, DeadLetter, headers,
-    jetstream::{self, AckKind, consumer::pull},
+    jetstream::{self, AckKind},
 };
 use events::{DlqStage, Encoding, Event, EventType, Lane};
-use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use futures::{StreamExt, future::BoxFuture};
 use std::{sync::Arc, time::Duration};
 
-/// The consumer the router reads CRM_INGEST with.
+/// The consumer the router reads CRM_INGEST with: every subject, of which it routes all but the
+/// express types.
 pub const DURABLE: &str = "router";
+/// The consumer of the express types ([`EventType::EXPRESS`]), read first.
+pub const EXPRESS_DURABLE: &str = "router_express";
+
+/// One pick in this many prefers the bulk consumer.
+const BULK_SHARE_EVERY: u64 = 16;
+
+/// Whether an ingest subject names an express type (the express consumer routes those).
+fn is_express_subject(subject: &str) -> bool {
+    events::tenant_and_type_tokens(subject)
+        .and_then(|(_, kind)| EventType::from_name(kind))
+        .is_some_and(EventType::is_express)
+}
 
 /// Customer context for high-value rules (tier, lifetime value), usually a cache over the store.
 pub trait ContextLookup: Send + Sync + 'static {
@@ -68,20 +81,11 @@ pub async fn run(
     context: Option<Arc<dyn ContextLookup>>,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
-    let consumer: jetstream::consumer::Consumer<pull::Config> = bus
-        .jetstream()
-        .get_consumer_from_stream(DURABLE, "CRM_INGEST")
-        .await
-        .map_err(|err| BusError::with_source(BusErrorKind::Unavailable, "router consumer", err))?;
     let batch = config.max_in_flight.clamp(1, 1000);
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(batch)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|err| BusError::with_source(BusErrorKind::Unavailable, "router pull", err))?;
+    let mut express = bus
+        .pull_stream("CRM_INGEST", EXPRESS_DURABLE, batch)
+        .await?;
+    let mut bulk = bus.pull_stream("CRM_INGEST", DURABLE, batch).await?;
 
     let invalidations = context.as_ref().map(|context| {
         tokio::spawn(listen_for_invalidations(
@@ -95,31 +99,66 @@ pub async fn run(
         rules,
         context,
     });
-    let mut in_flight = FuturesUnordered::new();
+    // Each event is routed by a task of its own, so that in a shared process (`crm all`) routing
+    // gets its fair share of the scheduler next to, say, a thousand gateway connections; one task
+    // polling every route would get one turn among them all.
+    let max_in_flight = config.max_in_flight.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     tracing::info!("router started");
+    let mut picks: u64 = 0;
     loop {
-        if in_flight.len() >= config.max_in_flight {
-            in_flight.next().await;
-            continue;
-        }
-        tokio::select! {
+        let slot = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            next = messages.next() => match next {
-                Some(Ok(message)) => {
-                    let router = router.clone();
-                    in_flight.push(async move { router.route(message).await });
-                }
-                Some(Err(err)) => tracing::debug!(error = %err, "router pull hiccup"),
-                None => {
-                    tracing::warn!("router pull stream ended");
-                    break;
-                }
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
             },
+        };
+        // Express types first: they never wait behind a bulk backlog. Every
+        // `BULK_SHARE_EVERY`-th pick prefers bulk, so a flood of express events cannot starve it.
+        picks = picks.wrapping_add(1);
+        let next = if picks.is_multiple_of(BULK_SHARE_EVERY) {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                next = bulk.next() => next.map(|m| (m, false)),
+                next = express.next() => next.map(|m| (m, true)),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                next = express.next() => next.map(|m| (m, true)),
+                next = bulk.next() => next.map(|m| (m, false)),
+            }
+        };
+        match next {
+            Some((Ok(message), from_express)) => {
+                if !from_express && is_express_subject(&message.subject) {
+                    // The express consumer routes it; the bulk consumer sees every subject (so
+                    // that malformed ones reach the DLQ) and lets these go.
+                    if let Err(err) = message.ack().await {
+                        tracing::debug!(error = %err, "acking an express event on the bulk consumer");
+                    }
+                    continue;
+                }
+                let router = router.clone();
+                tokio::spawn(async move {
+                    router.route(message).await;
+                    drop(slot);
+                });
+            }
+            Some((Err(err), _)) => tracing::debug!(error = %err, "router pull hiccup"),
+            None => {
+                tracing::warn!("router pull stream ended");
+                break;
+            }
         }
     }
-    while in_flight.next().await.is_some() {}
+    // Every slot back means every spawned route has published, acked and finished.
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
     if let Some(task) = invalidations {
         task.abort();
     }
@@ -161,29 +200,9 @@ async fn listen_for_invalidations(
     }
 }
 
-/// Why an ingest message is not an acceptable event.
-fn check(message: &jetstream::Message) -> Result<(Event, EventType, Encoding), String> {
-    let encoding = match headers::get(message.headers.as_ref(), headers::CONTENT_TYPE) {
-        None => Encoding::Protobuf,
-        Some(value) => Encoding::from_content_type(value)
-            .ok_or_else(|| format!("unsupported Content-Type {value:?}"))?,
-    };
-    let event = events::decode(&message.payload, encoding).map_err(|err| err.to_string())?;
-    events::validate(&event).map_err(|err| err.to_string())?;
-    let subject = events::parse_ingest_subject(&message.subject).map_err(|err| err.to_string())?;
-    let kind = EventType::of(&event).ok_or("payload: is required")?;
-    if subject.tenant != event.tenant_id || subject.kind != kind {
-        return Err(format!(
-            "subject {} does not match the event (tenant_id {:?}, type {kind})",
-            message.subject, event.tenant_id
-        ));
-    }
-    Ok((event, kind, encoding))
-}
-
 impl Router {
     async fn route(&self, message: jetstream::Message) {
-        let (event, kind, encoding) = match check(&message) {
+        let (event, kind, encoding) = match bus::decode_ingest(&message) {
             Ok(checked) => checked,
             Err(error) => {
                 let letter = DeadLetter {
@@ -282,5 +301,37 @@ impl Router {
             .send_with_headers(&subject, payload, lane_headers)
             .await?;
         self.bus.await_ack(&subject, ack).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_express_consumer_filters_exactly_the_express_types() {
+        let definitions = bus::Definitions::embedded().expect("definitions");
+        let express = definitions
+            .consumers
+            .iter()
+            .find(|c| c.stream == "CRM_INGEST" && c.durable == EXPRESS_DURABLE)
+            .expect("router_express is defined");
+        let mut filtered: Vec<String> = express.config["filter_subjects"]
+            .as_array()
+            .expect("filter_subjects")
+            .iter()
+            .map(|v| v.as_str().expect("a subject").to_owned())
+            .collect();
+        filtered.sort();
+        let mut expected: Vec<String> = EventType::EXPRESS
+            .iter()
+            .map(|kind| format!("crm.ingest.*.{kind}"))
+            .collect();
+        expected.sort();
+        assert_eq!(filtered, expected);
+        assert!(is_express_subject("crm.ingest.acme.payment_failed"));
+        assert!(!is_express_subject("crm.ingest.acme.page_viewed"));
+        assert!(!is_express_subject("crm.ingest.acme.shoe_bought"));
+        assert!(!is_express_subject("crm.ingest.acme"));
     }
 }

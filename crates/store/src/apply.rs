@@ -5,6 +5,7 @@ use crate::{
     writes::{Write, occurred_at_ns, writes},
 };
 use events::{Event, EventType, pb::event::Payload};
+use std::collections::HashSet;
 
 /// What became of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,21 +23,27 @@ pub struct BatchResult {
     /// `(tenant_id, customer_id)` of every customer an applied event touched, each once,
     /// sorted: the caller invalidates their cached context. Empty for an all-duplicate batch.
     pub changed_customers: Vec<(String, String)>,
+    /// The subset of `changed_customers` whose routing context (tier or lifetime value) may have
+    /// changed: a tier write that won, or a deal event. Only these need their cached context
+    /// dropped; a page view does not.
+    pub context_changed: Vec<(String, String)>,
     /// Profile field writes that lost to a newer value (logged in `profile_conflicts`).
     pub conflicts: u64,
 }
 
+/// Rows per multi-row statement (5 binds each: far below both backends' parameter limits).
+pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 const INSERT_LEDGER: &str = "INSERT INTO processed_events \
-    (tenant_id, event_id, customer_id, event_type, processed_at_ns) VALUES ($1, $2, $3, $4, $5) \
-    ON CONFLICT (tenant_id, event_id) DO NOTHING";
+    (tenant_id, event_id, customer_id, event_type, processed_at_ns) ";
+const LEDGER_RETURNING: &str =
+    " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
 // (CASE rather than MAX/GREATEST, which differ between SQLite and PostgreSQL.)
-const UPSERT_CUSTOMER: &str = "INSERT INTO customers AS c \
-    (tenant_id, customer_id, payment_failures, events_applied, last_event_at_ns) \
-    VALUES ($1, $2, $3, 1, $4) \
-    ON CONFLICT (tenant_id, customer_id) DO UPDATE SET \
+const UPSERT_CUSTOMERS: &str = "INSERT INTO customers AS c \
+    (tenant_id, customer_id, payment_failures, events_applied, last_event_at_ns) ";
+const CUSTOMERS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id) DO UPDATE SET \
     payment_failures = c.payment_failures + excluded.payment_failures, \
-    events_applied = c.events_applied + 1, \
+    events_applied = c.events_applied + excluded.events_applied, \
     last_event_at_ns = CASE WHEN excluded.last_event_at_ns > c.last_event_at_ns \
         THEN excluded.last_event_at_ns ELSE c.last_event_at_ns END";
 const UPSERT_FIELD: &str = "INSERT INTO profile_fields AS p \
@@ -54,17 +61,60 @@ const UPSERT_CONSENT: &str = "INSERT INTO consents AS c \
     ON CONFLICT (tenant_id, customer_id, channel) DO UPDATE SET granted = excluded.granted, \
     occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (c.occurred_at_ns, c.event_id)";
-const UPSERT_DEAL_STATE: &str = "INSERT INTO deals AS d \
-    (tenant_id, customer_id, deal_id, stage, status, occurred_at_ns, event_id) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7) \
-    ON CONFLICT (tenant_id, customer_id, deal_id) DO UPDATE SET stage = excluded.stage, \
-    status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
-    WHERE (excluded.occurred_at_ns, excluded.event_id) > (d.occurred_at_ns, d.event_id)";
-// Runs after UPSERT_DEAL_STATE of the same event, so the row exists.
-const UPDATE_DEAL_AMOUNT: &str = "UPDATE deals SET amount_minor = $4, currency = $5, \
-    amount_occurred_at_ns = $6, amount_event_id = $7 \
-    WHERE tenant_id = $1 AND customer_id = $2 AND deal_id = $3 AND (amount_occurred_at_ns IS NULL \
-    OR ($6, $7) > (amount_occurred_at_ns, amount_event_id))";
+/// The deal state register of table `$table` (`deals`, `analytics_deals`): binds tenant,
+/// customer, deal, stage, status, occurred_at_ns, event_id.
+macro_rules! upsert_deal_state {
+    ($table:literal) => {
+        concat!("INSERT INTO ", $table, " AS d \
+        (tenant_id, customer_id, deal_id, stage, status, occurred_at_ns, event_id) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7) \
+        ON CONFLICT (tenant_id, customer_id, deal_id) DO UPDATE SET stage = excluded.stage, \
+        status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
+        WHERE (excluded.occurred_at_ns, excluded.event_id) > (d.occurred_at_ns, d.event_id)")
+    };
+}
+/// The deal amount register of `$table`; runs after the state upsert of the same event, so the
+/// row exists. Binds tenant, customer, deal, amount_minor, currency, occurred_at_ns, event_id.
+macro_rules! update_deal_amount {
+    ($table:literal) => {
+        concat!("UPDATE ", $table, " SET amount_minor = $4, currency = $5, \
+        amount_occurred_at_ns = $6, amount_event_id = $7 \
+        WHERE tenant_id = $1 AND customer_id = $2 AND deal_id = $3 AND (amount_occurred_at_ns IS NULL \
+        OR ($6, $7) > (amount_occurred_at_ns, amount_event_id))")
+    };
+}
+/// Writes one deal's state register and, when the event carries one, its amount register, in
+/// table `$table`, inside the open transaction `$conn`.
+macro_rules! write_deal {
+    ($conn:expr, $failed:expr, $table:literal, ($tenant:expr, $customer:expr, $id:expr, $at:expr),
+     $deal_id:expr, $stage:expr, $status:expr, $amount:expr) => {{
+        sqlx::query(upsert_deal_state!($table))
+            .bind($tenant)
+            .bind($customer)
+            .bind(&$deal_id)
+            .bind(&$stage)
+            .bind($status)
+            .bind($at)
+            .bind($id)
+            .execute($conn)
+            .await
+            .map_err($failed)?;
+        if let Some((minor_units, currency)) = $amount {
+            sqlx::query(update_deal_amount!($table))
+                .bind($tenant)
+                .bind($customer)
+                .bind(&$deal_id)
+                .bind(minor_units)
+                .bind(&currency)
+                .bind($at)
+                .bind($id)
+                .execute($conn)
+                .await
+                .map_err($failed)?;
+        }
+    }};
+}
+pub(crate) use {update_deal_amount, upsert_deal_state, write_deal};
 // Derived from the deal registers, not added up per event: a deal counts once, with its latest
 // amount, and only while it is won — whatever the order its events arrived in.
 const UPDATE_LIFETIME_VALUE: &str = "UPDATE customers SET lifetime_value_minor = \
@@ -78,7 +128,7 @@ const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
     status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
 
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
 }
 
@@ -97,29 +147,69 @@ impl Store {
             ..BatchResult::default()
         };
         // Row locks are taken in one global order so that concurrent batches cannot deadlock on
-        // PostgreSQL: first every ledger row by event id, then customer by customer (the
-        // customer row is locked before that customer's registers). The final state does not
+        // PostgreSQL: first every ledger row by event id, then every customer row by customer,
+        // then the registers customer by customer (a transaction holds a customer's row before
+        // it touches that customer's registers). The final state does not
         // depend on the order of application. Stable sorts keep the first copy of a repeated
         // event as the applied one.
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, &events[i].event_id));
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
-            let mut applied = Vec::with_capacity(events.len());
-            for index in by_event {
+            // The ledger, a few statements per batch: the rows a statement returns are the
+            // events it inserted, i.e. the ones not applied before.
+            let mut new_ids: HashSet<(String, String)> = HashSet::with_capacity(events.len());
+            for chunk in by_event.chunks(ROWS_PER_STATEMENT) {
+                let mut insert = sqlx::QueryBuilder::new(INSERT_LEDGER);
+                insert.push_values(chunk, |mut row, &index| {
+                    let event = &events[index];
+                    row.push_bind(&event.tenant_id)
+                        .push_bind(&event.event_id)
+                        .push_bind(&event.customer_id)
+                        .push_bind(EventType::of(event).map_or("", EventType::as_str))
+                        .push_bind(processed_at_ns);
+                });
+                insert.push(LEDGER_RETURNING);
+                let rows: Vec<(String, String)> =
+                    insert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                new_ids.extend(rows);
+            }
+            let mut applied = Vec::with_capacity(new_ids.len());
+            for &index in &by_event {
                 let event = &events[index];
-                let kind = EventType::of(event).map_or("", EventType::as_str);
-                let inserted = sqlx::query(INSERT_LEDGER)
-                    .bind(&event.tenant_id).bind(&event.event_id).bind(&event.customer_id)
-                    .bind(kind).bind(processed_at_ns)
-                    .execute(&mut *tx).await.map_err(failed)?
-                    .rows_affected();
-                if inserted > 0 {
+                // The first copy of a repeated event takes the ledger row; later copies find it gone.
+                if new_ids.remove(&(event.tenant_id.clone(), event.event_id.clone())) {
                     result.outcomes[index] = Applied::Applied;
                     applied.push(index);
                 }
             }
             applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
+            // Customer aggregates, one row per customer, in customer order.
+            let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
+            for &index in &applied {
+                let event = &events[index];
+                let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
+                let at = occurred_at_ns(event);
+                match customers.last_mut() {
+                    Some((t, c, failures, count, latest))
+                        if *t == event.tenant_id && *c == event.customer_id =>
+                    {
+                        *failures += payment_failed;
+                        *count += 1;
+                        *latest = (*latest).max(at);
+                    }
+                    _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
+                }
+            }
+            for chunk in customers.chunks(ROWS_PER_STATEMENT) {
+                let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
+                upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
+                    row.push_bind(tenant).push_bind(customer).push_bind(failures)
+                        .push_bind(count).push_bind(latest);
+                });
+                upsert.push(CUSTOMERS_ON_CONFLICT);
+                upsert.build().execute(&mut *tx).await.map_err(failed)?;
+            }
             for index in applied {
                 let event = &events[index];
                 let (tenant, customer, id) = (&event.tenant_id, &event.customer_id, &event.event_id);
@@ -128,11 +218,8 @@ impl Store {
                 if result.changed_customers.last().is_none_or(|(t, c)| (t, c) != (tenant, customer)) {
                     result.changed_customers.push((tenant.clone(), customer.clone()));
                 }
-                let payment_failed = matches!(event.payload, Some(Payload::PaymentFailed(_)));
-                sqlx::query(UPSERT_CUSTOMER)
-                    .bind(tenant).bind(customer).bind(i64::from(payment_failed)).bind(at)
-                    .execute(&mut *tx).await.map_err(failed)?;
                 let mut deals_changed = false;
+                let mut tier_changed = false;
                 for write in writes(event) {
                     match write {
                         Write::Field { field, value } => {
@@ -141,6 +228,7 @@ impl Store {
                                 .execute(&mut *tx).await.map_err(failed)?
                                 .rows_affected();
                             if won > 0 {
+                                tier_changed |= field == "tier";
                                 continue;
                             }
                             let (current, current_at, current_id): (String, i64, String) =
@@ -162,16 +250,8 @@ impl Store {
                                 .execute(&mut *tx).await.map_err(failed)?;
                         }
                         Write::Deal { deal_id, stage, status, amount } => {
-                            sqlx::query(UPSERT_DEAL_STATE)
-                                .bind(tenant).bind(customer).bind(&deal_id).bind(&stage).bind(status)
-                                .bind(at).bind(id)
-                                .execute(&mut *tx).await.map_err(failed)?;
-                            if let Some((minor_units, currency)) = amount {
-                                sqlx::query(UPDATE_DEAL_AMOUNT)
-                                    .bind(tenant).bind(customer).bind(&deal_id).bind(minor_units)
-                                    .bind(&currency).bind(at).bind(id)
-                                    .execute(&mut *tx).await.map_err(failed)?;
-                            }
+                            write_deal!(&mut *tx, failed, "deals", (tenant, customer, id, at),
+                                deal_id, stage, status, amount);
                             deals_changed = true;
                         }
                         Write::Ticket { ticket_id, severity, status } => {
@@ -186,6 +266,11 @@ impl Store {
                     sqlx::query(UPDATE_LIFETIME_VALUE)
                         .bind(tenant).bind(customer)
                         .execute(&mut *tx).await.map_err(failed)?;
+                }
+                if (deals_changed || tier_changed)
+                    && result.context_changed.last().is_none_or(|(t, c)| (t, c) != (tenant, customer))
+                {
+                    result.context_changed.push((tenant.clone(), customer.clone()));
                 }
             }
             tx.commit().await.map_err(failed)?;

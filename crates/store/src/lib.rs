@@ -1,5 +1,5 @@
-//! The only sqlx user: the customer profile projection, its idempotency ledger and customer
-//! context, on SQLite (the embedded default, WAL) or PostgreSQL, with embedded migrations.
+//! The only sqlx user: the customer profile projection, its idempotency ledger, customer
+//! context and the analytics aggregates, on SQLite (the embedded default, WAL) or PostgreSQL, with embedded migrations.
 //!
 //! Every piece of projected state is a last-writer-wins register ordered by
 //! `(occurred_at in ns, event_id)`, or an aggregate that is either commutative (counts, latest
@@ -7,12 +7,14 @@
 //! transaction as the effects, so any delivery order and any duplication converge on the same
 //! profile, and a redelivered event has no second effect.
 
+mod analytics;
 mod apply;
 mod cache;
 mod model;
 mod read;
 mod writes;
 
+pub use analytics::{AnalyticsSummary, ConsentCounts, MinuteCount, MoneyTotal, StageValue};
 pub use apply::{Applied, BatchResult};
 pub use cache::ContextCache;
 pub use model::{Conflict, Consent, CustomerContext, Deal, FieldVersion, Profile, Ticket};
@@ -57,14 +59,21 @@ enum Pool {
     Postgres(PgPool),
 }
 
-/// A connection pool to SQLite or PostgreSQL. Cheap to clone.
+/// Connection pools to SQLite or PostgreSQL: one for writes, one for reads, so that a burst of
+/// reads (the router's context lookups, profile and analytics reads) can never keep a projector
+/// or analytics transaction waiting for a connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Transactions that write. On SQLite a single connection: SQLite has one writer at a time
+    /// anyway, and writers queueing for the connection (in order) beats writers spinning on
+    /// the database lock.
     pool: Pool,
+    /// Plain reads (WAL lets them run beside the writer).
+    read: Pool,
 }
 
-/// Runs `$body` with `$pool` bound to whichever pool the store has. The SQL is the same for
-/// both backends: `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
+/// Runs `$body` with `$pool` bound to whichever write pool the store has. The SQL is the same
+/// for both backends: `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
 macro_rules! with_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.pool {
@@ -73,7 +82,43 @@ macro_rules! with_pool {
         }
     };
 }
-pub(crate) use with_pool;
+/// [`with_pool!`] for reads: the read pool.
+macro_rules! with_read_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.read {
+            $crate::Pool::Sqlite($pool) => $body,
+            $crate::Pool::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use {with_pool, with_read_pool};
+
+enum OpenError {
+    Connect(sqlx::Error),
+    Migrate(sqlx::migrate::MigrateError),
+}
+
+/// The SQLite writer (one connection) migrated, then the readers (which then see the schema).
+async fn open_sqlite(
+    options: &SqliteConnectOptions,
+) -> Result<(SqlitePool, SqlitePool), OpenError> {
+    let write = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone())
+        .await
+        .map_err(OpenError::Connect)?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&write)
+        .await
+        .map_err(OpenError::Migrate)?;
+    let read = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.clone().read_only(true))
+        .await
+        .map_err(OpenError::Connect)?;
+    Ok((write, read))
+}
 
 /// `url` without a password, for messages.
 fn redacted(url: &str) -> String {
@@ -111,37 +156,50 @@ impl Store {
             source,
         };
         let migrate_error = |source| StoreError::Migrate { backend, source };
-        let pool = if backend == "sqlite" {
+        let (pool, read) = if backend == "sqlite" {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(connect_error)?
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
-                .connect_with(options)
-                .await
-                .map_err(connect_error)?;
-            sqlx::migrate!("./migrations/sqlite")
-                .run(&pool)
-                .await
-                .map_err(migrate_error)?;
-            Pool::Sqlite(pool)
+            // SQLite has no advisory lock: when several roles start at once over a new file,
+            // one may be switching it to WAL or applying a migration while another starts to
+            // ("database is locked", or a table that already exists). The loser tries again and
+            // then finds the work done.
+            let mut attempt: u32 = 0;
+            let (write, read) = loop {
+                match open_sqlite(&options).await {
+                    Ok(pools) => break pools,
+                    Err(_) if attempt < 10 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    }
+                    Err(OpenError::Connect(err)) => return Err(connect_error(err)),
+                    Err(OpenError::Migrate(err)) => return Err(migrate_error(err)),
+                }
+            };
+            (Pool::Sqlite(write), Pool::Sqlite(read))
         } else {
-            let pool = PgPoolOptions::new()
+            let write = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await
                 .map_err(connect_error)?;
             sqlx::migrate!("./migrations/postgres")
-                .run(&pool)
+                .run(&write)
                 .await
                 .map_err(migrate_error)?;
-            Pool::Postgres(pool)
+            let read = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(connect_error)?;
+            (Pool::Postgres(write), Pool::Postgres(read))
         };
-        Ok(Self { pool })
+        Ok(Self { pool, read })
     }
 
     /// Which backend this is: `sqlite` or `postgres`.

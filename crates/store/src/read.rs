@@ -3,7 +3,7 @@
 use crate::{
     Conflict, Consent, CustomerContext, Deal, FieldVersion, Profile, Store, StoreError, Ticket,
     model::rfc3339,
-    with_pool,
+    with_read_pool,
     writes::{tier_from_label, tier_label},
 };
 
@@ -22,7 +22,7 @@ impl Store {
         customer: &str,
     ) -> Result<Option<Profile>, StoreError> {
         let failed = self.failed("reading a profile");
-        with_pool!(self, pool => {
+        with_read_pool!(self, pool => {
             let Some((lifetime_value_minor, payment_failures, events_applied, last_event_at_ns)) =
                 sqlx::query_as::<_, CustomerRow>(
                     "SELECT lifetime_value_minor, payment_failures, events_applied, last_event_at_ns \
@@ -105,7 +105,7 @@ impl Store {
         customer: &str,
     ) -> Result<Option<CustomerContext>, StoreError> {
         let failed = self.failed("reading customer context");
-        let row: Option<(i64, Option<String>)> = with_pool!(self, pool => {
+        let row: Option<(i64, Option<String>)> = with_read_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT c.lifetime_value_minor, f.value FROM customers c \
                  LEFT JOIN profile_fields f ON f.tenant_id = c.tenant_id \
@@ -130,7 +130,7 @@ impl Store {
         customer: &str,
     ) -> Result<Vec<Conflict>, StoreError> {
         let failed = self.failed("reading conflicts");
-        let rows: Vec<ConflictRow> = with_pool!(self, pool => {
+        let rows: Vec<ConflictRow> = with_read_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT field, losing_value, losing_event_id, losing_occurred_at_ns, winning_event_id \
                  FROM profile_conflicts WHERE tenant_id = $1 AND customer_id = $2 ORDER BY id",
@@ -155,7 +155,7 @@ impl Store {
     /// How many events the ledger holds (over all tenants).
     pub async fn processed_count(&self) -> Result<i64, StoreError> {
         let failed = self.failed("counting processed events");
-        with_pool!(self, pool => {
+        with_read_pool!(self, pool => {
             sqlx::query_scalar("SELECT COUNT(*) FROM processed_events")
                 .fetch_one(pool).await.map_err(failed)
         })

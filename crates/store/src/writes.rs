@@ -49,14 +49,14 @@ pub(crate) fn tier_from_label(value: &str) -> CustomerTier {
         .unwrap_or(CustomerTier::Unspecified)
 }
 
-fn channel_label(channel: i32) -> String {
+pub(crate) fn channel_label(channel: i32) -> String {
     ConsentChannel::try_from(channel).map_or_else(
         |_| "unspecified".into(),
         |c| label(c.as_str_name(), "CONSENT_CHANNEL_"),
     )
 }
 
-fn severity_label(severity: i32) -> String {
+pub(crate) fn severity_label(severity: i32) -> String {
     TicketSeverity::try_from(severity).map_or_else(
         |_| "unspecified".into(),
         |s| label(s.as_str_name(), "TICKET_SEVERITY_"),

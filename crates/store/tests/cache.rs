@@ -93,7 +93,7 @@ async fn cache_scenario(store: Store, counters: &Counters) {
         .apply_batch(&[won("c9", 2, "big", "USD", 9_000_000)])
         .await
         .expect("apply");
-    for (tenant, customer) in &result.changed_customers {
+    for (tenant, customer) in &result.context_changed {
         cache.invalidate(tenant, customer).await;
     }
     let context = cache.get(TENANT, "c9").await.expect("context");

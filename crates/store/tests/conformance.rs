@@ -1,6 +1,7 @@
 //! One conformance suite, run against SQLite and PostgreSQL: every scenario is an async fn of a
 //! fresh [`Store`], and `conformance!` makes one test per scenario and backend.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -17,31 +18,6 @@ use proptest::{
 use store::{Applied, CustomerContext, Profile, Store, StoreError};
 use test_support::TempSqlite;
 
-macro_rules! conformance {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let db = test_support::TempSqlite::new();
-                    let store = store::Store::connect(&db.url()).await.expect("connect to SQLite");
-                    super::$scenario(store).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let db = test_support::TempPostgres::create().await;
-                    let store = store::Store::connect(&db.url()).await.expect("connect to PostgreSQL");
-                    super::$scenario(store).await;
-                }
-            )*
-        }
-    };
-}
-
 conformance!(
     applies_and_reads_a_profile,
     duplicates_have_no_second_effect,
@@ -51,7 +27,36 @@ conformance!(
     consents_deals_and_tickets_are_last_writer_wins,
     the_conflicting_set_converges_in_reverse,
     concurrent_overlapping_batches_apply_each_event_once,
+    only_tier_and_deal_writes_change_the_routing_context,
 );
+
+async fn only_tier_and_deal_writes_change_the_routing_context(store: Store) {
+    let pair = |c: &str| (TENANT.to_owned(), c.to_owned());
+    let result = apply(
+        &store,
+        &[
+            sample::event(EventType::PageViewed, TENANT, "views"),
+            update("titled", 1, "title", "CTO"),
+            update("tiered", 1, "tier", "premium"),
+            won("dealer", 1, "d1", "USD", 500),
+        ],
+    )
+    .await;
+    assert_eq!(
+        result.changed_customers,
+        [
+            pair("dealer"),
+            pair("tiered"),
+            pair("titled"),
+            pair("views")
+        ]
+    );
+    assert_eq!(result.context_changed, [pair("dealer"), pair("tiered")]);
+    // A tier write that loses to a newer one changes nothing.
+    let stale = apply(&store, &[update("tiered", 0, "tier", "free")]).await;
+    assert_eq!(stale.changed_customers, [pair("tiered")]);
+    assert!(stale.context_changed.is_empty(), "{stale:?}");
+}
 
 async fn profile(store: &Store, customer: &str) -> Profile {
     store
@@ -512,4 +517,22 @@ async fn connect_errors_name_the_backend_and_the_url() {
         "{err}"
     );
     assert!(err.to_string().contains(url), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_starting_together_on_a_new_sqlite_file_all_migrate() {
+    for _ in 0..5 {
+        let db = TempSqlite::new();
+        let url = db.url();
+        let connects: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Store::connect(&url).await })
+            })
+            .collect();
+        for connect in connects {
+            let store = connect.await.expect("join").expect("connects and migrates");
+            assert_eq!(store.processed_count().await.expect("schema in place"), 0);
+        }
+    }
 }

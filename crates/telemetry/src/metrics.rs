@@ -28,6 +28,14 @@ pub const THROTTLE_LEVEL: &str = "crm_throttle_level";
 pub const ANALYTICS_DEFERRED_MESSAGES: &str = "crm_analytics_deferred_messages";
 pub const ANALYTICS_OLDEST_DEFERRED_AGE_SECONDS: &str = "crm_analytics_oldest_deferred_age_seconds";
 pub const FORECAST_INGEST_RATE: &str = "crm_forecast_ingest_rate";
+pub const THROTTLE_INGEST_RATE: &str = "crm_throttle_ingest_rate";
+pub const THROTTLE_CAPACITY_RATE: &str = "crm_throttle_capacity_rate";
+pub const THROTTLE_DECISIONS_TOTAL: &str = "crm_throttle_decisions_total";
+pub const ANALYTICS_SKIPPED_TOTAL: &str = "crm_analytics_skipped_total";
+pub const ANALYTICS_DUPLICATES_TOTAL: &str = "crm_analytics_duplicates_total";
+pub const NOTIFIER_DELIVERIES_TOTAL: &str = "crm_notifier_deliveries_total";
+pub const NOTIFIER_DELIVERY_DURATION_SECONDS: &str = "crm_notifier_delivery_duration_seconds";
+pub const NOTIFIER_BREAKER_OPEN: &str = "crm_notifier_breaker_open";
 
 /// How a metric is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +89,8 @@ pub const ALL: &[MetricDef] = &[
         "HTTP requests being handled"),
     def(GATEWAY_SHED_TOTAL, Counter, COUNT, &[],
         "HTTP requests refused with 503 because the gateway was at capacity"),
-    def(LANE_E2E_LATENCY_SECONDS, Histogram, SECONDS, &["lane"],
-        "Time from ingest to the end of processing, by lane"),
+    def(LANE_E2E_LATENCY_SECONDS, Histogram, SECONDS, &["role", "lane"],
+        "Time from entry into the platform to the end of processing, by worker role and lane"),
     def(ROUTER_ROUTED_TOTAL, Counter, COUNT, &["lane", "reason"],
         "Events routed, by lane and the reason label of the deciding rule"),
     def(ROUTER_BATCH_SIZE, Histogram, COUNT, &[],
@@ -117,6 +125,23 @@ pub const ALL: &[MetricDef] = &[
         "Age of the oldest deferred analytics message"),
     def(FORECAST_INGEST_RATE, Gauge, PER_SECOND, &[],
         "Forecast ingest rate (events per second) the throttler plans with"),
+    def(THROTTLE_INGEST_RATE, Gauge, PER_SECOND, &[],
+        "Ingest rate into CRM_INGEST measured over the last throttle tick"),
+    def(THROTTLE_CAPACITY_RATE, Gauge, PER_SECOND, &[],
+        "Worker capacity the forecast is compared with (measured while busy, else configured)"),
+    def(THROTTLE_DECISIONS_TOTAL, Counter, COUNT, &["reason"],
+        "Throttle decisions by reason (healthy, hold, latency_breach, backlog_growth, forecast_over_capacity, starvation_guard)"),
+    def(ANALYTICS_SKIPPED_TOTAL, Counter, COUNT, &["reason"],
+        "Ingest messages analytics acked without counting (invalid input the router dead-letters)"),
+    def(ANALYTICS_DUPLICATES_TOTAL, Counter, COUNT, &[],
+        "Redelivered events the analytics ledger recognised and did not count again"),
+    def(NOTIFIER_DELIVERIES_TOTAL, Counter, COUNT, &["endpoint", "result"],
+        "Webhook deliveries by endpoint (subscription id) and result (delivered, retry, rejected, \
+         breaker_open, busy)"),
+    def(NOTIFIER_DELIVERY_DURATION_SECONDS, Histogram, SECONDS, &["endpoint"],
+        "Webhook request duration by endpoint (subscription id), whatever the answer"),
+    def(NOTIFIER_BREAKER_OPEN, Gauge, None, &["endpoint"],
+        "1 while the endpoint's circuit breaker is open or half-open, else 0"),
 ];
 
 /// Register help text and unit of every metric with the installed recorder (a no-op without
@@ -170,7 +195,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 22);
+        assert_eq!(ALL.len(), 30);
     }
 
     #[test]

@@ -60,8 +60,9 @@ pub struct ThrottleConfig {
     /// Priority backlog growth (messages per second, measured between consecutive samples)
     /// tolerated before cutting. Default 100/s.
     pub backlog_growth_limit_per_sec: f64,
-    /// Measured ingest rate the workers can process; a forecast above it cuts before the burst
-    /// arrives. Default 2000/s.
+    /// Ingest rate the workers can process, used until (and whenever) no measurement is given
+    /// in [`Sample::measured_capacity`](crate::Sample::measured_capacity); a forecast above the
+    /// capacity cuts before the burst arrives. Default 2000/s.
     pub capacity_per_sec: f64,
     /// Holt level smoothing in `(0, 1]`; higher follows the ingest rate faster. Default 0.5.
     pub forecast_alpha: f64,

@@ -22,6 +22,10 @@ pub struct Sample {
     pub ingest_rate: f64,
     /// Age of the oldest deferred analytics event, `None` when nothing is deferred.
     pub oldest_deferred_age: Option<Duration>,
+    /// The workers' measured capacity (events per second) when the caller has a reading; the
+    /// forecast is compared with it instead of `capacity_per_sec`. Non-finite or non-positive
+    /// readings are ignored.
+    pub measured_capacity: Option<f64>,
 }
 
 /// Why a [`Decision`] has its rate. Breach reasons are checked in declaration order and the first
@@ -147,7 +151,7 @@ impl Controller {
         } else if backlog_growth.is_some_and(|growth| growth > config.backlog_growth_limit_per_sec)
         {
             Some(Reason::BacklogGrowth)
-        } else if forecast > config.capacity_per_sec {
+        } else if forecast > capacity_of(config, sample.measured_capacity) {
             Some(Reason::ForecastOverCapacity)
         } else {
             None
@@ -212,6 +216,13 @@ impl Controller {
     pub fn config(&self) -> &ThrottleConfig {
         &self.config
     }
+}
+
+/// The capacity the forecast is compared with: a usable measurement, else the configured one.
+fn capacity_of(config: &ThrottleConfig, measured: Option<f64>) -> f64 {
+    measured
+        .filter(|capacity| capacity.is_finite() && *capacity > 0.0)
+        .unwrap_or(config.capacity_per_sec)
 }
 
 /// `ceil(rate / max × levels)` within `1..=levels` for any positive rate, 0 when paused.

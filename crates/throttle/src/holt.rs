@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use crate::config::{ConfigError, smoothing};
 
-/// Holt's linear trend method: a smoothed level and a smoothed trend (units per second).
+/// Holt's linear trend method: a smoothed level (never below zero: the series is a rate) and a
+/// smoothed trend (units per second).
 ///
 /// The trend is a per-second slope so samples need not be evenly spaced; `alpha` and `beta` apply
 /// per sample, so they mean the same thing only while samples arrive at a roughly regular tick.
@@ -45,7 +46,9 @@ impl Holt {
         };
         let secs = dt.as_secs_f64();
         let projected = level + trend * secs;
-        let new_level = self.alpha * value + (1.0 - self.alpha) * projected;
+        // The series is a rate: a level below zero means nothing, and letting it go there after
+        // a sudden drop makes the trend swing back positive and forecast a phantom burst.
+        let new_level = (self.alpha * value + (1.0 - self.alpha) * projected).max(0.0);
         let new_trend = if secs > 0.0 {
             self.beta * (new_level - level) / secs + (1.0 - self.beta) * trend
         } else {

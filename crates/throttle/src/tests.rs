@@ -3,7 +3,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::time::{Instant, advance};
 
-use crate::{Controller, Decision, Holt, Reason, Sample, ThrottleConfig};
+use crate::{Controller, Decision, Holt, Pacer, Reason, Sample, ThrottleConfig};
 
 const TICK: Duration = Duration::from_secs(1);
 
@@ -43,6 +43,7 @@ fn healthy() -> Sample {
         priority_backlog: 0,
         ingest_rate: 100.0,
         oldest_deferred_age: None,
+        measured_capacity: None,
     }
 }
 
@@ -289,6 +290,124 @@ async fn smoothed_forecast_also_cuts_before_the_burst() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_measured_capacity_replaces_the_configured_one() {
+    let mut controller = controller();
+    // 500/s is far below the configured 1000/s capacity: healthy without a measurement…
+    let unmeasured = tick(&mut controller, || Sample {
+        ingest_rate: 500.0,
+        ..healthy()
+    })
+    .await;
+    assert_eq!(unmeasured.reason, Reason::Healthy);
+    // …but over a measured capacity of 400/s.
+    let measured = tick(&mut controller, || Sample {
+        ingest_rate: 500.0,
+        measured_capacity: Some(400.0),
+        ..healthy()
+    })
+    .await;
+    assert_eq!(measured.reason, Reason::ForecastOverCapacity);
+    // Unusable readings fall back to the configured capacity.
+    let steady = || Sample {
+        ingest_rate: 500.0,
+        ..healthy()
+    };
+    for reading in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        tick(&mut controller, steady).await; // a steady ingest (no trend); holds after the cut
+        let decision = tick(&mut controller, || Sample {
+            ingest_rate: 500.0,
+            measured_capacity: Some(reading),
+            ..healthy()
+        })
+        .await;
+        assert_eq!(decision.reason, Reason::Healthy, "reading {reading}");
+    }
+}
+
+#[test]
+fn holt_after_a_sudden_stop_never_forecasts_a_phantom_burst() {
+    let mut holt = match Holt::try_new(0.5, 0.3) {
+        Ok(holt) => holt,
+        Err(err) => panic!("valid factors: {err}"),
+    };
+    let tick = Duration::from_millis(200);
+    for _ in 0..20 {
+        holt.update(4400.0, tick);
+    }
+    for step in 0..100 {
+        holt.update(0.0, tick);
+        let forecast = holt.forecast(Duration::from_secs(10));
+        assert!(forecast <= 4400.0, "step {step}: {forecast}");
+        if step >= 10 {
+            assert_eq!(
+                forecast,
+                0.0,
+                "step {step}: the level is {:?}",
+                holt.level()
+            );
+        }
+    }
+    assert!(holt.level().is_some_and(|level| level >= 0.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacer_permits_exactly_the_rate_and_follows_changes() {
+    let start = Instant::now();
+    let mut pacer = Pacer::new(10.0, 5.0, start);
+    assert_eq!(pacer.available(start), 0);
+    assert_eq!(pacer.wait_time(start), Some(Duration::from_millis(100)));
+
+    advance(Duration::from_millis(300)).await;
+    assert_eq!(pacer.available(Instant::now()), 3);
+    pacer.take(3, Instant::now());
+    assert_eq!(pacer.available(Instant::now()), 0);
+
+    // Idle time earns at most `burst` tokens.
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(pacer.available(Instant::now()), 5);
+
+    // Taking more than available (a fetch that returned extra) is a debt repaid by waiting.
+    pacer.take(7, Instant::now());
+    assert_eq!(
+        pacer.wait_time(Instant::now()),
+        Some(Duration::from_millis(300))
+    );
+
+    // A pause stops accrual; the wait has no end until the rate changes.
+    pacer.set_rate(0.0, Instant::now());
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(pacer.wait_time(Instant::now()), None);
+    assert_eq!(pacer.rate(), 0.0);
+
+    // Resuming at 100/s: the debt of 2 tokens takes 30 ms to become one whole token.
+    pacer.set_rate(100.0, Instant::now());
+    assert_eq!(
+        pacer.wait_time(Instant::now()),
+        Some(Duration::from_millis(30))
+    );
+    advance(Duration::from_millis(1020)).await;
+    assert_eq!(pacer.available(Instant::now()), 5, "capped at burst");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacer_over_a_minute_lets_through_rate_times_seconds() {
+    let mut pacer = Pacer::new(37.0, 10.0, Instant::now());
+    let mut taken = 0;
+    for _ in 0..600 {
+        advance(Duration::from_millis(100)).await;
+        let n = pacer.available(Instant::now());
+        pacer.take(n, Instant::now());
+        taken += n;
+    }
+    // 60 s at 37/s, minus at most one token still accruing.
+    assert!((2219..=2220).contains(&taken), "{taken}");
+    for bad in [f64::NAN, -5.0, f64::INFINITY] {
+        pacer.set_rate(bad, Instant::now());
+        assert_eq!(pacer.rate(), 0.0, "{bad} is treated as paused");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn starvation_guard_drains_a_paused_controller() {
     let mut controller = controller();
     for _ in 0..2 {
@@ -529,6 +648,7 @@ proptest! {
                 priority_backlog: backlog,
                 ingest_rate,
                 oldest_deferred_age: age_s.map(Duration::from_secs),
+                measured_capacity: None,
             });
             prop_assert!((0.0..=config.max_rate_per_sec).contains(&decision.rate), "{decision:?}");
             prop_assert!(decision.level <= config.levels, "{decision:?}");

@@ -5,15 +5,14 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::{Context, Result};
-use bus::{Bus, ConnectOptions, PublishOptions, jetstream};
+use anyhow::Result;
+use bus::{Bus, ConnectOptions};
 use clap::Parser;
 use cli::{
     config::Config,
     roles::{self, Roles},
 };
 use events::EventType;
-use futures::StreamExt;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Parser)]
@@ -27,30 +26,6 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-}
-
-const WINDOW: usize = 1000;
-
-/// Publish `payloads` to subjects, pipelined in windows of acks.
-async fn publish_all(bus: &Bus, messages: &[(String, String, bytes::Bytes)]) -> Result<()> {
-    for window in messages.chunks(WINDOW) {
-        let mut acks = Vec::with_capacity(window.len());
-        for (subject, id, payload) in window {
-            acks.push((
-                subject,
-                bus.send(
-                    subject,
-                    payload.clone(),
-                    &PublishOptions::with_msg_id(id.clone()),
-                )
-                .await?,
-            ));
-        }
-        for (subject, ack) in acks {
-            bus.await_ack(subject, ack).await?;
-        }
-    }
-    Ok(())
 }
 
 fn rate(count: usize, elapsed: Duration) -> f64 {
@@ -75,6 +50,22 @@ async fn stream_messages(bus: &Bus, stream: &str) -> Result<u64> {
         .await?
         .state
         .messages)
+}
+
+/// Start `roles` alone, time how long until `done` holds, stop them: `n` events over that time.
+async fn time_role(
+    config: &Config,
+    roles: Roles,
+    name: &str,
+    n: usize,
+    done: impl AsyncFnMut() -> Result<bool>,
+) -> Result<f64> {
+    let running = roles::start(config, roles, name).await?;
+    let started = Instant::now();
+    wait_for(name, done).await?;
+    let rate = rate(n, started.elapsed());
+    running.run_until(async {}).await?;
+    Ok(rate)
 }
 
 /// Messages stored in the three lane streams together.
@@ -115,55 +106,15 @@ async fn main() -> Result<()> {
         .collect();
 
     // Raw baseline: a plain stream, same payloads, no pipeline.
-    let _ = bus.jetstream().delete_stream("BENCH_RAW").await;
-    let raw_stream = bus
-        .jetstream()
-        .create_stream(jetstream::stream::Config {
-            name: "BENCH_RAW".into(),
-            subjects: vec!["bench.raw.>".into()],
-            ..Default::default()
-        })
-        .await?;
-    let raw: Vec<_> = encoded
-        .iter()
-        .map(|(_, id, payload)| ("bench.raw.x".to_owned(), id.clone(), payload.clone()))
-        .collect();
-    let started = Instant::now();
-    publish_all(&bus, &raw).await?;
-    let raw_publish = rate(n, started.elapsed());
-
-    let consumer = raw_stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some("bench".into()),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
-        .await?;
-    let started = Instant::now();
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1000)
-        .messages()
-        .await?;
-    let mut consumed = 0;
-    while consumed < n {
-        let message = messages
-            .next()
-            .await
-            .context("raw stream ended")?
-            .map_err(anyhow::Error::msg)?;
-        message.ack().await.map_err(anyhow::Error::msg)?;
-        consumed += 1;
-    }
-    let raw_consume = rate(n, started.elapsed());
-    drop(messages);
-    let _ = bus.jetstream().delete_stream("BENCH_RAW").await;
+    let payloads: Vec<bytes::Bytes> = encoded.iter().map(|(_, _, p)| p.clone()).collect();
+    let raw = bus.raw_rates("BENCH_RAW", "bench.raw", &payloads).await?;
+    let (raw_publish, raw_consume) = (raw.publish_per_s, raw.consume_per_s);
 
     // Ingest: the same events to CRM_INGEST (what the gateway does after validation).
     let ingest_before = stream_messages(&bus, "CRM_INGEST").await?;
     let started = Instant::now();
-    publish_all(&bus, &encoded).await?;
+    bus.publish_pipelined(&encoded, bus::raw::PIPELINE_WINDOW)
+        .await?;
     let ingest_publish = rate(n, started.elapsed());
 
     let db = tempfile::tempdir()?;
@@ -174,41 +125,31 @@ async fn main() -> Result<()> {
 
     // Router alone over the ingest backlog.
     let lanes_before = lane_total(&bus).await?;
-    let running = roles::start(
+    let router = time_role(
         &config,
         Roles {
             router: true,
             ..Roles::default()
         },
         "bench-router",
+        n,
+        async || Ok(lane_total(&bus).await? - lanes_before >= n as u64),
     )
     .await?;
-    let started = Instant::now();
-    wait_for("the router", async || {
-        Ok(lane_total(&bus).await? - lanes_before >= n as u64)
-    })
-    .await?;
-    let router = rate(n, started.elapsed());
-    running.run_until(async {}).await?;
 
     // Projector alone over the lane backlog (SQLite, WAL, batched transactions).
     let store = store::Store::connect(&config.store.url).await?;
-    let running = roles::start(
+    let projector = time_role(
         &config,
         Roles {
             projector: true,
             ..Roles::default()
         },
         "bench-projector",
+        n,
+        async || Ok(store.processed_count().await? as usize >= n),
     )
     .await?;
-    let started = Instant::now();
-    wait_for("the projector", async || {
-        Ok(store.processed_count().await? as usize >= n)
-    })
-    .await?;
-    let projector = rate(n, started.elapsed());
-    running.run_until(async {}).await?;
 
     let results = serde_json::json!({
         "events": n,

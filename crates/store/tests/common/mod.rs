@@ -1,6 +1,6 @@
 //! Event builders for the store tests: explicit times, so last-writer-wins order is controlled.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use events::{
     Event,
@@ -12,6 +12,33 @@ use events::{
     pbjson_types::{FieldMask, Timestamp},
     sample,
 };
+
+/// One test per scenario and backend: each scenario is an async fn of a fresh [`store::Store`].
+#[allow(unused_macros)] // not every test file runs a conformance suite
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = test_support::TempSqlite::new();
+                    let store = store::Store::connect(&db.url()).await.expect("connect to SQLite");
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = test_support::TempPostgres::create().await;
+                    let store = store::Store::connect(&db.url()).await.expect("connect to PostgreSQL");
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+    };
+}
 
 pub const TENANT: &str = "acme";
 /// 2023-11-14T22:13:20Z; test events occur `offset` seconds after it.

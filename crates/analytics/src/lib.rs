@@ -1,0 +1,263 @@
+//! The analytics role: a durable consumer on CRM_INGEST that counts every event into per-tenant
+//! aggregates (events per type per minute, pipeline value by stage, won revenue, tickets by
+//! severity, consent changes), paced by the adaptive throttler so that under load analytics is
+//! deferred — left in the stream, never dropped — and drained when pressure falls.
+
+mod signals;
+mod throttler;
+
+pub use signals::{HealthBoard, LaneHealth};
+
+use bus::{
+    Bus, BusError, BusErrorKind, CancellationToken, HealthRecorder, Outcome, WorkerConfig,
+    jetstream::{self, consumer::pull},
+};
+use events::DlqStage;
+use futures::StreamExt;
+use std::time::Duration;
+use store::Store;
+use throttle::ThrottleConfig;
+use tokio::time::Instant;
+
+/// The analytics consumer on CRM_INGEST.
+pub const DURABLE: &str = "analytics";
+pub(crate) const INGEST_STREAM: &str = "CRM_INGEST";
+/// The label analytics uses where workers use a lane name (metrics, health, notices).
+pub const LANE_LABEL: &str = "analytics";
+
+/// Analytics settings (`[analytics]` in crm.toml; the controller's under `[analytics.throttle]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsConfig {
+    /// Most events fetched and counted per transaction.
+    pub max_batch: usize,
+    /// Deliveries before an event that keeps failing is dead-lettered.
+    pub max_deliveries: i64,
+    /// How long each server-side pause lasts; renewed every tick while the level is 0, so a
+    /// pause outlives a crashed analytics process by at most this long.
+    #[serde(with = "humantime_serde")]
+    pub pause_for: Duration,
+    /// Worker roles whose lane health (priority p99, throughput, backlogs) drives the throttle.
+    pub health_roles: Vec<String>,
+    /// Compare the ingest forecast with the workers' measured throughput while they are busy,
+    /// rather than only with `throttle.capacity_per_sec`.
+    pub measure_capacity: bool,
+    /// The controller's parameters.
+    pub throttle: ThrottleConfig,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 500,
+            max_deliveries: 10,
+            pause_for: Duration::from_secs(10),
+            health_roles: vec!["projector".into()],
+            measure_capacity: true,
+            throttle: ThrottleConfig::default(),
+        }
+    }
+}
+
+/// Why the analytics role could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    #[error("analytics.{0}")]
+    Config(#[from] throttle::ConfigError),
+    #[error("analytics.{field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: &'static str,
+    },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl AnalyticsConfig {
+    /// Checks every setting; errors name the field.
+    pub fn validate(&self) -> Result<(), AnalyticsError> {
+        self.throttle.validate()?;
+        if self.max_batch == 0 {
+            return Err(AnalyticsError::Invalid {
+                field: "max_batch",
+                problem: "must be at least 1",
+            });
+        }
+        if self.max_deliveries < 1 {
+            return Err(AnalyticsError::Invalid {
+                field: "max_deliveries",
+                problem: "must be at least 1",
+            });
+        }
+        if self.pause_for < self.throttle.tick {
+            return Err(AnalyticsError::Invalid {
+                field: "pause_for",
+                problem: "must be at least throttle.tick, or the pause lapses between renewals",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Run the throttler and the paced analytics consumer until `shutdown`; the batch in hand is
+/// finished and acked first.
+pub async fn run(
+    bus: Bus,
+    store: Store,
+    config: AnalyticsConfig,
+    shutdown: CancellationToken,
+) -> Result<(), AnalyticsError> {
+    config.validate()?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = bus
+        .jetstream()
+        .get_consumer_from_stream(DURABLE, INGEST_STREAM)
+        .await
+        .map_err(|err| {
+            BusError::with_source(BusErrorKind::Unavailable, "analytics consumer", err)
+        })?;
+    let mut shared = throttler::start(bus.clone(), &config, shutdown.clone())?;
+    let recorder = HealthRecorder::new("analytics", &[LANE_LABEL]);
+    let mut settling = WorkerConfig::new("analytics", DURABLE, DlqStage::Analytics);
+    settling.max_deliveries = config.max_deliveries;
+    if !settling.health_interval.is_zero() {
+        tokio::spawn(bus::health::report_health(
+            bus.clone(),
+            recorder.clone(),
+            settling.health_interval,
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!("analytics started");
+    loop {
+        // Wait for the pacer to permit at least one event (forever while paused, until the next
+        // decision).
+        let wait = shared
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wait_time(Instant::now());
+        match wait {
+            Some(wait) if wait.is_zero() => {}
+            Some(wait) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.decisions.changed() => {}
+                }
+                continue;
+            }
+            None => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    changed = shared.decisions.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+        }
+        let permitted = shared
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .available(Instant::now())
+            .clamp(1, config.max_batch);
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            batch = fetch(&consumer, permitted) => batch,
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        shared
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(batch.len(), Instant::now());
+        count(&bus, &store, &settling, &recorder, batch).await;
+    }
+    tracing::info!("analytics stopped");
+    Ok(())
+}
+
+/// Up to `n` messages: returns as soon as `n` are in, or after a short wait with what came (a
+/// request that answered "nothing yet" at once would make an idle consumer spin).
+async fn fetch(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    n: usize,
+) -> Vec<jetstream::Message> {
+    let messages = consumer
+        .batch()
+        .max_messages(n)
+        .expires(Duration::from_millis(250))
+        .messages()
+        .await;
+    match messages {
+        Ok(messages) => {
+            messages
+                .filter_map(|message| async move {
+                    message
+                        .map_err(|err| tracing::debug!(error = %err, "analytics fetch hiccup"))
+                        .ok()
+                })
+                .collect()
+                .await
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "analytics fetch failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Vec::new()
+        }
+    }
+}
+
+/// Count one batch in one transaction and settle every message. Invalid input is acked without
+/// being counted: the router dead-letters it (one dead letter per bad event, not two).
+async fn count(
+    bus: &Bus,
+    store: &Store,
+    config: &WorkerConfig,
+    recorder: &HealthRecorder,
+    batch: Vec<jetstream::Message>,
+) {
+    let mut events = Vec::with_capacity(batch.len());
+    let mut counted = Vec::with_capacity(batch.len());
+    for message in &batch {
+        match bus::decode_ingest(message) {
+            Ok((event, _, _)) => {
+                events.push(event);
+                counted.push(true);
+            }
+            Err(_) => {
+                metrics::counter!("crm_analytics_skipped_total", "reason" => "invalid_event")
+                    .increment(1);
+                counted.push(false);
+            }
+        }
+    }
+    let outcome = match store.apply_analytics(&events).await {
+        Ok(applied) => {
+            let duplicates = applied
+                .iter()
+                .filter(|a| **a == store::Applied::Duplicate)
+                .count();
+            metrics::counter!("crm_analytics_duplicates_total").increment(duplicates as u64);
+            Outcome::Done
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, batch = events.len(), "counting analytics failed; retrying the batch");
+            Outcome::retry(err)
+        }
+    };
+    let mut done = Vec::with_capacity(batch.len());
+    for (message, counted) in batch.iter().zip(counted) {
+        let outcome = if counted {
+            outcome.clone()
+        } else {
+            Outcome::Done
+        };
+        if outcome == Outcome::Done {
+            done.push(message);
+        }
+        bus::settle(bus, config, LANE_LABEL, message, outcome).await;
+    }
+    bus::worker::record_done(bus, config, recorder, LANE_LABEL, &done).await;
+}

@@ -1,0 +1,83 @@
+//! A token bucket whose rate the controller changes every tick.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Paces work to a rate that may change at any time (the controller's decision).
+///
+/// Tokens accrue at `rate` per second up to `burst`; [`take`](Self::take) spends them. At rate 0
+/// (paused) nothing accrues and [`wait_time`](Self::wait_time) is `None`. A rate change keeps the
+/// tokens already earned, so a cut applies from that moment on and never takes back work that was
+/// already permitted. Time comes only from the instants passed in (tokio's clock).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Pacer {
+    /// Starts empty at `rate` events per second, holding at most `burst` tokens (at least 1).
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate: sanitize(rate),
+            burst: burst.max(1.0),
+            tokens: 0.0,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.updated = now;
+    }
+
+    /// Changes the rate from `now` on; tokens earned at the old rate are kept.
+    pub fn set_rate(&mut self, rate: f64, now: Instant) {
+        self.refill(now);
+        self.rate = sanitize(rate);
+    }
+
+    /// The current rate in events per second (0 = paused).
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Whole tokens available at `now`.
+    pub fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        // Bounded by `burst`, so the cast cannot overflow for any sane burst.
+        self.tokens.floor().max(0.0) as usize
+    }
+
+    /// Spends `n` tokens (what was actually taken; it may exceed what was available, e.g. when a
+    /// fetch returned more than asked, and then the debt delays the next permit).
+    pub fn take(&mut self, n: usize, now: Instant) {
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// How long until one whole token is available: zero when one is, `None` while paused and
+    /// empty (only a rate change can end the wait).
+    pub fn wait_time(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            return Some(Duration::ZERO);
+        }
+        if self.rate <= 0.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+}
+
+fn sanitize(rate: f64) -> f64 {
+    if rate.is_finite() && rate > 0.0 {
+        rate
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,181 @@
+//! `crm-load`: run a load-test scenario against the platform and report per-lane latency, loss
+//! and throughput beside raw JetStream and a synchronous baseline.
+
+/// Many small, short-lived allocations per event: mimalloc handles them with less contention.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use crm_load::{
+    run::{External, Options},
+    scenario::Scenario,
+    stack::StackPaths,
+};
+use std::{path::PathBuf, process::ExitCode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "crm-load",
+    version,
+    about = "Load tests for crm-events: per-lane latency from the intended send time"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a scenario (starting the platform unless --target-url/--nats-url name a running one).
+    Run {
+        /// The scenario file, e.g. loadtest/scenarios/steady.toml.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Where report.json, summary.md, report.html and the logs go
+        /// (default loadtest/out/<scenario>-<UTC time>/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A running gateway (with --nats-url, --api-key, --tenant): nothing is started.
+        #[arg(long, requires_all = ["nats_url", "api_key", "tenant"])]
+        target_url: Option<String>,
+        #[arg(long, requires = "target_url")]
+        nats_url: Option<String>,
+        /// API key of the running gateway.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// The tenant that key writes for.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The crm binary to start.
+        #[arg(long, default_value = "target/release/crm")]
+        crm_bin: PathBuf,
+        /// The nats-server binary to start.
+        #[arg(
+            long,
+            env = "CRM_NATS_SERVER",
+            default_value = ".tools/bin/nats-server"
+        )]
+        nats_server: PathBuf,
+        /// The configuration the run's crm.toml starts from.
+        #[arg(long, default_value = "crm.toml")]
+        config: PathBuf,
+    },
+    /// Check that scenario files parse (unknown keys are refused with their name).
+    Check { scenarios: Vec<PathBuf> },
+    /// Render a run's summary.md and report.html again from its report.json (ratios and SLO
+    /// verdicts recomputed; the SLOs from --scenario when given, else those the report holds).
+    Render {
+        dir: PathBuf,
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+    },
+}
+
+fn default_out(name: &str) -> PathBuf {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    PathBuf::from("loadtest/out").join(format!("{name}-{stamp}"))
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Check { scenarios } => {
+            for path in scenarios {
+                let scenario = Scenario::load(&path)?;
+                println!("{}: ok ({} phases)", path.display(), scenario.phases.len());
+            }
+            Ok(true)
+        }
+        Command::Render { dir, scenario } => {
+            let text = std::fs::read_to_string(dir.join("report.json"))?;
+            let mut report: crm_load::report::Report = serde_json::from_str(&text)?;
+            crm_load::run::finish_ratios(&mut report);
+            let slo = match scenario {
+                Some(path) => Scenario::load(&path)?.slo,
+                None => report.slo.clone(),
+            };
+            report.evaluate(&slo);
+            crm_load::run::write_outputs(&report, &dir)?;
+            println!("{}", report.markdown());
+            Ok(true)
+        }
+        Command::Run {
+            scenario,
+            out,
+            target_url,
+            nats_url,
+            api_key,
+            tenant,
+            crm_bin,
+            nats_server,
+            config,
+        } => {
+            let scenario = Scenario::load(&scenario)?;
+            let out_dir = out.unwrap_or_else(|| default_out(&scenario.name));
+            let external = match (target_url, nats_url, api_key, tenant) {
+                (Some(gateway_url), Some(nats_url), Some(api_key), Some(tenant)) => {
+                    anyhow::ensure!(
+                        scenario.fault.is_none(),
+                        "a [fault] scenario needs the harness to start the platform"
+                    );
+                    Some(External {
+                        gateway_url,
+                        nats_url,
+                        api_key,
+                        tenant,
+                    })
+                }
+                _ => None,
+            };
+            let options = Options {
+                scenario,
+                out_dir: out_dir.clone(),
+                paths: StackPaths {
+                    crm: crm_bin,
+                    nats_server,
+                    base_config: config,
+                },
+                external,
+            };
+            let report = crm_load::run::run(options).await?;
+            println!("{}", report.markdown());
+            eprintln!(
+                "report: {0}/report.json, {0}/summary.md, {0}/report.html",
+                out_dir.display()
+            );
+            if !report.passed {
+                eprintln!("crm-load: FAILED (see the SLO table)");
+            }
+            Ok(report.passed)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tokio::select! {
+        result = run(cli) => match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(2)
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the run kills every child process it started.
+            eprintln!("interrupted: stopping the platform");
+            ExitCode::from(130)
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! The run's report: `report.json` (everything), `summary.md` (the headline tables) and the SLO
+//! verdicts.
+
+use crate::{
+    procs::{Machine, ProcessSeries},
+    scenario::Slo,
+    tracker::{ErrorLog, Percentiles},
+};
+use bus::raw::RawRates;
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, fmt::Write as _};
+
+/// The seed paper's figures (1,000 concurrent users).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Paper {
+    pub event_driven_per_s: f64,
+    pub event_driven_latency_ms: f64,
+    pub synchronous_per_s: f64,
+    pub synchronous_latency_ms: f64,
+    pub ratio: f64,
+}
+
+impl Default for Paper {
+    fn default() -> Self {
+        Self {
+            event_driven_per_s: 3400.0,
+            event_driven_latency_ms: 320.0,
+            synchronous_per_s: 1150.0,
+            synchronous_latency_ms: 780.0,
+            ratio: 2.96,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PhaseReport {
+    pub name: String,
+    /// `open` or `closed`.
+    pub model: String,
+    /// Open model: offered events/s at the start and end of the phase.
+    pub offered_per_s: Option<f64>,
+    pub offered_to_per_s: Option<f64>,
+    /// Closed model: users and think time.
+    pub users: Option<usize>,
+    pub think_ms: Option<f64>,
+    pub start_s: f64,
+    pub duration_s: f64,
+    pub excluded_from_totals: bool,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: u64,
+    /// Events of this phase the projector processed.
+    pub processed: u64,
+    /// Acks per second over the phase.
+    pub ack_per_s: f64,
+    /// Projector completions per second while the phase ran (whatever phase they came from).
+    pub e2e_per_s: f64,
+    /// Intended send → HTTP answer / PubAck, all classes.
+    pub ack_latency: Percentiles,
+    /// Intended send → processed, per lane (`critical`, `high`, `standard`, `all`) and
+    /// `analytics` (intended send → counted by analytics).
+    pub e2e_latency: BTreeMap<String, Percentiles>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Loss {
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: u64,
+    /// Distinct events the projector reported processed.
+    pub processed: u64,
+    /// Reports of an event the projector had reported already.
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    /// Acked, but neither processed nor dead-lettered by the end of the drain.
+    pub missing: u64,
+    /// The first of them.
+    pub missing_ids: Vec<String>,
+    /// Processed although the harness saw no ack (an error answer after the event was stored).
+    pub processed_without_ack: u64,
+    pub analytics_counted: u64,
+    pub analytics_missing: u64,
+    pub analytics_duplicates: u64,
+    /// Notices of events that were not this run's.
+    pub foreign: u64,
+    pub drain_s: f64,
+    pub drained: bool,
+}
+
+/// Per-second series (index = second of the run).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Series {
+    pub t_s: Vec<f64>,
+    /// By intended send time.
+    pub sent: Vec<u64>,
+    pub errors: Vec<u64>,
+    /// By answer time.
+    pub acked: Vec<u64>,
+    /// Projector completions, all lanes, by completion time.
+    pub processed: Vec<u64>,
+    pub analytics: Vec<u64>,
+    /// Per lane (and `analytics`): p50 / p99 of the events completed in that second, ms.
+    pub p50_ms: BTreeMap<String, Vec<Option<f64>>>,
+    pub p99_ms: BTreeMap<String, Vec<Option<f64>>>,
+    /// Critical and high together.
+    pub priority_p99_ms: Vec<Option<f64>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ThrottlePoint {
+    pub t_s: f64,
+    pub level: u8,
+    pub rate: f64,
+    pub reason: String,
+    pub ingest_rate: f64,
+    pub capacity: f64,
+    pub priority_p99_ms: f64,
+    pub deferred: u64,
+    pub oldest_deferred_age_s: f64,
+    pub consumer_paused: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub load: String,
+    pub duration_s: f64,
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub throughput_per_s: f64,
+    /// Intended send → answer (everything is done when it answers).
+    pub latency: Percentiles,
+    pub by_class: BTreeMap<String, Percentiles>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BaselineReport {
+    pub raw: Option<RawRates>,
+    pub sync: Option<SyncReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ratios {
+    /// The best phase's projector completions per second while it ran.
+    pub ours_e2e_per_s: f64,
+    /// Every processed event over the time from the first send to the last completion (backlog
+    /// included): what the platform sustains when ingest outruns processing.
+    pub sustained_e2e_per_s: f64,
+    pub sustained_window_s: f64,
+    pub ours_phase: String,
+    /// That phase was an open model that kept up with its offered rate: the ratios are floors
+    /// (the platform was not saturated), not its capacity.
+    pub offered_limited: bool,
+    /// The better of the two rates above ÷ raw async publish (the architecture's target ratio,
+    /// ≥ 0.19).
+    pub ours_vs_raw_publish: Option<f64>,
+    /// ÷ raw publish-then-consume (one bare hop).
+    pub ours_vs_raw_hop: Option<f64>,
+    pub ours_vs_sync: Option<f64>,
+    /// Our all-lane e2e p50/p99 in that phase, and the sync baseline's answer p50/p99.
+    pub ours_p50_ms: f64,
+    pub ours_p99_ms: f64,
+    pub ours_mean_ms: f64,
+    pub sync_p50_ms: Option<f64>,
+    pub sync_p99_ms: Option<f64>,
+    pub sync_mean_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OverloadReport {
+    pub capacity_per_s: Option<f64>,
+    pub offered_per_s: Option<f64>,
+    pub idle_critical_p99_ms: f64,
+    pub overload_critical_p99_ms: f64,
+    pub critical_p99_ratio: Option<f64>,
+    pub max_deferred: u64,
+    pub min_throttle_level: Option<u8>,
+    pub seconds_paused: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FaultReport {
+    pub role: String,
+    pub killed_at_s: f64,
+    pub restarted_at_s: f64,
+    pub recovery_target_ms: f64,
+    /// From the kill until the priority p99 per second is back under target (and stays so for
+    /// three seconds, or to the end of the data).
+    pub recovery_s: Option<f64>,
+    pub worst_priority_p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SloVerdict {
+    pub name: String,
+    pub limit: String,
+    pub measured: String,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub started_at: String,
+    pub machine: Machine,
+    pub driver: String,
+    pub stack: String,
+    pub phases: Vec<PhaseReport>,
+    pub totals: PhaseReport,
+    pub loss: Loss,
+    /// Generated class → lane the projector reported → events.
+    pub routed: BTreeMap<String, BTreeMap<String, u64>>,
+    pub series: Series,
+    pub throttle: Vec<ThrottlePoint>,
+    pub processes: Vec<ProcessSeries>,
+    pub baselines: BaselineReport,
+    pub ratios: Ratios,
+    pub paper: Paper,
+    pub overload: Option<OverloadReport>,
+    pub fault: Option<FaultReport>,
+    pub errors: ErrorLog,
+    /// Other roles' latency (e.g. a notifier), `role/lane` → percentiles.
+    pub other_roles: BTreeMap<String, Percentiles>,
+    /// The SLOs the run was held to (so a report can be rendered and judged again).
+    #[serde(default)]
+    pub slo: Slo,
+    pub slos: Vec<SloVerdict>,
+    pub passed: bool,
+}
+
+fn verdict(name: &str, limit: String, measured: String, passed: bool) -> SloVerdict {
+    SloVerdict {
+        name: name.into(),
+        limit,
+        measured,
+        passed,
+    }
+}
+
+impl Report {
+    /// Check `slo` (and the rule that no acked event may go missing); sets `slos` and `passed`.
+    pub fn evaluate(&mut self, slo: &Slo) {
+        self.slo = slo.clone();
+        let mut out = vec![verdict(
+            "no acked event missing",
+            "0".into(),
+            self.loss.missing.to_string(),
+            self.loss.missing == 0,
+        )];
+        let lane = |name: &str| self.totals.e2e_latency.get(name).map_or(0.0, |p| p.p99_ms);
+        for (name, limit, lane_name) in [
+            ("critical p99 (ms)", slo.critical_p99_ms, "critical"),
+            ("high p99 (ms)", slo.high_p99_ms, "high"),
+            ("standard p99 (ms)", slo.standard_p99_ms, "standard"),
+        ] {
+            if let Some(limit) = limit {
+                let measured = lane(lane_name);
+                out.push(verdict(
+                    name,
+                    format!("≤ {limit}"),
+                    format!("{measured:.1}"),
+                    measured <= limit,
+                ));
+            }
+        }
+        if let Some(limit) = slo.max_missing {
+            out.push(verdict(
+                "missing events",
+                format!("≤ {limit}"),
+                self.loss.missing.to_string(),
+                self.loss.missing <= limit,
+            ));
+        }
+        if let Some(limit) = slo.max_error_rate {
+            let rate = self.loss.errors as f64 / self.loss.sent.max(1) as f64;
+            out.push(verdict(
+                "error rate",
+                format!("≤ {limit}"),
+                format!("{rate:.5}"),
+                rate <= limit,
+            ));
+        }
+        let ratio = |name: &str, limit: Option<f64>, value: Option<f64>, out: &mut Vec<_>| {
+            if let Some(limit) = limit {
+                out.push(verdict(
+                    name,
+                    format!("≥ {limit}"),
+                    value.map_or("not measured".into(), |v| format!("{v:.3}")),
+                    value.is_some_and(|v| v >= limit),
+                ));
+            }
+        };
+        ratio(
+            "ours ÷ raw publish",
+            slo.min_throughput_ratio_raw,
+            self.ratios.ours_vs_raw_publish,
+            &mut out,
+        );
+        ratio(
+            "ours ÷ sync",
+            slo.min_throughput_ratio_sync,
+            self.ratios.ours_vs_sync,
+            &mut out,
+        );
+        if let Some(limit) = slo.max_critical_p99_overload_ratio {
+            let value = self.overload.as_ref().and_then(|o| o.critical_p99_ratio);
+            out.push(verdict(
+                "critical p99 overload ÷ idle",
+                format!("≤ {limit}"),
+                value.map_or("not measured".into(), |v| format!("{v:.2}")),
+                value.is_some_and(|v| v <= limit),
+            ));
+        }
+        if let Some(limit) = slo.max_recovery_s {
+            let value = self.fault.as_ref().and_then(|f| f.recovery_s);
+            out.push(verdict(
+                "recovery after kill -9 (s)",
+                format!("≤ {limit}"),
+                value.map_or("never".into(), |v| format!("{v:.1}")),
+                value.is_some_and(|v| v <= limit),
+            ));
+        }
+        if slo.analytics_complete == Some(true) {
+            out.push(verdict(
+                "analytics counted every acked event",
+                "0 missing".into(),
+                format!("{} missing", self.loss.analytics_missing),
+                self.loss.analytics_missing == 0,
+            ));
+        }
+        self.passed = out.iter().all(|v| v.passed);
+        self.slos = out;
+    }
+
+    /// The Markdown summary.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "# crm-load: {}\n", self.scenario);
+        if !self.description.is_empty() {
+            let _ = writeln!(md, "{}\n", self.description);
+        }
+        let _ = writeln!(
+            md,
+            "Run {} — **{}**. Machine: {} × {}, {} GiB RAM, Linux {}; nats-server {} \
+             (sync_interval {}); driver {}; platform {}.\n",
+            self.started_at,
+            if self.passed { "PASSED" } else { "FAILED" },
+            m.nproc,
+            m.cpu_model,
+            m.ram_gib,
+            m.kernel,
+            m.nats_server,
+            m.sync_interval,
+            self.driver,
+            self.stack
+        );
+        let _ = writeln!(md, "## Phases\n");
+        let _ = writeln!(
+            md,
+            "| phase | load | s | sent | acked | errors | ack/s | processed/s | ack p99 ms | \
+             critical p50 / p99 / p99.9 ms | high p50 / p99 / p99.9 ms | standard p50 / p99 / p99.9 ms | analytics p99 ms |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for phase in self.phases.iter().chain(std::iter::once(&self.totals)) {
+            let load = match (phase.offered_per_s, phase.users) {
+                (Some(rate), _) => match phase.offered_to_per_s {
+                    Some(to) if (to - rate).abs() > 0.5 => format!("open {rate:.0}→{to:.0}/s"),
+                    _ => format!("open {rate:.0}/s"),
+                },
+                (None, Some(users)) => format!(
+                    "closed {users} users, think {:.0} ms",
+                    phase.think_ms.unwrap_or(0.0)
+                ),
+                _ => "—".into(),
+            };
+            let lane = |name: &str| {
+                phase.e2e_latency.get(name).map_or("—".into(), |p| {
+                    if p.count == 0 {
+                        "—".into()
+                    } else {
+                        format!("{:.1} / {:.1} / {:.1}", p.p50_ms, p.p99_ms, p.p999_ms)
+                    }
+                })
+            };
+            let _ = writeln!(
+                md,
+                "| {}{} | {load} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                phase.name,
+                if phase.excluded_from_totals {
+                    " (excluded)"
+                } else {
+                    ""
+                },
+                phase.duration_s,
+                phase.sent,
+                phase.acked,
+                phase.errors,
+                phase.ack_per_s,
+                phase.e2e_per_s,
+                phase.ack_latency.p99_ms,
+                lane("critical"),
+                lane("high"),
+                lane("standard"),
+                phase
+                    .e2e_latency
+                    .get("analytics")
+                    .map_or("—".into(), |p| format!("{:.0}", p.p99_ms)),
+            );
+        }
+        let l = &self.loss;
+        let _ = writeln!(md, "\n## Loss accounting\n");
+        let _ = writeln!(
+            md,
+            "| sent | acked | errors | processed | duplicates | dead-lettered | missing | \
+             processed without ack | analytics counted | analytics missing |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | **{}** | {} | {} | {} |",
+            l.sent,
+            l.acked,
+            l.errors,
+            l.processed,
+            l.duplicates,
+            l.dead_lettered,
+            l.missing,
+            l.processed_without_ack,
+            l.analytics_counted,
+            l.analytics_missing
+        );
+        if !l.missing_ids.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nMissing (first {}): {}",
+                l.missing_ids.len(),
+                l.missing_ids.join(", ")
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nDrained in {:.1} s{}.",
+            l.drain_s,
+            if l.drained {
+                ""
+            } else {
+                " (drain timeout reached)"
+            }
+        );
+        let r = &self.ratios;
+        let b = &self.baselines;
+        let _ = writeln!(md, "\n## Baselines and ratios (same machine, same run)\n");
+        let _ = writeln!(md, "| what | events/s | latency |");
+        let _ = writeln!(md, "|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| ours, in load (phase {}: completions per second while it ran) | **{:.0}** | p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms (intended send → processed) |",
+            r.ours_phase, r.ours_e2e_per_s, r.ours_p50_ms, r.ours_p99_ms, r.ours_mean_ms
+        );
+        let _ = writeln!(
+            md,
+            "| ours, sustained (all {} processed events ÷ {:.0} s from the first send to the last completion) | **{:.0}** | |",
+            self.loss.processed, r.sustained_window_s, r.sustained_e2e_per_s
+        );
+        if let Some(raw) = &b.raw {
+            let _ = writeln!(
+                md,
+                "| raw JetStream async publish ({} events) | {:.0} | |",
+                raw.events, raw.publish_per_s
+            );
+            let _ = writeln!(
+                md,
+                "| raw JetStream pull-consume + ack | {:.0} | |",
+                raw.consume_per_s
+            );
+            let _ = writeln!(
+                md,
+                "| raw publish then consume (one bare hop) | {:.0} | |",
+                raw.publish_then_consume_per_s
+            );
+        }
+        if let Some(sync) = &b.sync {
+            let _ = writeln!(
+                md,
+                "| synchronous baseline ({}) | {:.0} | p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms (intended send → answer) |",
+                sync.load,
+                sync.throughput_per_s,
+                sync.latency.p50_ms,
+                sync.latency.p99_ms,
+                sync.latency.mean_ms
+            );
+        }
+        let p = &self.paper;
+        let _ = writeln!(
+            md,
+            "| paper: event-driven / synchronous | {:.0} / {:.0} | {:.0} ms / {:.0} ms |",
+            p.event_driven_per_s,
+            p.synchronous_per_s,
+            p.event_driven_latency_ms,
+            p.synchronous_latency_ms
+        );
+        let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            md,
+            "\nWith ours = the better of the two rates above: **ours ÷ raw publish {}** (target ≥ 0.19), \
+             ours ÷ raw hop {}, **ours ÷ sync {}** \
+             (target ≥ 10; the paper's event-driven ÷ synchronous: {:.2}).",
+            fmt(r.ours_vs_raw_publish),
+            fmt(r.ours_vs_raw_hop),
+            fmt(r.ours_vs_sync),
+            p.ratio
+        );
+        if r.offered_limited {
+            let _ = writeln!(
+                md,
+                "\nPhase {} kept up with its offered rate (open model below capacity): the ratios are \
+                 floors, not the platform's capacity; `paper` and `overload` saturate it.",
+                r.ours_phase
+            );
+        }
+        if let Some(o) = &self.overload {
+            let _ = writeln!(md, "\n## Overload\n");
+            let _ = writeln!(
+                md,
+                "Capacity measured {} ev/s, offered {} ev/s. Critical p99 at idle {:.1} ms, under overload \
+                 {:.1} ms: **ratio {}** (target ≤ 1.5). Analytics deferred up to {} events; lowest throttle \
+                 level {}; consumer paused in {} throttle reports.",
+                o.capacity_per_s.map_or("—".into(), |c| format!("{c:.0}")),
+                o.offered_per_s.map_or("—".into(), |c| format!("{c:.0}")),
+                o.idle_critical_p99_ms,
+                o.overload_critical_p99_ms,
+                fmt(o.critical_p99_ratio),
+                o.max_deferred,
+                o.min_throttle_level.map_or("—".into(), |l| l.to_string()),
+                o.seconds_paused
+            );
+        }
+        if let Some(f) = &self.fault {
+            let _ = writeln!(md, "\n## Fault\n");
+            let _ = writeln!(
+                md,
+                "kill -9 of the {} at {:.1} s, restarted (ready) at {:.1} s. Priority p99 back under {:.0} ms \
+                 **{}** after the kill; worst priority p99 in a second {:.0} ms.",
+                f.role,
+                f.killed_at_s,
+                f.restarted_at_s,
+                f.recovery_target_ms,
+                f.recovery_s.map_or("never".into(), |s| format!("{s:.1} s")),
+                f.worst_priority_p99_ms
+            );
+        }
+        if !self.processes.is_empty() {
+            let _ = writeln!(md, "\n## Processes\n");
+            let _ = writeln!(
+                md,
+                "| process | CPU mean % | CPU max % | RSS mean MiB | RSS max MiB |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            for p in &self.processes {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                    p.name, p.cpu_mean, p.cpu_max, p.rss_mean_mib, p.rss_max_mib
+                );
+            }
+        }
+        if !self.errors.by_kind.is_empty() {
+            let _ = writeln!(md, "\n## Errors\n");
+            for (kind, count) in &self.errors.by_kind {
+                let _ = writeln!(md, "- {kind}: {count}");
+            }
+        }
+        let _ = writeln!(md, "\n## SLOs\n");
+        let _ = writeln!(md, "| SLO | limit | measured | |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for v in &self.slos {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                v.name,
+                v.limit,
+                v.measured,
+                if v.passed { "pass" } else { "**FAIL**" }
+            );
+        }
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acked_but_missing_fails_and_duplicates_do_not() {
+        let mut report = Report::default();
+        report.loss.duplicates = 3;
+        report.evaluate(&Slo::default());
+        assert!(report.passed, "{:?}", report.slos);
+        report.loss.missing = 1;
+        report.loss.missing_ids = vec!["x".into()];
+        report.evaluate(&Slo::default());
+        assert!(!report.passed);
+        assert!(report.markdown().contains("Missing (first 1): x"));
+    }
+
+    #[test]
+    fn slos_compare_and_report_unmeasured_ratios_as_failures() {
+        let mut report = Report::default();
+        report.totals.e2e_latency.insert(
+            "critical".into(),
+            Percentiles {
+                count: 10,
+                p99_ms: 30.0,
+                ..Percentiles::default()
+            },
+        );
+        report.loss.sent = 1000;
+        report.loss.errors = 2;
+        let slo = Slo {
+            critical_p99_ms: Some(25.0),
+            max_error_rate: Some(0.01),
+            min_throughput_ratio_sync: Some(10.0),
+            ..Slo::default()
+        };
+        report.evaluate(&slo);
+        let by_name: BTreeMap<_, _> = report
+            .slos
+            .iter()
+            .map(|v| (v.name.as_str(), v.passed))
+            .collect();
+        assert!(!by_name["critical p99 (ms)"]);
+        assert!(by_name["error rate"]);
+        assert!(!by_name["ours ÷ sync"], "not measured is not a pass");
+        assert!(!report.passed);
+        assert!(report.markdown().contains("**FAIL**"));
+    }
+}
