@@ -7,13 +7,16 @@
 
 use crate::{
     Applied, Store, StoreError,
-    apply::{ROWS_PER_STATEMENT, now_ns, update_deal_amount, upsert_deal_state, write_deal},
+    apply::{
+        ROWS_PER_STATEMENT, claim_in_ledger, now_ns, update_deal_amount, upsert_deal_state,
+        write_deal,
+    },
     with_pool, with_read_pool,
     writes::{Write, channel_label, occurred_at_ns, severity_label, writes},
 };
 use events::{Event, EventType, pb::event::Payload};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 const INSERT_LEDGER: &str =
     "INSERT INTO analytics_processed (tenant_id, event_id, processed_at_ns) ";
@@ -111,28 +114,13 @@ impl Store {
         by_event.sort_by_key(|&i| (&events[i].tenant_id, &events[i].event_id));
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
-            // The ledger, a few statements per batch; returned rows are the newly counted events.
-            let mut new_ids: HashSet<(String, String)> = HashSet::with_capacity(events.len());
-            for chunk in by_event.chunks(ROWS_PER_STATEMENT) {
-                let mut insert = sqlx::QueryBuilder::new(INSERT_LEDGER);
-                insert.push_values(chunk, |mut row, &index| {
-                    let event = &events[index];
-                    row.push_bind(&event.tenant_id)
-                        .push_bind(&event.event_id)
-                        .push_bind(processed_at_ns);
-                });
-                insert.push(LEDGER_RETURNING);
-                let rows: Vec<(String, String)> =
-                    insert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                new_ids.extend(rows);
-            }
-            let mut applied = Vec::with_capacity(new_ids.len());
-            for &index in &by_event {
-                let event = &events[index];
-                if new_ids.remove(&(event.tenant_id.clone(), event.event_id.clone())) {
-                    outcomes[index] = Applied::Applied;
-                    applied.push(index);
-                }
+            let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
+                LEDGER_RETURNING, |row, event| row
+                    .push_bind(&event.tenant_id)
+                    .push_bind(&event.event_id)
+                    .push_bind(processed_at_ns));
+            for &index in &applied {
+                outcomes[index] = Applied::Applied;
             }
             let mut counts: BTreeMap<(String, i64, &'static str), i64> = BTreeMap::new();
             let mut tickets: BTreeMap<Key3, i64> = BTreeMap::new();

@@ -5,7 +5,6 @@ use crate::{
     writes::{Write, occurred_at_ns, writes},
 };
 use events::{Event, EventType, pb::event::Payload};
-use std::collections::HashSet;
 
 /// What became of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +127,42 @@ const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
     status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
 
+/// Inserts the ledger rows of the events at `order` (indices into `events`) with a few multi-row
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING tenant_id, event_id` statements and evaluates to
+/// the indices, in `order`, of the events that were not in the ledger before. The first copy of
+/// an event repeated within the batch takes the row; later copies find it gone. A macro rather
+/// than a function because the transaction's type differs per backend (see [`with_pool!`]).
+macro_rules! claim_in_ledger {
+    ($tx:expr, $failed:expr, $events:expr, $order:expr, $insert:expr, $returning:expr,
+     |$row:ident, $event:ident| $bind:expr) => {{
+        let mut new_ids: std::collections::HashSet<(String, String)> =
+            std::collections::HashSet::with_capacity($order.len());
+        for chunk in $order.chunks($crate::apply::ROWS_PER_STATEMENT) {
+            let mut insert = sqlx::QueryBuilder::new($insert);
+            insert.push_values(chunk, |mut $row, &index| {
+                let $event = &$events[index];
+                $bind;
+            });
+            insert.push($returning);
+            let rows: Vec<(String, String)> = insert
+                .build_query_as()
+                .fetch_all(&mut *$tx)
+                .await
+                .map_err($failed)?;
+            new_ids.extend(rows);
+        }
+        $order
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let event = &$events[index];
+                new_ids.remove(&(event.tenant_id.clone(), event.event_id.clone()))
+            })
+            .collect::<Vec<usize>>()
+    }};
+}
+pub(crate) use claim_in_ledger;
+
 pub(crate) fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
 }
@@ -156,32 +191,15 @@ impl Store {
         by_event.sort_by_key(|&i| (&events[i].tenant_id, &events[i].event_id));
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
-            // The ledger, a few statements per batch: the rows a statement returns are the
-            // events it inserted, i.e. the ones not applied before.
-            let mut new_ids: HashSet<(String, String)> = HashSet::with_capacity(events.len());
-            for chunk in by_event.chunks(ROWS_PER_STATEMENT) {
-                let mut insert = sqlx::QueryBuilder::new(INSERT_LEDGER);
-                insert.push_values(chunk, |mut row, &index| {
-                    let event = &events[index];
-                    row.push_bind(&event.tenant_id)
-                        .push_bind(&event.event_id)
-                        .push_bind(&event.customer_id)
-                        .push_bind(EventType::of(event).map_or("", EventType::as_str))
-                        .push_bind(processed_at_ns);
-                });
-                insert.push(LEDGER_RETURNING);
-                let rows: Vec<(String, String)> =
-                    insert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                new_ids.extend(rows);
-            }
-            let mut applied = Vec::with_capacity(new_ids.len());
-            for &index in &by_event {
-                let event = &events[index];
-                // The first copy of a repeated event takes the ledger row; later copies find it gone.
-                if new_ids.remove(&(event.tenant_id.clone(), event.event_id.clone())) {
-                    result.outcomes[index] = Applied::Applied;
-                    applied.push(index);
-                }
+            let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
+                LEDGER_RETURNING, |row, event| row
+                    .push_bind(&event.tenant_id)
+                    .push_bind(&event.event_id)
+                    .push_bind(&event.customer_id)
+                    .push_bind(EventType::of(event).map_or("", EventType::as_str))
+                    .push_bind(processed_at_ns));
+            for &index in &applied {
+                result.outcomes[index] = Applied::Applied;
             }
             applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
             // Customer aggregates, one row per customer, in customer order.
