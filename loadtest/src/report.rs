@@ -239,6 +239,40 @@ fn verdict(name: &str, limit: String, measured: String, passed: bool) -> SloVerd
 }
 
 impl Report {
+    /// How the platform routed each generated class: lanes as the projector reported them. A
+    /// class's events can land in a faster lane than generated (a standard event of a top-tier or
+    /// high-LTV customer is high-value), which the per-lane latencies must be read with.
+    fn routing_markdown(&self, md: &mut String) {
+        const LANES: [&str; 3] = ["critical", "high", "standard"];
+        if self.routed.is_empty() {
+            return;
+        }
+        let lane_total =
+            |lane: &str| -> u64 { self.routed.values().filter_map(|row| row.get(lane)).sum() };
+        let all: u64 = LANES.iter().map(|lane| lane_total(lane)).sum();
+        let _ = writeln!(
+            md,
+            "\n## Routing (generated class → lane the projector processed it in)\n"
+        );
+        let _ = writeln!(md, "| generated | critical | high | standard |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for (class, row) in &self.routed {
+            let cells: Vec<String> = LANES
+                .iter()
+                .map(|lane| row.get(*lane).copied().unwrap_or(0).to_string())
+                .collect();
+            let _ = writeln!(md, "| {class} | {} |", cells.join(" | "));
+        }
+        let shares: Vec<String> = LANES
+            .iter()
+            .map(|lane| {
+                let n = lane_total(lane);
+                format!("{n} ({:.1}%)", 100.0 * n as f64 / all.max(1) as f64)
+            })
+            .collect();
+        let _ = writeln!(md, "| **all** | {} |", shares.join(" | "));
+    }
+
     /// Check `slo` (and the rule that no acked event may go missing); sets `slos` and `passed`.
     pub fn evaluate(&mut self, slo: &Slo) {
         self.slo = slo.clone();
@@ -449,6 +483,7 @@ impl Report {
                 " (drain timeout reached)"
             }
         );
+        self.routing_markdown(&mut md);
         let r = &self.ratios;
         let b = &self.baselines;
         let _ = writeln!(md, "\n## Baselines and ratios (same machine, same run)\n");
@@ -636,5 +671,24 @@ mod tests {
         assert!(!by_name["ours ÷ sync"], "not measured is not a pass");
         assert!(!report.passed);
         assert!(report.markdown().contains("**FAIL**"));
+    }
+
+    #[test]
+    fn routing_shows_each_class_by_lane_and_each_lane_share() {
+        let mut report = Report::default();
+        report.routed.insert(
+            "analytics_only".into(),
+            BTreeMap::from([("high".into(), 30), ("standard".into(), 50)]),
+        );
+        report
+            .routed
+            .insert("critical".into(), BTreeMap::from([("critical".into(), 20)]));
+        let md = report.markdown();
+        assert!(md.contains("| analytics_only | 0 | 30 | 50 |"), "{md}");
+        assert!(md.contains("| critical | 20 | 0 | 0 |"), "{md}");
+        assert!(
+            md.contains("| **all** | 20 (20.0%) | 30 (30.0%) | 50 (50.0%) |"),
+            "{md}"
+        );
     }
 }
