@@ -451,7 +451,14 @@ rate = 100
         assert_eq!(
             names,
             [
-                "burst", "fault", "overload", "paper", "ramp", "smoke", "steady"
+                "burst",
+                "fault",
+                "overload",
+                "overload-nats",
+                "paper",
+                "ramp",
+                "smoke",
+                "steady"
             ]
         );
     }
