@@ -104,15 +104,23 @@ pub async fn gather(bus: &Bus, listen: Duration) -> Result<Status> {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The consumer column is as wide as its longest name (router_express, analytics, …).
+        let width = self
+            .consumers
+            .iter()
+            .map(|c| c.consumer.len())
+            .max()
+            .unwrap_or(0)
+            .max("CONSUMER".len());
         writeln!(
             f,
-            "{:<20} {:<12} {:>10} {:>12} {:>8}",
+            "{:<20} {:<width$} {:>10} {:>12} {:>8}",
             "STREAM", "CONSUMER", "PENDING", "ACK PENDING", "PAUSED"
         )?;
         for c in &self.consumers {
             writeln!(
                 f,
-                "{:<20} {:<12} {:>10} {:>12} {:>8}",
+                "{:<20} {:<width$} {:>10} {:>12} {:>8}",
                 c.stream,
                 c.consumer,
                 c.pending,
@@ -173,5 +181,34 @@ impl std::fmt::Display for Status {
             )?,
         }
         write!(f, "dead letters: {}", self.dead_letters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_columns_line_up_whatever_the_names() {
+        let consumer = |name: &str, pending| ConsumerStatus {
+            stream: "CRM_INGEST".into(),
+            consumer: name.into(),
+            pending,
+            ack_pending: 0,
+            paused: false,
+        };
+        let status = Status {
+            consumers: vec![consumer("router", 7), consumer("router_express", 123_456)],
+            lanes: BTreeMap::new(),
+            throttle: None,
+            dead_letters: 0,
+        };
+        let text = status.to_string();
+        let rows: Vec<&str> = text.lines().take(3).collect();
+        // Each column ends at the same place on every row: PENDING right-aligned under its header.
+        let end = |row: &str, needle: &str| row.find(needle).map(|at| at + needle.len());
+        let header_end = end(rows[0], "PENDING").expect("header");
+        assert_eq!(end(rows[1], " 7 "), Some(header_end + 1), "{text}");
+        assert_eq!(end(rows[2], " 123456 "), Some(header_end + 1), "{text}");
     }
 }
