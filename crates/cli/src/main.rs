@@ -136,8 +136,19 @@ fn parse_event_type(name: &str) -> Result<EventType, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    telemetry::init_tracing();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    // The roles log their lifecycle at info; one-shot commands print their answer and only warn.
+    let role = matches!(
+        cli.command,
+        Command::All
+            | Command::Gateway
+            | Command::Router
+            | Command::Projector
+            | Command::Analytics
+            | Command::Notifier
+    );
+    telemetry::init_tracing_at(if role { "info" } else { "warn" });
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -86,11 +86,18 @@ fn install() -> Result<PrometheusHandle, RecorderError> {
 /// Log to stderr: filter from `CRM_LOG` (default `info`), JSON lines when `CRM_LOG_FORMAT=json`.
 /// Safe to call more than once: only the first call installs a subscriber.
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// [`init_tracing`] with another default filter when `CRM_LOG` is unset or invalid: one-shot
+/// commands (`crm status`, `crm dlq list`, …) log at `warn`, so their output is not interleaved
+/// with connection notices.
+pub fn init_tracing_at(default_filter: &str) {
     let spec = std::env::var(LOG_ENV).ok();
     let (filter, invalid) = match spec.as_deref().map(EnvFilter::try_new) {
-        None => (EnvFilter::new("info"), None),
+        None => (EnvFilter::new(default_filter), None),
         Some(Ok(filter)) => (filter, None),
-        Some(Err(error)) => (EnvFilter::new("info"), Some(error)),
+        Some(Err(error)) => (EnvFilter::new(default_filter), Some(error)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -102,6 +109,6 @@ pub fn init_tracing() {
         builder.try_init().is_ok()
     };
     if let (true, Some(error)) = (installed, invalid) {
-        tracing::warn!(spec = spec.as_deref(), %error, "{LOG_ENV} is not a valid filter; logging at info");
+        tracing::warn!(spec = spec.as_deref(), %error, "{LOG_ENV} is not a valid filter; logging at {default_filter}");
     }
 }
