@@ -268,6 +268,8 @@ pub struct PhaseContext {
     pub run: Arc<Run>,
     pub driver: Arc<Driver>,
     pub mix: Mix,
+    /// The tenants events are written for (see [`Generator::new`]).
+    pub tenant_names: Arc<[String]>,
     pub seed: u64,
     pub events_per_send: usize,
     /// Open model: senders (requests in flight at most).
@@ -316,7 +318,12 @@ impl Sender {
     fn new(context: &PhaseContext, phase: usize, task: u64, acks: &SharedAcks) -> Self {
         let seed = context.seed ^ ((phase as u64) << 40) ^ task.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Self {
-            generator: Generator::new(&context.mix, context.run.run_tag, seed),
+            generator: Generator::new(
+                &context.mix,
+                &context.tenant_names,
+                context.run.run_tag,
+                seed,
+            ),
             context: context.clone(),
             phase,
             batch: Vec::with_capacity(context.events_per_send),

@@ -51,13 +51,7 @@ impl Class {
     }
 }
 
-/// Now, ms since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
+pub use bus::control::unix_ms;
 
 /// An event id (UUIDv7, valid for the platform) whose random bits carry `run_tag` (22 bits) and
 /// `index` (40 bits). The timestamp part is `millis` (the event's intended send time), so ids
@@ -97,6 +91,11 @@ pub fn parse_tracked_id(id: &str, run_tag: u32) -> Option<u64> {
 /// Tenant `k` (0-based): its id and the API key the harness configures for it.
 pub fn tenant_id(k: u64) -> String {
     format!("load{k:03}")
+}
+
+/// The tenants the harness configures for `mix`.
+pub fn tenant_names(mix: &Mix) -> Vec<String> {
+    (0..mix.tenants).map(tenant_id).collect()
 }
 
 pub fn api_key(k: u64) -> String {
@@ -153,7 +152,9 @@ pub struct Generator {
 const PAGE_URL: &str = "https://example.com/pricing";
 
 impl Generator {
-    pub fn new(mix: &Mix, run_tag: u32, seed: u64) -> Self {
+    /// Events for `tenants` (Zipf over them, in this order); [`tenant_names`] for a platform the
+    /// harness configured, the key's one tenant for a running platform.
+    pub fn new(mix: &Mix, tenants: &[String], run_tag: u32, seed: u64) -> Self {
         let weights = [mix.critical, mix.high, mix.standard, mix.analytics_only];
         // Validated by the scenario (non-negative, positive sum); uniform as a fallback.
         let classes = WeightedIndex::new(weights)
@@ -162,9 +163,9 @@ impl Generator {
         let mut generator = Self {
             rng: SmallRng::seed_from_u64(seed),
             classes,
-            tenants: ZipfRank::new(mix.tenants, mix.tenant_zipf_s),
+            tenants: ZipfRank::new(tenants.len() as u64, mix.tenant_zipf_s),
             customers: ZipfRank::new(mix.customers_per_tenant, mix.customer_zipf_s),
-            tenant_names: (0..mix.tenants).map(tenant_id).collect(),
+            tenant_names: tenants.to_vec(),
             run_tag,
             page_padding: 0,
         };
@@ -394,7 +395,7 @@ mod tests {
             payload_bytes: 2048,
             ..Mix::default()
         };
-        let mut generator = Generator::new(&mix, 99, 1);
+        let mut generator = Generator::new(&mix, &tenant_names(&mix), 99, 1);
         let mut by_class = std::collections::BTreeMap::new();
         for index in 0..4000 {
             let generated = generator.next(index);

@@ -4,7 +4,7 @@
 
 use crate::{
     driver::{Driver, PhaseContext, PhaseSent, Target, run_phase},
-    mix::{Class, Generator, parse_tracked_id},
+    mix::{Class, Generator, parse_tracked_id, tenant_names},
     procs::{Machine, Sampler},
     report::{
         BaselineReport, FaultReport, Loss, OverloadReport, Paper, PhaseReport, Ratios, Report,
@@ -333,6 +333,11 @@ async fn drive(
         run: Arc::clone(&run),
         driver: Arc::clone(&driver),
         mix: mix_for(options),
+        tenant_names: match &options.external {
+            Some(external) => vec![external.tenant.clone()],
+            None => tenant_names(&scenario.mix),
+        }
+        .into(),
         seed: scenario.seed,
         events_per_send: driver.events_per_send(&scenario.driver),
         connections: scenario.driver.connections,
@@ -464,7 +469,12 @@ async fn drive(
             "raw JetStream baseline ({} events) …",
             scenario.baselines.raw_events
         );
-        let mut generator = Generator::new(&scenario.mix, run_tag ^ 1, scenario.seed);
+        let mut generator = Generator::new(
+            &scenario.mix,
+            &tenant_names(&scenario.mix),
+            run_tag ^ 1,
+            scenario.seed,
+        );
         let payloads: Vec<bytes::Bytes> = (0..scenario.baselines.raw_events as u64)
             .map(|i| events::encode_proto(&generator.next(i).event).into())
             .collect();
@@ -934,6 +944,7 @@ async fn sync_baseline(scenario: &Scenario, phases: &[PhaseReport]) -> Result<Sy
         run: Arc::clone(&run),
         driver,
         mix: scenario.mix.clone(),
+        tenant_names: tenant_names(&scenario.mix).into(),
         seed: scenario.seed ^ 0x5eed,
         events_per_send: 1,
         connections: config.connections,

@@ -108,6 +108,7 @@ async fn a_stall_counts_for_every_event_due_during_it() {
             tenants: 1,
             ..Mix::default()
         },
+        tenant_names: vec![crm_load::mix::tenant_id(0)].into(),
         seed: 1,
         events_per_send: 1,
         connections: 16,
