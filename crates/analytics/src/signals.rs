@@ -48,9 +48,8 @@ impl HealthBoard {
         let mut health = LaneHealth::default();
         for report in reports.values().filter(|r| roles.contains(&r.role)) {
             health.reporters += 1;
-            let seconds = (report.interval_ms.max(1) as f64) / 1000.0;
             for lane in &report.lanes {
-                health.processed_per_sec += lane.processed as f64 / seconds;
+                health.processed_per_sec += report.per_second(lane.processed);
                 if lane.processed > 0 && (lane.lane == "critical" || lane.lane == "high") {
                     health.priority_p99_ms = health.priority_p99_ms.max(lane.p99_ms);
                 }

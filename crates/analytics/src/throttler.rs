@@ -53,7 +53,6 @@ struct Readings {
     ingest_last_seq: Option<u64>,
     deferred: u64,
     oldest_deferred_age: Option<Duration>,
-    paused_on_server: bool,
 }
 
 async fn read(bus: &Bus, roles: &[String]) -> Readings {
@@ -80,7 +79,6 @@ async fn read(bus: &Bus, roles: &[String]) -> Readings {
     match bus.consumer_info(INGEST_STREAM, DURABLE).await {
         Ok(info) => {
             readings.deferred = info.num_pending + info.num_ack_pending as u64;
-            readings.paused_on_server = info.paused;
             if readings.deferred > 0 {
                 // The oldest event not yet counted is the first one after the ack floor.
                 match bus

@@ -6,7 +6,7 @@
 //! Control messages are JSON, best effort and never stored: losing one costs a reading, not an
 //! event. Their shapes are part of the contract for external tools, documented in the README.
 
-use crate::{Bus, BusError, BusErrorKind};
+use crate::{Bus, BusError};
 use async_nats::jetstream::{self, consumer::pull};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -31,6 +31,13 @@ pub struct HealthReport {
     /// The interval the figures cover, in ms.
     pub interval_ms: u64,
     pub lanes: Vec<LaneReport>,
+}
+
+impl HealthReport {
+    /// `count` events over this report's interval, per second (an empty interval counts as 1 ms).
+    pub fn per_second(&self, count: u64) -> f64 {
+        count as f64 * 1000.0 / self.interval_ms.max(1) as f64
+    }
 }
 
 /// One lane in a [`HealthReport`].
@@ -110,13 +117,6 @@ pub fn instance_id(role: &str) -> String {
     )
 }
 
-fn unavailable(
-    context: String,
-    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> BusError {
-    BusError::with_source(BusErrorKind::Unavailable, context, err)
-}
-
 impl Bus {
     /// Publish a control message (JSON) on core NATS; best effort.
     pub async fn publish_control<T: Serialize>(
@@ -124,12 +124,13 @@ impl Bus {
         subject: String,
         message: &T,
     ) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(message)
-            .map_err(|err| unavailable(format!("encoding a message for {subject}"), err))?;
+        let payload = serde_json::to_vec(message).map_err(|err| {
+            BusError::unavailable(format!("encoding a message for {subject}"), err)
+        })?;
         self.client()
             .publish(subject.clone(), payload.into())
             .await
-            .map_err(|err| unavailable(format!("publishing to {subject}"), err))
+            .map_err(|err| BusError::unavailable(format!("publishing to {subject}"), err))
     }
 
     /// The durable consumer's state, fresh from the server.
@@ -142,23 +143,20 @@ impl Bus {
             .jetstream()
             .get_consumer_from_stream(durable, stream)
             .await
-            .map_err(|err| unavailable(format!("consumer {stream}/{durable}"), err))?;
+            .map_err(|err| BusError::unavailable(format!("consumer {stream}/{durable}"), err))?;
         // The lookup is a CONSUMER.INFO request: its answer is the fresh info.
         Ok(consumer.cached_info().clone())
     }
 
     /// The stream's state (messages, first and last sequence), fresh from the server.
     pub async fn stream_state(&self, stream: &str) -> Result<jetstream::stream::State, BusError> {
-        let mut handle = self
+        // The lookup is a STREAM.INFO request: its answer is the fresh state.
+        let handle = self
             .jetstream()
             .get_stream(stream)
             .await
-            .map_err(|err| unavailable(format!("stream {stream}"), err))?;
-        let info = handle
-            .info()
-            .await
-            .map_err(|err| unavailable(format!("stream {stream} info"), err))?;
-        Ok(info.state.clone())
+            .map_err(|err| BusError::unavailable(format!("stream {stream}"), err))?;
+        Ok(handle.cached_info().state.clone())
     }
 
     /// When the first message at or after `sequence` was stored, `None` when there is none.
@@ -169,16 +167,16 @@ impl Bus {
     ) -> Result<Option<OffsetDateTime>, BusError> {
         let handle = self
             .jetstream()
-            .get_stream(stream)
+            .get_stream_no_info(stream)
             .await
-            .map_err(|err| unavailable(format!("stream {stream}"), err))?;
+            .map_err(|err| BusError::unavailable(format!("stream {stream}"), err))?;
         match handle
             .direct_get_next_for_subject(">", Some(sequence.max(1)))
             .await
         {
             Ok(message) => Ok(Some(message.time)),
             Err(err) if err.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(err) => Err(unavailable(
+            Err(err) => Err(BusError::unavailable(
                 format!("reading {stream} at sequence {sequence}"),
                 err,
             )),
@@ -197,13 +195,13 @@ impl Bus {
             .jetstream()
             .get_stream_no_info(stream)
             .await
-            .map_err(|err| unavailable(format!("stream {stream}"), err))?;
+            .map_err(|err| BusError::unavailable(format!("stream {stream}"), err))?;
         let until = OffsetDateTime::now_utc() + for_;
         handle
             .pause_consumer(durable, until)
             .await
             .map(|_| ())
-            .map_err(|err| unavailable(format!("pausing {stream}/{durable}"), err))
+            .map_err(|err| BusError::unavailable(format!("pausing {stream}/{durable}"), err))
     }
 
     /// Resume a paused durable consumer at once.
@@ -212,11 +210,11 @@ impl Bus {
             .jetstream()
             .get_stream_no_info(stream)
             .await
-            .map_err(|err| unavailable(format!("stream {stream}"), err))?;
+            .map_err(|err| BusError::unavailable(format!("stream {stream}"), err))?;
         handle
             .resume_consumer(durable)
             .await
             .map(|_| ())
-            .map_err(|err| unavailable(format!("resuming {stream}/{durable}"), err))
+            .map_err(|err| BusError::unavailable(format!("resuming {stream}/{durable}"), err))
     }
 }

@@ -41,6 +41,14 @@ impl BusError {
         }
     }
 
+    /// [`BusErrorKind::Unavailable`] with its cause: the server or a stream did not answer.
+    pub(crate) fn unavailable(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::with_source(BusErrorKind::Unavailable, context, source)
+    }
+
     pub fn with_source(
         kind: BusErrorKind,
         context: impl Into<String>,

@@ -26,13 +26,6 @@ pub struct DlqEntry {
     pub content_type: Option<String>,
 }
 
-fn unavailable(
-    context: &str,
-    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> BusError {
-    BusError::with_source(BusErrorKind::Unavailable, context.to_owned(), err)
-}
-
 fn entry(message: jetstream::message::StreamMessage) -> DlqEntry {
     let get = |name| {
         headers::get(Some(&message.headers), name)
@@ -71,7 +64,7 @@ impl Bus {
         self.jetstream()
             .get_stream(DLQ_STREAM)
             .await
-            .map_err(|e| unavailable("opening CRM_DLQ", e))
+            .map_err(|e| BusError::unavailable("opening CRM_DLQ", e))
     }
 
     /// Dead letters from `from_seq` on, at most `limit`.
@@ -80,7 +73,7 @@ impl Bus {
         let last = stream
             .get_info()
             .await
-            .map_err(|e| unavailable("reading CRM_DLQ", e))?
+            .map_err(|e| BusError::unavailable("reading CRM_DLQ", e))?
             .state
             .last_sequence;
         let mut out = Vec::new();
@@ -141,7 +134,7 @@ impl Bus {
         stream
             .delete_message(seq)
             .await
-            .map_err(|e| unavailable("deleting a replayed dead letter", e))?;
+            .map_err(|e| BusError::unavailable("deleting a replayed dead letter", e))?;
         Ok(published)
     }
 
@@ -153,7 +146,7 @@ impl Bus {
             Some(stage) => purge.filter(format!("crm.dlq.{stage}.>")).await,
             None => purge.await,
         }
-        .map_err(|e| unavailable("purging CRM_DLQ", e))?;
+        .map_err(|e| BusError::unavailable("purging CRM_DLQ", e))?;
         Ok(response.purged)
     }
 
@@ -170,27 +163,30 @@ impl Bus {
             .jetstream()
             .get_stream(stream)
             .await
-            .map_err(|e| unavailable("opening the stream to replay", e))?;
+            .map_err(|e| BusError::unavailable("opening the stream to replay", e))?;
         let consumer = source
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 deliver_policy: start,
                 ..Default::default()
             })
             .await
-            .map_err(|e| unavailable("creating a replay consumer", e))?;
+            .map_err(|e| BusError::unavailable("creating a replay consumer", e))?;
         let pending = consumer.cached_info().num_pending;
         let total = limit.map_or(pending, |l| l.min(pending));
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| unavailable("reading the stream to replay", e))?;
+            .map_err(|e| BusError::unavailable("reading the stream to replay", e))?;
         let mut done = 0;
         while done < total {
             let Some(message) = messages.next().await else {
                 break;
             };
-            let message = message.map_err(|e| unavailable("reading the stream to replay", e))?;
-            let info = message.info().map_err(|e| unavailable("message info", e))?;
+            let message =
+                message.map_err(|e| BusError::unavailable("reading the stream to replay", e))?;
+            let info = message
+                .info()
+                .map_err(|e| BusError::unavailable("message info", e))?;
             let subject = if message.subject.starts_with("crm.ingest.") {
                 message.subject.to_string()
             } else if let Some((tenant, kind)) = events::tenant_and_type_tokens(&message.subject) {

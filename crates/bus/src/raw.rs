@@ -31,13 +31,6 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-fn unavailable(
-    context: &str,
-    err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> BusError {
-    BusError::with_source(BusErrorKind::Unavailable, context.to_owned(), err)
-}
-
 impl Bus {
     /// Publish `messages`, pipelined in windows of `window` acks: send a window, then await its
     /// acks.
@@ -80,7 +73,7 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|err| unavailable("creating the raw stream", err))?;
+            .map_err(|err| BusError::unavailable("creating the raw stream", err))?;
         let subject = format!("{subject_prefix}.x");
         let messages: Vec<RawMessage> = payloads
             .iter()
@@ -99,25 +92,25 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|err| unavailable("creating the raw consumer", err))?;
+            .map_err(|err| BusError::unavailable("creating the raw consumer", err))?;
         let started = Instant::now();
         let mut stream_of = consumer
             .stream()
             .max_messages_per_batch(1000)
             .messages()
             .await
-            .map_err(|err| unavailable("pulling from the raw stream", err))?;
+            .map_err(|err| BusError::unavailable("pulling from the raw stream", err))?;
         let mut consumed = 0;
         while consumed < n {
             let message = stream_of
                 .next()
                 .await
                 .ok_or_else(|| BusError::new(BusErrorKind::Unavailable, "raw stream ended"))?
-                .map_err(|err| unavailable("pulling from the raw stream", err))?;
+                .map_err(|err| BusError::unavailable("pulling from the raw stream", err))?;
             message
                 .ack()
                 .await
-                .map_err(|err| unavailable("acking a raw message", err))?;
+                .map_err(|err| BusError::unavailable("acking a raw message", err))?;
             consumed += 1;
         }
         let consume_time = started.elapsed();

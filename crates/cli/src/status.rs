@@ -69,14 +69,13 @@ pub async fn gather(bus: &Bus, listen: Duration) -> Result<Status> {
     }
     let mut lanes: BTreeMap<String, BTreeMap<String, LaneStatus>> = BTreeMap::new();
     for report in reports.values() {
-        let seconds = report.interval_ms.max(1) as f64 / 1000.0;
         for lane in &report.lanes {
             let entry = lanes
                 .entry(report.role.clone())
                 .or_default()
                 .entry(lane.lane.clone())
                 .or_default();
-            entry.processed_per_sec += lane.processed as f64 / seconds;
+            entry.processed_per_sec += report.per_second(lane.processed);
             entry.p99_ms = entry.p99_ms.max(lane.p99_ms);
         }
     }

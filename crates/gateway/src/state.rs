@@ -4,10 +4,7 @@ use crate::{GatewayConfig, GatewayError, ReadModel, config::KeyRing};
 use bus::{Bus, BusError, BusErrorKind, PublishOptions, Published, headers};
 use bytes::Bytes;
 use events::Event;
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 /// Shared gateway state. Cheap to clone.
 #[derive(Clone)]
@@ -105,10 +102,8 @@ impl GatewayState {
             ));
         }
         let msg_id = events::dedupe_id(event);
-        let ingested_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
+        // The clock the workers' end-to-end latency is measured against.
+        let ingested_at = bus::control::unix_ns();
         let mut options = PublishOptions::with_msg_id(msg_id)
             .header(headers::TRACEPARENT, traceparent)
             .header(headers::INGESTED_AT, ingested_at.to_string());

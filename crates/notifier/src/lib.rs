@@ -22,7 +22,7 @@ pub use internal_events::{BREAKER_OPEN, DELIVERIES_TOTAL, DELIVERY_DURATION_SECO
 pub use retry::{StatusClass, classify, parse_retry_after, retry_delay};
 pub use signature::{SignatureError, sign, sign_with_all, verify};
 
-use bus::{Bus, BusError, BusErrorKind, CancellationToken, WorkerConfig, jetstream, run_worker};
+use bus::{Bus, BusError, BusErrorKind, CancellationToken, WorkerConfig, run_worker};
 use events::{DlqStage, Lane};
 use std::sync::Arc;
 
@@ -48,18 +48,11 @@ pub mod header {
 /// Refuse to start when the runtime would dead-letter later than the server stops redelivering.
 async fn check_consumers(bus: &Bus, max_deliveries: i64) -> Result<(), BusError> {
     for lane in Lane::ALL {
-        let consumer: jetstream::consumer::PullConsumer = bus
-            .jetstream()
-            .get_consumer_from_stream(DURABLE, lane.stream())
-            .await
-            .map_err(|err| {
-                BusError::with_source(
-                    BusErrorKind::Unavailable,
-                    format!("consumer {}/{DURABLE}", lane.stream()),
-                    err,
-                )
-            })?;
-        let max_deliver = consumer.cached_info().config.max_deliver;
+        let max_deliver = bus
+            .consumer_info(lane.stream(), DURABLE)
+            .await?
+            .config
+            .max_deliver;
         if max_deliver > 0 && max_deliveries > max_deliver {
             return Err(BusError::new(
                 BusErrorKind::Definition,

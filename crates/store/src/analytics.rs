@@ -20,8 +20,6 @@ use std::collections::BTreeMap;
 
 const INSERT_LEDGER: &str =
     "INSERT INTO analytics_processed (tenant_id, event_id, processed_at_ns) ";
-const LEDGER_RETURNING: &str =
-    " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id";
 const ADD_EVENT_COUNTS: &str = "INSERT INTO analytics_event_counts AS a \
     (tenant_id, minute_start_s, event_type, events) ";
 const EVENT_COUNTS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, minute_start_s, event_type) \
@@ -115,7 +113,7 @@ impl Store {
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
             let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
-                LEDGER_RETURNING, |row, event| row
+                |row, event| row
                     .push_bind(&event.tenant_id)
                     .push_bind(&event.event_id)
                     .push_bind(processed_at_ns));

@@ -34,8 +34,6 @@ pub struct BatchResult {
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 const INSERT_LEDGER: &str = "INSERT INTO processed_events \
     (tenant_id, event_id, customer_id, event_type, processed_at_ns) ";
-const LEDGER_RETURNING: &str =
-    " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
 // (CASE rather than MAX/GREATEST, which differ between SQLite and PostgreSQL.)
 const UPSERT_CUSTOMERS: &str = "INSERT INTO customers AS c \
@@ -133,7 +131,7 @@ const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
 /// an event repeated within the batch takes the row; later copies find it gone. A macro rather
 /// than a function because the transaction's type differs per backend (see [`with_pool!`]).
 macro_rules! claim_in_ledger {
-    ($tx:expr, $failed:expr, $events:expr, $order:expr, $insert:expr, $returning:expr,
+    ($tx:expr, $failed:expr, $events:expr, $order:expr, $insert:expr,
      |$row:ident, $event:ident| $bind:expr) => {{
         let mut new_ids: std::collections::HashSet<(String, String)> =
             std::collections::HashSet::with_capacity($order.len());
@@ -143,7 +141,9 @@ macro_rules! claim_in_ledger {
                 let $event = &$events[index];
                 $bind;
             });
-            insert.push($returning);
+            insert.push(
+                " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
+            );
             let rows: Vec<(String, String)> = insert
                 .build_query_as()
                 .fetch_all(&mut *$tx)
@@ -192,7 +192,7 @@ impl Store {
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
             let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
-                LEDGER_RETURNING, |row, event| row
+                |row, event| row
                     .push_bind(&event.tenant_id)
                     .push_bind(&event.event_id)
                     .push_bind(&event.customer_id)
@@ -219,6 +219,9 @@ impl Store {
                     _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
                 }
             }
+            // The customers rows are the distinct touched customers, already in order.
+            result.changed_customers =
+                customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())).collect();
             for chunk in customers.chunks(ROWS_PER_STATEMENT) {
                 let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
                 upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
@@ -232,10 +235,6 @@ impl Store {
                 let event = &events[index];
                 let (tenant, customer, id) = (&event.tenant_id, &event.customer_id, &event.event_id);
                 let at = occurred_at_ns(event);
-                // Sorted by customer, so a repeat can only be the last one pushed.
-                if result.changed_customers.last().is_none_or(|(t, c)| (t, c) != (tenant, customer)) {
-                    result.changed_customers.push((tenant.clone(), customer.clone()));
-                }
                 let mut deals_changed = false;
                 let mut tier_changed = false;
                 for write in writes(event) {
