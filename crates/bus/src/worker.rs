@@ -395,7 +395,7 @@ pub async fn record_done(
     bus: &Bus,
     config: &WorkerConfig,
     recorder: &HealthRecorder,
-    lane: &str,
+    lane: &'static str,
     done: &[&jetstream::Message],
 ) {
     if done.is_empty() {
@@ -407,14 +407,14 @@ pub async fn record_done(
     } else {
         0
     });
+    let e2e = metrics::histogram!(
+        "crm_lane_e2e_latency_seconds",
+        "role" => config.role, "lane" => lane
+    );
     for message in done {
         let latency = e2e_latency(message.headers.as_ref(), now);
         if let Some(latency) = latency {
-            metrics::histogram!(
-                "crm_lane_e2e_latency_seconds",
-                "role" => config.role, "lane" => lane.to_owned()
-            )
-            .record(latency.as_secs_f64());
+            e2e.record(latency.as_secs_f64());
         }
         recorder.record(lane, latency);
         if config.processed_notices
@@ -443,7 +443,7 @@ pub async fn record_done(
 pub async fn settle(
     bus: &Bus,
     config: &WorkerConfig,
-    lane: &str,
+    lane: &'static str,
     message: &jetstream::Message,
     outcome: Outcome,
 ) {
@@ -455,7 +455,7 @@ pub async fn settle(
     };
     metrics::counter!(
         "crm_worker_processed_total",
-        "role" => config.role, "lane" => lane.to_owned(), "outcome" => label
+        "role" => config.role, "lane" => lane, "outcome" => label
     )
     .increment(1);
     let result = match outcome {
