@@ -9,13 +9,14 @@ mod throttler;
 pub use signals::{HealthBoard, LaneHealth};
 
 use bus::{
-    Bus, BusError, BusErrorKind, CancellationToken, HealthRecorder, Outcome, WorkerConfig,
+    Bus, BusError, BusErrorKind, CancellationToken, Handler, HealthRecorder, Holding, Outcome,
+    Source, WaitPolicy, WorkerConfig,
     jetstream::{self, consumer::pull},
 };
 use events::DlqStage;
 use futures::StreamExt;
 use std::time::Duration;
-use store::Store;
+use store::{FailureClass, Store, StoreError};
 use throttle::ThrottleConfig;
 use tokio::time::Instant;
 
@@ -117,8 +118,16 @@ pub async fn run(
         })?;
     let mut shared = throttler::start(bus.clone(), &config, shutdown.clone())?;
     let recorder = HealthRecorder::new("analytics", &[LANE_LABEL]);
-    let mut settling = WorkerConfig::new("analytics", DURABLE, DlqStage::Analytics);
+    let mut settling = WorkerConfig::with_sources(
+        "analytics",
+        vec![Source::new(INGEST_STREAM, DURABLE, LANE_LABEL)],
+        DlqStage::Analytics,
+    );
     settling.max_deliveries = config.max_deliveries;
+    settling.wait_policy = WaitPolicy::Hold;
+    let counter = Counter { store };
+    // One batch at a time: a batch that holds for the store blocks the next fetch by itself.
+    let holding = Holding::default();
     if !settling.health_interval.is_zero() {
         tokio::spawn(bus::health::report_health(
             bus.clone(),
@@ -172,7 +181,11 @@ pub async fn run(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take(batch.len(), Instant::now());
-        count(&bus, &store, &settling, &recorder, batch).await;
+        let labels = vec![LANE_LABEL; batch.len()];
+        bus::process_batch(
+            &bus, &settling, &counter, &recorder, &holding, LANE_LABEL, batch, labels,
+        )
+        .await;
     }
     tracing::info!("analytics stopped");
     Ok(())
@@ -209,55 +222,57 @@ async fn fetch(
     }
 }
 
-/// Count one batch in one transaction and settle every message. Invalid input is acked without
-/// being counted: the router dead-letters it (one dead letter per bad event, not two).
-async fn count(
-    bus: &Bus,
-    store: &Store,
-    config: &WorkerConfig,
-    recorder: &HealthRecorder,
-    batch: Vec<jetstream::Message>,
-) {
-    let mut events = Vec::with_capacity(batch.len());
-    let mut counted = Vec::with_capacity(batch.len());
-    for message in &batch {
-        match bus::decode_ingest(message) {
-            Ok((event, _, _)) => {
-                events.push(event);
-                counted.push(true);
+/// Counts each batch in one transaction. Invalid input is acked without being counted: the
+/// router dead-letters it (one dead letter per bad event, not two). A store outage is waited
+/// out; an event the store refuses is isolated and dead-lettered alone.
+struct Counter {
+    store: Store,
+}
+
+impl Handler for Counter {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Done; batch.len()];
+        let mut events = Vec::with_capacity(batch.len());
+        let mut positions = Vec::with_capacity(batch.len());
+        for (index, message) in batch.iter().enumerate() {
+            match bus::decode_ingest(message) {
+                Ok((event, _, _)) => {
+                    events.push(event);
+                    positions.push(index);
+                }
+                Err(_) => {
+                    metrics::counter!("crm_analytics_skipped_total", "reason" => "invalid_event")
+                        .increment(1);
+                }
             }
-            Err(_) => {
-                metrics::counter!("crm_analytics_skipped_total", "reason" => "invalid_event")
-                    .increment(1);
-                counted.push(false);
+        }
+        let settled = bus::isolate(
+            &events,
+            |chunk| self.store.apply_analytics(chunk),
+            |err: &StoreError| err.class() == FailureClass::Rejected,
+        )
+        .await;
+        for (range, result) in settled {
+            let outcome = match result {
+                Ok(applied) => {
+                    let duplicates = applied
+                        .iter()
+                        .filter(|a| **a == store::Applied::Duplicate)
+                        .count();
+                    metrics::counter!("crm_analytics_duplicates_total")
+                        .increment(duplicates as u64);
+                    Outcome::Done
+                }
+                Err(err) => match err.class() {
+                    FailureClass::Unavailable => Outcome::wait(&err),
+                    FailureClass::Transient => Outcome::retry(&err),
+                    FailureClass::Rejected => Outcome::poison("store_rejected", &err),
+                },
+            };
+            for &index in &positions[range] {
+                outcomes[index] = outcome.clone();
             }
         }
+        outcomes
     }
-    let outcome = match store.apply_analytics(&events).await {
-        Ok(applied) => {
-            let duplicates = applied
-                .iter()
-                .filter(|a| **a == store::Applied::Duplicate)
-                .count();
-            metrics::counter!("crm_analytics_duplicates_total").increment(duplicates as u64);
-            Outcome::Done
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, batch = events.len(), "counting analytics failed; retrying the batch");
-            Outcome::retry(err)
-        }
-    };
-    let mut done = Vec::with_capacity(batch.len());
-    for (message, counted) in batch.iter().zip(counted) {
-        let outcome = if counted {
-            outcome.clone()
-        } else {
-            Outcome::Done
-        };
-        if outcome == Outcome::Done {
-            done.push(message);
-        }
-        bus::settle(bus, config, LANE_LABEL, message, outcome).await;
-    }
-    bus::worker::record_done(bus, config, recorder, LANE_LABEL, &done).await;
 }

@@ -25,7 +25,8 @@ fn tenant_and_type(subject: &str) -> (Option<&str>, Option<EventType>) {
 
 impl Bus {
     /// Store `message` in CRM_DLQ with its reason, then terminate it. If the DLQ publish fails,
-    /// the message is nak'ed instead (it comes back later) and the error returned.
+    /// the message is left as it is and the error returned: the caller keeps it (see
+    /// [`crate::settle`]), it is never terminated without its dead letter.
     pub async fn dead_letter(
         &self,
         message: &jetstream::Message,
@@ -83,12 +84,7 @@ impl Bus {
                 }
                 Ok(published)
             }
-            Err(err) => {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(5))))
-                    .await;
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 }

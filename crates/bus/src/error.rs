@@ -11,7 +11,10 @@ pub enum BusErrorKind {
     Timeout,
     /// JetStream (or the stream) is not answering: no responders, broken connection.
     Unavailable,
-    /// The server answered and refused (stream full, message too large, bad request).
+    /// The stream is full (its byte or message limit, or the server's storage): nothing was
+    /// stored; the same publish can succeed once consumers have caught up.
+    Full,
+    /// The server answered and refused (message too large, bad request).
     Rejected,
     /// A definition under `nats/` is invalid or asks for a change the server cannot make in place.
     Definition,

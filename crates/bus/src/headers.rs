@@ -2,8 +2,12 @@
 
 use async_nats::HeaderMap;
 
-/// JetStream deduplication id (the producer's idempotency key, or the event id).
+/// JetStream deduplication id. On ingest: `<tenant>:<idempotency key or event id>` (see
+/// `events::ingest_msg_id`); on a lane: `crm/ingest/<ingest sequence>`, one per stored ingest
+/// message; ids the platform makes for itself contain a `/` before any `:`, which no tenant's can.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The event's id, on every message that carries an event (processed notices list these).
+pub const EVENT_ID: &str = "Crm-Event-Id";
 /// W3C trace context, carried from the gateway through every hop.
 pub const TRACEPARENT: &str = "traceparent";
 /// Encoding of the payload; absent means protobuf.

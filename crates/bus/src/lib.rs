@@ -1,5 +1,6 @@
 //! The only user of async-nats: connect (with version and JetStream checks), provision streams
-//! and consumers from `nats/`, and publish with a JetStream ack.
+//! and consumers from `nats/`, publish with a JetStream ack, and the one consumer runtime
+//! ([`run_worker`], [`settle`]) every role reads with.
 
 mod connect;
 pub mod control;
@@ -23,4 +24,7 @@ pub use ingest::decode_ingest;
 pub use provision::{Action, Change, Definitions, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
 pub use tokio_util::sync::CancellationToken;
-pub use worker::{Handler, Outcome, WorkerConfig, run_worker, settle};
+pub use worker::{
+    Handler, Holding, Outcome, Settlement, Source, WaitPolicy, WorkerConfig, isolate,
+    process_batch, run_worker, settle, settlement,
+};

@@ -48,6 +48,13 @@ fn entry(message: jetstream::message::StreamMessage) -> DlqEntry {
     }
 }
 
+/// The `Nats-Msg-Id` of a replay of message `seq` of `stream` into ingest. It carries a `/` before
+/// any `:`, which no tenant's id can (`<tenant>:<key>`, tenants being subject tokens), so a
+/// tenant's key can never shadow a replay, nor a replay a tenant's event.
+fn replay_msg_id(stream: &str, seq: u64) -> String {
+    format!("crm/replay/{stream}/{seq}")
+}
+
 /// Where a replayed event goes: `crm.ingest.<tenant>.<type>` from the DLQ subject.
 fn ingest_subject_of(dlq_subject: &str) -> Option<String> {
     if !dlq_subject.starts_with("crm.dlq.") {
@@ -103,14 +110,16 @@ impl Bus {
 
     /// Re-drive dead letter `seq` into ingest — as it was, or `replacement` (a fixed event,
     /// protobuf) — then delete it from the DLQ. The ingest publish is acked before the delete, so
-    /// a crash between the two replays it twice at worst (effects are idempotent).
+    /// a crash between the two replays it twice at worst (effects are idempotent). A replay the
+    /// stream deduplicated (`duplicate: true`: the same dead letter was replayed within the
+    /// duplicate window) stored nothing new, so the dead letter is kept.
     pub async fn dlq_replay(
         &self,
         seq: u64,
         replacement: Option<(String, Bytes)>,
     ) -> Result<Published, BusError> {
         let letter = self.dlq_get(seq).await?;
-        let mut options = PublishOptions::with_msg_id(format!("replay:dlq:{seq}"));
+        let mut options = PublishOptions::with_msg_id(replay_msg_id(DLQ_STREAM, seq));
         let (subject, payload) = match replacement {
             Some((subject, payload)) => (subject, payload),
             None => {
@@ -130,6 +139,9 @@ impl Bus {
             }
         };
         let published = self.publish(&subject, payload, &options).await?;
+        if published.duplicate {
+            return Ok(published);
+        }
         let stream = self.dlq_stream().await?;
         stream
             .delete_message(seq)
@@ -195,8 +207,12 @@ impl Bus {
                 continue;
             };
             let mut options =
-                PublishOptions::with_msg_id(format!("replay:{stream}:{}", info.stream_sequence));
-            for name in [headers::CONTENT_TYPE, headers::TRACEPARENT] {
+                PublishOptions::with_msg_id(replay_msg_id(stream, info.stream_sequence));
+            for name in [
+                headers::CONTENT_TYPE,
+                headers::TRACEPARENT,
+                headers::EVENT_ID,
+            ] {
                 if let Some(value) = headers::get(message.headers.as_ref(), name) {
                     options = options.header(name, value);
                 }
@@ -212,6 +228,18 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_ids_cannot_be_a_tenants() {
+        let id = replay_msg_id("CRM_DLQ", 5);
+        assert_eq!(id, "crm/replay/CRM_DLQ/5");
+        // A tenant's id is `<tenant>:<key>` with a subject-token tenant: no `/` before the `:`.
+        let before_colon = id.split(':').next().unwrap_or_default();
+        assert!(!events::is_subject_token(before_colon));
+        let mut event = events::sample::event(events::EventType::PageViewed, "crm", "c");
+        event.idempotency_key = "replay/CRM_DLQ/5".into();
+        assert_ne!(events::ingest_msg_id(&event), id);
+    }
 
     #[test]
     fn replay_targets_ingest() {

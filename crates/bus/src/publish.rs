@@ -157,7 +157,21 @@ async fn wait_ack(
 }
 
 fn publish_error(subject: &str, err: async_nats::jetstream::context::PublishError) -> BusError {
+    use async_nats::jetstream::ErrorCode;
+    let api_code = std::error::Error::source(&err)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .map(async_nats::jetstream::Error::error_code);
     let kind = match err.kind() {
+        // Store failures with `discard: new` are the stream's limits ("maximum bytes exceeded",
+        // "maximum messages exceeded") or the server's storage running out.
+        PublishErrorKind::Other
+            if matches!(
+                api_code,
+                Some(ErrorCode::STREAM_STORE_FAILED | ErrorCode::STORAGE_RESOURCES_EXCEEDED)
+            ) =>
+        {
+            BusErrorKind::Full
+        }
         PublishErrorKind::TimedOut => BusErrorKind::Timeout,
         PublishErrorKind::StreamNotFound | PublishErrorKind::BrokenPipe => {
             BusErrorKind::Unavailable

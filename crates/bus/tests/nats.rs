@@ -224,7 +224,7 @@ async fn replaying_a_stream_re_drives_events_into_ingest_under_fresh_ids() {
     let copy = stream.get_raw_message(4).await.expect("replayed copy");
     assert_eq!(
         headers::get(Some(&copy.headers), headers::MSG_ID),
-        Some("replay:CRM_INGEST:2")
+        Some("crm/replay/CRM_INGEST/2")
     );
     let event = events::decode(&copy.payload, events::Encoding::Protobuf).expect("decodes");
     assert_eq!(

@@ -55,7 +55,8 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
-    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        let lane = Lane::from_name(source).expect("a lane");
         let mut seen = self.seen.lock().expect("lock");
         for message in batch {
             seen.push((lane, String::from_utf8_lossy(&message.payload).into_owned()));
@@ -130,7 +131,7 @@ struct Flaky {
 }
 
 impl Handler for Flaky {
-    async fn handle(&self, _lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
         batch
             .iter()
             .map(|message| {
@@ -275,7 +276,8 @@ struct Batches {
 }
 
 impl Handler for Batches {
-    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        let lane = Lane::from_name(source).expect("a lane");
         // Slow enough that every lane's buffer is full when the next batch is taken.
         tokio::time::sleep(Duration::from_millis(30)).await;
         let own: Vec<Lane> = batch

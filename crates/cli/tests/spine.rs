@@ -277,8 +277,12 @@ async fn invalid_events_on_nats_are_dead_lettered_and_a_fixed_one_replays() {
 struct CrashAfterCommit(projector::Projector);
 
 impl bus::Handler for CrashAfterCommit {
-    async fn handle(&self, lane: events::Lane, batch: &[jetstream::Message]) -> Vec<bus::Outcome> {
-        let _ = bus::Handler::handle(&self.0, lane, batch).await;
+    async fn handle(
+        &self,
+        source: &'static str,
+        batch: &[jetstream::Message],
+    ) -> Vec<bus::Outcome> {
+        let _ = bus::Handler::handle(&self.0, source, batch).await;
         std::future::pending().await
     }
 }

@@ -38,11 +38,27 @@ pub use validate::{
 /// The schema version this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// The `Nats-Msg-Id` an event is deduplicated by: its idempotency key, else its event id.
+/// What an event is deduplicated by within its tenant: its idempotency key, else its event id.
+/// The store's ledgers key effects on `(tenant_id, dedupe_id)`, so a retry with the same key
+/// has no second effect for as long as the ledger keeps it.
 pub fn dedupe_id(event: &Event) -> &str {
     if event.idempotency_key.is_empty() {
         &event.event_id
     } else {
         &event.idempotency_key
     }
+}
+
+/// The `Nats-Msg-Id` of an event on CRM_INGEST: `<tenant>:<dedupe id>`, so two tenants' keys
+/// never meet. Tenant ids are subject tokens (no `:` or `/`), so no such id can equal one the
+/// platform makes for itself (those carry a `/` before any `:`).
+pub fn ingest_msg_id(event: &Event) -> String {
+    format!("{}:{}", event.tenant_id, dedupe_id(event))
+}
+
+/// The `Nats-Msg-Id` of a routed event on its lane: one per stored ingest message, so a
+/// redelivered ingest message is stored on its lane once, and a replay (a new ingest message)
+/// is routed again.
+pub fn lane_msg_id(ingest_sequence: u64) -> String {
+    format!("crm/ingest/{ingest_sequence}")
 }

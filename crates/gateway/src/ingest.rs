@@ -7,7 +7,7 @@ use axum::{
     extract::{State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
 };
-use bus::{BusError, Published, headers as nats};
+use bus::{BusError, BusErrorKind, Published, headers as nats};
 use bytes::Bytes;
 use events::{Encoding, Event, EventType, FieldError, ValidationErrors};
 use futures::StreamExt;
@@ -195,7 +195,11 @@ fn admit(event: &Event, tenant: &Tenant) -> Result<String, Problem> {
 
 fn unavailable(subject: &str, err: &BusError) -> Problem {
     tracing::warn!(subject, kind = ?err.kind(), error = %err, "event not acknowledged");
-    Problem::unavailable()
+    if err.kind() == BusErrorKind::Full {
+        Problem::ingest_full()
+    } else {
+        Problem::unavailable()
+    }
 }
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {

@@ -117,6 +117,18 @@ impl Problem {
         }
     }
 
+    /// CRM_INGEST is full (its unprocessed backlog reached the stream's limit): the stream
+    /// refused the event, so nothing was stored and nothing acked is at risk. Retry later.
+    pub fn ingest_full() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ingest-full",
+            "Ingest is full",
+            "the ingest stream is full of events not processed yet, so this event was not stored; \
+             retry after the Retry-After delay with the same event_id or idempotency_key",
+        )
+    }
+
     /// JetStream did not confirm storage; the client retries (with the same idempotency key).
     pub fn unavailable() -> Self {
         Self::new(
@@ -188,7 +200,10 @@ impl IntoResponse for Problem {
             HeaderValue::from_static("application/problem+json"),
         );
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            // A full stream drains at the pace of its consumers: ask for a longer pause than
+            // for a hiccup.
+            let seconds = if self.slug == "ingest-full" { "5" } else { "1" };
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -101,10 +101,12 @@ impl GatewayState {
                 "the NATS connection is down",
             ));
         }
-        let msg_id = events::dedupe_id(event);
+        // Scoped to the tenant: another tenant's identical key is another event.
+        let msg_id = events::ingest_msg_id(event);
         // The clock the workers' end-to-end latency is measured against.
         let ingested_at = bus::control::unix_ns();
         let mut options = PublishOptions::with_msg_id(msg_id)
+            .header(headers::EVENT_ID, &event.event_id)
             .header(headers::TRACEPARENT, traceparent)
             .header(headers::INGESTED_AT, ingested_at.to_string());
         // Two attempts share the budget, so the caller has its answer within `publish_timeout`.

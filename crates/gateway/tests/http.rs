@@ -174,7 +174,11 @@ async fn json_event_is_acked_after_storage_with_its_headers() {
         event
     );
     let header = |name| headers::get(Some(&stored.headers), name).map(str::to_owned);
-    assert_eq!(header(headers::MSG_ID), Some(event.event_id.clone()));
+    assert_eq!(
+        header(headers::MSG_ID),
+        Some(format!("acme:{}", event.event_id))
+    );
+    assert_eq!(header(headers::EVENT_ID), Some(event.event_id.clone()));
     assert_eq!(header(headers::TRACEPARENT).as_deref(), Some(traceparent));
     let ingested: u128 = header(headers::INGESTED_AT)
         .expect("Crm-Ingested-At")
@@ -248,7 +252,98 @@ async fn same_idempotency_key_twice_is_stored_once() {
     let stored = gw.stored(a["stream_seq"].as_u64().expect("seq")).await;
     assert_eq!(
         headers::get(Some(&stored.headers), headers::MSG_ID),
-        Some("order-42")
+        Some("acme:order-42")
+    );
+}
+
+#[tokio::test]
+async fn two_tenants_with_the_same_idempotency_key_are_two_events() {
+    const OTHER_KEY: &str = "globex-secret-key";
+    let gw = start_with(
+        |config| {
+            config.api_keys.push(ApiKey {
+                sha256: hash_key(OTHER_KEY),
+                tenant: "globex".into(),
+            })
+        },
+        None,
+    )
+    .await;
+    let mut ours = deal_won();
+    ours.idempotency_key = "order-42".into();
+    let mut theirs = events::sample::event(EventType::DealWon, "globex", "cust-9");
+    theirs.idempotency_key = "order-42".into();
+
+    let a: Value = gw.post_event(&ours).await.json().await.expect("json");
+    let response = gw
+        .http
+        .post(gw.url("/v1/events"))
+        .bearer_auth(OTHER_KEY)
+        .header("content-type", "application/json")
+        .body(events::encode_json(&theirs))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let b: Value = response.json().await.expect("json");
+    assert_eq!(a["duplicate"], false);
+    assert_eq!(
+        b["duplicate"], false,
+        "another tenant's key is not ours: {b}"
+    );
+    assert_ne!(a["stream_seq"], b["stream_seq"]);
+    assert_eq!(gw.ingest_messages().await, 2);
+}
+
+#[tokio::test]
+async fn a_full_ingest_answers_503_with_retry_after_and_stores_nothing() {
+    let gw = start().await;
+    let mut stream = gw
+        .bus
+        .jetstream()
+        .get_stream("CRM_INGEST")
+        .await
+        .expect("stream");
+    let mut config = stream.info().await.expect("info").config.clone();
+    config.max_bytes = 4096;
+    gw.bus
+        .jetstream()
+        .update_stream(config)
+        .await
+        .expect("shrink ingest");
+    let mut accepted: u64 = 0;
+    let mut refused = None;
+    for _ in 0..200 {
+        let response = gw.post_event(&deal_won()).await;
+        if response.status() == StatusCode::ACCEPTED {
+            accepted += 1;
+            continue;
+        }
+        refused = Some(response);
+        break;
+    }
+    let refused = refused.expect("ingest fills up");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let body: Value = refused.json().await.expect("json");
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("ingest-full"),
+        "{body}"
+    );
+    assert!(accepted > 0);
+    assert_eq!(
+        gw.ingest_messages().await,
+        accepted,
+        "everything acked is stored; the refused event is not"
     );
 }
 

@@ -5,10 +5,13 @@ use events::{EventType, Lane};
 use serde::Deserialize;
 use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
 
-/// The `max_deliver` of the provisioned `notifier` consumers (`nats/consumers/CRM_LANE_*/`);
-/// `max_deliveries` must not exceed it, or the server would stop redelivering before the runtime
-/// dead-letters. [`run`](crate::run) also checks the live consumers.
-pub const CONSUMER_MAX_DELIVER: i64 = 10;
+/// The default `max_deliveries`. The provisioned consumers leave giving up to the runtime
+/// (`max_deliver: -1`); [`run`](crate::run) refuses a consumer whose server-side limit is lower
+/// than `max_deliveries`, since the server would then drop an event without a dead letter.
+pub const DEFAULT_MAX_DELIVERIES: i64 = 10;
+/// The most `max_deliveries` may be: the delivered-memory is kept for as long as an event can
+/// keep being redelivered, which grows with it.
+pub const MAX_MAX_DELIVERIES: i64 = 100;
 
 /// How long the JetStream consumers wait for an ack before redelivering.
 const CONSUMER_ACK_WAIT: Duration = Duration::from_secs(30);
@@ -41,7 +44,7 @@ pub struct NotifierConfig {
     /// delivery, with jitter. Default 250 ms.
     #[serde(with = "humantime_serde")]
     pub busy_retry_base: Duration,
-    /// Deliveries of an event before it is dead-lettered (≤ the consumers' `max_deliver`, 10).
+    /// Deliveries of an event before it is dead-lettered (1..=100).
     /// Default 10.
     pub max_deliveries: i64,
     /// Events handled at once, across all endpoints. Default 64.
@@ -64,7 +67,7 @@ impl Default for NotifierConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             busy_retry_base: Duration::from_millis(250),
-            max_deliveries: CONSUMER_MAX_DELIVER,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
             concurrency: 64,
             lower_lane_share: 0.05,
             remember_accepted: 100_000,
@@ -249,11 +252,11 @@ impl NotifierConfig {
                 ),
             ));
         }
-        if !(1..=CONSUMER_MAX_DELIVER).contains(&self.max_deliveries) {
+        if !(1..=MAX_MAX_DELIVERIES).contains(&self.max_deliveries) {
             return Err(ConfigError::new(
                 "notifier.max_deliveries",
                 format!(
-                    "must be 1..={CONSUMER_MAX_DELIVER} (the consumers' max_deliver), got {}",
+                    "must be 1..={MAX_MAX_DELIVERIES}, got {}",
                     self.max_deliveries
                 ),
             ));
@@ -615,7 +618,7 @@ mod tests {
             ("breaker_cool_down = \"0s\"", "notifier.breaker_cool_down"),
             ("backoff_base = \"0s\"", "notifier.backoff_base"),
             ("backoff_base = \"10m\"", "notifier.backoff_max"),
-            ("max_deliveries = 11", "notifier.max_deliveries"),
+            ("max_deliveries = 101", "notifier.max_deliveries"),
             ("max_deliveries = 0", "notifier.max_deliveries"),
             ("concurrency = 0", "notifier.concurrency"),
             ("lower_lane_share = 1.5", "notifier.lower_lane_share"),

@@ -462,7 +462,10 @@ fn combine(results: Vec<EndpointResult>) -> Outcome {
 }
 
 impl Handler for Notifier {
-    async fn handle(&self, lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        // The notifier reads only lanes; an unknown label would be a wiring bug, and then the
+        // event goes to subscriptions of any lane rather than to none.
+        let lane = Lane::from_name(source).unwrap_or(Lane::Standard);
         futures::future::join_all(batch.iter().map(|message| self.deliver(lane, message))).await
     }
 }

@@ -16,7 +16,10 @@ mod retry;
 mod signature;
 
 pub use breaker::{BreakerState, CircuitBreaker, Permit, Transition};
-pub use config::{CONSUMER_MAX_DELIVER, ConfigError, NotifierConfig, Subscription, WebhookConfig};
+pub use config::{
+    ConfigError, DEFAULT_MAX_DELIVERIES, MAX_MAX_DELIVERIES, NotifierConfig, Subscription,
+    WebhookConfig,
+};
 pub use delivery::{BODY_EXCERPT_BYTES, Notifier, REJECTED_REASON, excerpt};
 pub use internal_events::{BREAKER_OPEN, DELIVERIES_TOTAL, DELIVERY_DURATION_SECONDS};
 pub use retry::{StatusClass, classify, parse_retry_after, retry_delay};

@@ -1,11 +1,15 @@
 //! The profile projector: a worker over the three lanes that applies each batch of events to the
 //! store in one transaction (field-level last-writer-wins, idempotency ledger) and acks after
-//! commit. It announces changed customers so routers drop their cached context.
+//! commit. A store outage is waited out (the batch held, nothing dead-lettered); an event the
+//! store refuses is isolated from its batch and dead-lettered alone. It announces changed
+//! customers so routers drop their cached context.
 
-use bus::{Bus, CancellationToken, Handler, Outcome, WorkerConfig, jetstream, run_worker};
-use events::{DlqStage, Encoding, Event, Lane};
+use bus::{
+    Bus, CancellationToken, Handler, Outcome, WaitPolicy, WorkerConfig, jetstream, run_worker,
+};
+use events::{DlqStage, Encoding, Event};
 use std::sync::Arc;
-use store::Store;
+use store::{FailureClass, Store, StoreError};
 
 /// The durable consumer name on each lane.
 pub const DURABLE: &str = "projector";
@@ -49,7 +53,7 @@ impl Projector {
 }
 
 impl Handler for Projector {
-    async fn handle(&self, _lane: Lane, batch: &[jetstream::Message]) -> Vec<Outcome> {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Done; batch.len()];
         let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
@@ -65,33 +69,63 @@ impl Handler for Projector {
         if events.is_empty() {
             return outcomes;
         }
-        match self.store.apply_batch(&events).await {
-            Ok(result) => {
-                // The runtime records end-to-end latency when it acks.
-                let duplicates = result
-                    .outcomes
-                    .iter()
-                    .filter(|o| **o == store::Applied::Duplicate)
-                    .count();
-                metrics::counter!("crm_projector_duplicates_total").increment(duplicates as u64);
-                for (tenant, customer) in &result.context_changed {
-                    let payload = format!("{tenant}\n{customer}");
-                    // Best effort: the router's cache also expires by TTL.
-                    let _ = self
-                        .bus
-                        .client()
-                        .publish(events::CUSTOMER_CHANGED_SUBJECT, payload.into())
-                        .await;
+        // One transaction for the batch; when the store refuses it because of one event, the
+        // batch is split until that event is alone and dead-lettered, and the rest commit.
+        let settled = bus::isolate(
+            &events,
+            |chunk| self.store.apply_batch(chunk),
+            |err: &StoreError| err.class() == FailureClass::Rejected,
+        )
+        .await;
+        for (range, result) in settled {
+            let outcome = match result {
+                Ok(result) => {
+                    // The runtime records end-to-end latency when it acks.
+                    let duplicates = result
+                        .outcomes
+                        .iter()
+                        .filter(|o| **o == store::Applied::Duplicate)
+                        .count();
+                    metrics::counter!("crm_projector_duplicates_total")
+                        .increment(duplicates as u64);
+                    self.announce(&result.context_changed).await;
+                    Outcome::Done
                 }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, batch = events.len(), "store write failed; retrying the batch");
-                for index in positions {
-                    outcomes[index] = Outcome::retry(&err);
-                }
+                Err(err) => store_failure(&err, range.len()),
+            };
+            for &index in &positions[range] {
+                outcomes[index] = outcome.clone();
             }
         }
         outcomes
+    }
+}
+
+/// What a store failure means for the events it covers: wait while the store is unavailable
+/// (never dead-lettered), retry a transient conflict, dead-letter the one event the store refuses.
+fn store_failure(err: &StoreError, events: usize) -> Outcome {
+    match err.class() {
+        FailureClass::Unavailable => Outcome::wait(err),
+        FailureClass::Transient => {
+            tracing::warn!(error = %err, events, "store conflict; retrying");
+            Outcome::retry(err)
+        }
+        FailureClass::Rejected => Outcome::poison("store_rejected", err),
+    }
+}
+
+impl Projector {
+    /// Tell routers which customers' context (tier, lifetime value) changed. Best effort: their
+    /// cache also expires by TTL.
+    async fn announce(&self, customers: &[(String, String)]) {
+        for (tenant, customer) in customers {
+            let payload = format!("{tenant}\n{customer}");
+            let _ = self
+                .bus
+                .client()
+                .publish(events::CUSTOMER_CHANGED_SUBJECT, payload.into())
+                .await;
+        }
     }
 }
 
@@ -103,6 +137,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), bus::BusError> {
     let mut worker = WorkerConfig::new("projector", DURABLE, DlqStage::Projector);
+    // The store is what every event needs: while it is down, hold the batch and take no more.
+    worker.wait_policy = WaitPolicy::Hold;
     worker.max_batch = config.max_batch;
     // Priority events share a transaction with bulk ones rather than paying for one each.
     worker.top_up = true;

@@ -1,15 +1,18 @@
-//! The priority router: a durable consumer on CRM_INGEST that decodes and validates each event,
-//! classifies it (rules + customer context) and republishes it to its lane with the same
-//! `Nats-Msg-Id`, acking the ingest message only after the lane has stored it. Invalid input is
-//! dead-lettered with reason `invalid_event`, never lost and never blocking the stream.
+//! The priority router: two durable consumers on CRM_INGEST read through the platform's consumer
+//! runtime (`bus::run_worker`); each event is decoded, validated, classified (rules + customer
+//! context) and republished to its lane, and the ingest message is acked only after the lane has
+//! stored it. Invalid input is dead-lettered with reason `invalid_event`, never lost and never
+//! blocking the stream. A lane that refuses writes (full, or unreachable) makes its events wait
+//! in CRM_INGEST — redelivered with a backoff, never dead-lettered, never dropped — while events
+//! bound for the other lanes go on.
 
 mod rules;
 
 pub use rules::{RulesHandle, watch_rules};
 
 use bus::{
-    Bus, BusError, BusErrorKind, CancellationToken, DeadLetter, headers,
-    jetstream::{self, AckKind},
+    Bus, BusError, BusErrorKind, CancellationToken, Handler, Outcome, Source, WaitPolicy,
+    WorkerConfig, headers, jetstream,
 };
 use events::{DlqStage, Encoding, Event, EventType, Lane};
 use futures::{StreamExt, future::BoxFuture};
@@ -20,9 +23,13 @@ use std::{sync::Arc, time::Duration};
 pub const DURABLE: &str = "router";
 /// The consumer of the express types ([`EventType::EXPRESS`]), read first.
 pub const EXPRESS_DURABLE: &str = "router_express";
+const INGEST_STREAM: &str = "CRM_INGEST";
+/// Source labels (metrics, health).
+const EXPRESS_LABEL: &str = "express";
+const BULK_LABEL: &str = "bulk";
 
 /// One pick in this many prefers the bulk consumer.
-const BULK_SHARE_EVERY: u64 = 16;
+const BULK_SHARE_EVERY: u32 = 16;
 
 /// Whether an ingest subject names an express type (the express consumer routes those).
 fn is_express_subject(subject: &str) -> bool {
@@ -49,6 +56,13 @@ pub struct RouterConfig {
     pub rules_file: Option<std::path::PathBuf>,
     /// Events being routed at once (lane publishes in flight).
     pub max_in_flight: usize,
+    /// Events routed together: their lane publishes are pipelined and their ingest acks sent
+    /// together.
+    pub max_batch: usize,
+    /// The longest a lane that refuses writes (full, unreachable) makes an event wait between
+    /// two attempts.
+    #[serde(with = "humantime_serde")]
+    pub lane_retry_max: Duration,
 }
 
 impl Default for RouterConfig {
@@ -56,6 +70,8 @@ impl Default for RouterConfig {
         Self {
             rules_file: None,
             max_in_flight: 2048,
+            max_batch: 256,
+            lane_retry_max: Duration::from_secs(5),
         }
     }
 }
@@ -72,6 +88,32 @@ struct Router {
     context: Option<Arc<dyn ContextLookup>>,
 }
 
+/// How the router consumes: the express consumer first, every `BULK_SHARE_EVERY`-th batch from
+/// the bulk one, `max_in_flight` events in flight in batches of up to `max_batch`.
+fn worker_config(config: &RouterConfig) -> WorkerConfig {
+    let mut worker = WorkerConfig::with_sources(
+        "router",
+        vec![
+            Source::new(INGEST_STREAM, EXPRESS_DURABLE, EXPRESS_LABEL),
+            Source::new(INGEST_STREAM, DURABLE, BULK_LABEL),
+        ],
+        DlqStage::Router,
+    );
+    let max_batch = config.max_batch.max(1);
+    worker.max_batch = max_batch;
+    worker.concurrency = config.max_in_flight.max(1).div_ceil(max_batch);
+    worker.pull_batch = config.max_in_flight.clamp(1, 1000);
+    worker.lower_lane_share = 1.0 / f64::from(BULK_SHARE_EVERY);
+    // A full lane holds up only the events bound for it: they go back to CRM_INGEST with a
+    // delay, and the others are routed meanwhile.
+    worker.wait_policy = WaitPolicy::Redeliver;
+    worker.backoff_base = Duration::from_millis(250);
+    worker.wait_max = config.lane_retry_max;
+    // The projector's notices complete an event; the router's would only add traffic.
+    worker.processed_notices = false;
+    worker
+}
+
 /// Run the router until `shutdown`; in-flight events are finished (their lane publish awaited
 /// and the ingest message acked) before it returns.
 pub async fn run(
@@ -81,12 +123,6 @@ pub async fn run(
     context: Option<Arc<dyn ContextLookup>>,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
-    let batch = config.max_in_flight.clamp(1, 1000);
-    let mut express = bus
-        .pull_stream("CRM_INGEST", EXPRESS_DURABLE, batch)
-        .await?;
-    let mut bulk = bus.pull_stream("CRM_INGEST", DURABLE, batch).await?;
-
     let invalidations = context.as_ref().map(|context| {
         tokio::spawn(listen_for_invalidations(
             bus.clone(),
@@ -95,75 +131,15 @@ pub async fn run(
         ))
     });
     let router = Arc::new(Router {
-        bus,
+        bus: bus.clone(),
         rules,
         context,
     });
-    // Each event is routed by a task of its own, so that in a shared process (`crm all`) routing
-    // gets its fair share of the scheduler next to, say, a thousand gateway connections; one task
-    // polling every route would get one turn among them all.
-    let max_in_flight = config.max_in_flight.max(1);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
-    tracing::info!("router started");
-    let mut picks: u64 = 0;
-    loop {
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-        };
-        // Express types first: they never wait behind a bulk backlog. Every
-        // `BULK_SHARE_EVERY`-th pick prefers bulk, so a flood of express events cannot starve it.
-        picks = picks.wrapping_add(1);
-        let next = if picks.is_multiple_of(BULK_SHARE_EVERY) {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                next = bulk.next() => next.map(|m| (m, false)),
-                next = express.next() => next.map(|m| (m, true)),
-            }
-        } else {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                next = express.next() => next.map(|m| (m, true)),
-                next = bulk.next() => next.map(|m| (m, false)),
-            }
-        };
-        match next {
-            Some((Ok(message), from_express)) => {
-                if !from_express && is_express_subject(&message.subject) {
-                    // The express consumer routes it; the bulk consumer sees every subject (so
-                    // that malformed ones reach the DLQ) and lets these go.
-                    if let Err(err) = message.ack().await {
-                        tracing::debug!(error = %err, "acking an express event on the bulk consumer");
-                    }
-                    continue;
-                }
-                let router = router.clone();
-                tokio::spawn(async move {
-                    router.route(message).await;
-                    drop(slot);
-                });
-            }
-            Some((Err(err), _)) => tracing::debug!(error = %err, "router pull hiccup"),
-            None => {
-                tracing::warn!("router pull stream ended");
-                break;
-            }
-        }
-    }
-    // Every slot back means every spawned route has published, acked and finished.
-    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    let result = bus::run_worker(bus, worker_config(&config), router, shutdown).await;
     if let Some(task) = invalidations {
         task.abort();
     }
-    tracing::info!("router stopped");
-    Ok(())
+    Ok(result?)
 }
 
 async fn listen_for_invalidations(
@@ -200,22 +176,101 @@ async fn listen_for_invalidations(
     }
 }
 
-impl Router {
-    async fn route(&self, message: jetstream::Message) {
-        let (event, kind, encoding) = match bus::decode_ingest(&message) {
-            Ok(checked) => checked,
-            Err(error) => {
-                let letter = DeadLetter {
-                    stage: DlqStage::Router,
-                    reason: "invalid_event",
-                    error: &error,
-                };
-                if let Err(err) = self.bus.dead_letter(&message, &letter).await {
-                    tracing::warn!(error = %err, "dead-lettering an invalid event failed; will retry");
+/// An event decoded and classified, its lane publish not yet sent.
+struct Routed {
+    subject: String,
+    lane: Lane,
+    reason: String,
+    payload: bytes::Bytes,
+    headers: bus::HeaderMap,
+}
+
+impl Handler for Router {
+    async fn handle(&self, source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        // Decode and classify every event at once (context lookups overlap), then send every
+        // lane publish before awaiting the first ack: one round trip for the batch.
+        let classified =
+            futures::future::join_all(batch.iter().map(|message| self.classify(source, message)))
+                .await;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut sent = Vec::with_capacity(batch.len());
+        for (index, routed) in classified.into_iter().enumerate() {
+            match routed {
+                Ok(Some(routed)) => {
+                    match self
+                        .bus
+                        .send_with_headers(&routed.subject, routed.payload, routed.headers)
+                        .await
+                    {
+                        Ok(ack) => {
+                            sent.push((index, routed.subject, routed.lane, routed.reason, ack))
+                        }
+                        Err(err) => outcomes.push((index, lane_refused(routed.lane, &err))),
+                    }
                 }
-                return;
+                // The bulk consumer lets express types go: the express consumer routes them.
+                Ok(None) => outcomes.push((index, Outcome::Done)),
+                Err(error) => outcomes.push((index, Outcome::poison("invalid_event", error))),
             }
-        };
+        }
+        let acks = futures::future::join_all(sent.into_iter().map(
+            |(index, subject, lane, reason, ack)| async move {
+                let outcome = match self.bus.await_ack(&subject, ack).await {
+                    Ok(_) => {
+                        metrics::counter!(
+                            "crm_router_routed_total",
+                            "lane" => lane.as_str(),
+                            "reason" => reason
+                        )
+                        .increment(1);
+                        Outcome::Done
+                    }
+                    Err(err) => lane_refused(lane, &err),
+                };
+                (index, outcome)
+            },
+        ))
+        .await;
+        outcomes.extend(acks);
+        outcomes.sort_by_key(|(index, _)| *index);
+        outcomes.into_iter().map(|(_, outcome)| outcome).collect()
+    }
+}
+
+/// What a failed lane publish means for the event: it waits (the lane is full or unreachable:
+/// retried later, never dead-lettered), unless the lane refuses this very message (too large
+/// for it), which no retry can fix.
+fn lane_refused(lane: Lane, err: &BusError) -> Outcome {
+    match err.kind() {
+        BusErrorKind::Rejected => Outcome::poison("lane_rejected", err),
+        kind => {
+            metrics::counter!("crm_router_lane_refusals_total", "lane" => lane.as_str(), "kind" => kind_label(kind))
+                .increment(1);
+            Outcome::wait(err)
+        }
+    }
+}
+
+fn kind_label(kind: BusErrorKind) -> &'static str {
+    match kind {
+        BusErrorKind::Full => "full",
+        BusErrorKind::Timeout => "timeout",
+        _ => "unavailable",
+    }
+}
+
+impl Router {
+    /// Decode, validate and classify one ingest message: `Ok(None)` for an express type read by
+    /// the bulk consumer, `Err` with the reason for an invalid event.
+    async fn classify(
+        &self,
+        source: &'static str,
+        message: &jetstream::Message,
+    ) -> Result<Option<Routed>, String> {
+        if source == BULK_LABEL && is_express_subject(&message.subject) {
+            return Ok(None);
+        }
+        let (event, kind, encoding) = bus::decode_ingest(message)?;
         let rules = self.rules.current();
         let context = match (&self.context, rules.needs_customer_context(&event)) {
             (Some(lookup), true) => match lookup.lookup(&event.tenant_id, &event.customer_id).await
@@ -230,38 +285,26 @@ impl Router {
             _ => None,
         };
         let decision = rules.classify(&event, context.as_ref());
-        match self
-            .publish_to_lane(
-                &message,
+        let routed = self
+            .lane_message(
+                message,
                 &event,
                 kind,
                 encoding,
                 decision.lane,
                 &decision.reason,
             )
-            .await
-        {
-            Ok(()) => {
-                metrics::counter!(
-                    "crm_router_routed_total",
-                    "lane" => decision.lane.as_str(),
-                    "reason" => decision.reason.clone()
-                )
-                .increment(1);
-                if let Err(err) = message.ack().await {
-                    tracing::warn!(error = %err, "acking an ingest message failed; it will be routed again (deduplicated)");
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "lane publish failed; retrying later");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
-        }
+            .map_err(|err| err.to_string())?;
+        Ok(Some(Routed {
+            lane: decision.lane,
+            reason: decision.reason,
+            ..routed
+        }))
     }
 
-    async fn publish_to_lane(
+    /// The lane message of `event`: lane subject, protobuf payload, and headers (a dedupe id
+    /// per ingest message, the event id, the route reason, trace context and ingest time).
+    fn lane_message(
         &self,
         message: &jetstream::Message,
         event: &Event,
@@ -269,13 +312,19 @@ impl Router {
         encoding: Encoding,
         lane: Lane,
         reason: &str,
-    ) -> Result<(), BusError> {
+    ) -> Result<Routed, BusError> {
         let subject = events::lane_subject(lane, &event.tenant_id, kind)
             .map_err(|err| BusError::with_source(BusErrorKind::Rejected, "lane subject", err))?;
+        let info = message.info().map_err(|err| {
+            BusError::with_source(BusErrorKind::Rejected, "ingest message info", err)
+        })?;
         let original = message.headers.as_ref();
         let mut lane_headers = bus::HeaderMap::new();
-        let msg_id = headers::get(original, headers::MSG_ID).unwrap_or(events::dedupe_id(event));
-        lane_headers.insert(headers::MSG_ID, msg_id);
+        lane_headers.insert(
+            headers::MSG_ID,
+            events::lane_msg_id(info.stream_sequence).as_str(),
+        );
+        lane_headers.insert(headers::EVENT_ID, event.event_id.as_str());
         lane_headers.insert(headers::ROUTE_REASON, reason);
         if let Some(value) = headers::get(original, headers::TRACEPARENT) {
             lane_headers.insert(headers::TRACEPARENT, value);
@@ -285,10 +334,8 @@ impl Router {
             // Published straight to NATS without the header: the stream's timestamp is when it
             // entered the platform.
             None => {
-                if let Ok(info) = message.info() {
-                    let nanos = info.published.unix_timestamp_nanos().to_string();
-                    lane_headers.insert(headers::INGESTED_AT, nanos.as_str());
-                }
+                let nanos = info.published.unix_timestamp_nanos().to_string();
+                lane_headers.insert(headers::INGESTED_AT, nanos.as_str());
             }
         }
         // Lanes always carry protobuf: the producer's bytes when it sent protobuf, else re-encoded.
@@ -296,11 +343,13 @@ impl Router {
             Encoding::Protobuf => message.payload.clone(),
             Encoding::Json => bytes::Bytes::from(events::encode_proto(event)),
         };
-        let ack = self
-            .bus
-            .send_with_headers(&subject, payload, lane_headers)
-            .await?;
-        self.bus.await_ack(&subject, ack).await.map(|_| ())
+        Ok(Routed {
+            subject,
+            lane,
+            reason: reason.to_owned(),
+            payload,
+            headers: lane_headers,
+        })
     }
 }
 

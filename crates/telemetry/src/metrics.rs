@@ -15,6 +15,9 @@ pub const ROUTER_ROUTED_TOTAL: &str = "crm_router_routed_total";
 pub const ROUTER_BATCH_SIZE: &str = "crm_router_batch_size";
 pub const WORKER_PROCESSED_TOTAL: &str = "crm_worker_processed_total";
 pub const WORKER_BATCH_DURATION_SECONDS: &str = "crm_worker_batch_duration_seconds";
+pub const WORKER_WAITING: &str = "crm_worker_waiting";
+pub const DLQ_WRITE_FAILURES_TOTAL: &str = "crm_dlq_write_failures_total";
+pub const ROUTER_LANE_REFUSALS_TOTAL: &str = "crm_router_lane_refusals_total";
 pub const DLQ_EVENTS_TOTAL: &str = "crm_dlq_events_total";
 pub const CONSUMER_PENDING_MESSAGES: &str = "crm_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING_MESSAGES: &str = "crm_consumer_ack_pending_messages";
@@ -96,9 +99,18 @@ pub const ALL: &[MetricDef] = &[
     def(ROUTER_BATCH_SIZE, Histogram, COUNT, &[],
         "Messages the router fetched per pull batch"),
     def(WORKER_PROCESSED_TOTAL, Counter, COUNT, &["role", "lane", "outcome"],
-        "Messages settled by workers, by role, lane and outcome (ack, retry, poison)"),
+        "Messages settled by the consumer runtime, by role, source (a lane, express, bulk, \
+         analytics) and outcome (done, retry, wait, dead_lettered, dead_letter_failed)"),
     def(WORKER_BATCH_DURATION_SECONDS, Histogram, SECONDS, &["role", "lane"],
         "Handler time per batch, by role and lane"),
+    def(WORKER_WAITING, Gauge, None, &["role"],
+        "1 while the role holds a batch for a dependency that is down (the store) and takes no \
+         new work, else 0"),
+    def(DLQ_WRITE_FAILURES_TOTAL, Counter, COUNT, &["stage"],
+        "Dead letters that could not be written (DLQ full or unreachable); the message is kept \
+         and retried"),
+    def(ROUTER_LANE_REFUSALS_TOTAL, Counter, COUNT, &["lane", "kind"],
+        "Lane publishes refused (kind: full, timeout, unavailable); the event waits in ingest"),
     def(DLQ_EVENTS_TOTAL, Counter, COUNT, &["stage", "reason"],
         "Messages dead-lettered, by stage and reason"),
     def(CONSUMER_PENDING_MESSAGES, Gauge, COUNT, &["stream", "consumer"],

@@ -1,6 +1,10 @@
 //! Test helpers: a real nats-server per test on a free port with a temp store, and temporary
 //! SQLite files and PostgreSQL databases. Tests stay hermetic and parallel-safe.
 
+mod proxy;
+
+pub use proxy::TcpProxy;
+
 use std::{
     net::TcpStream,
     path::{Path, PathBuf},
@@ -221,6 +225,20 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// `url` (a `postgres://…` URL) with its host and port replaced by `addr`, e.g. to reach the
+/// database through a [`TcpProxy`].
+pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let user = authority.rsplit_once('@').map(|(user, _)| user);
+    match user {
+        Some(user) => format!("{scheme}://{user}@{addr}/{path}"),
+        None => format!("{scheme}://{addr}/{path}"),
+    }
+}
+
 /// A fresh PostgreSQL database, dropped (with its connections) on drop.
 #[derive(Debug)]
 pub struct TempPostgres {
@@ -363,6 +381,19 @@ mod tests {
         assert_eq!(db.url(), format!("sqlite://{}?mode=rwc", path.display()));
         drop(db);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn urls_can_be_pointed_at_a_proxy() {
+        let addr: std::net::SocketAddr = "127.0.0.1:6000".parse().expect("addr");
+        assert_eq!(
+            via(
+                "postgres://postgres@127.0.0.1:5432/crm_x?sslmode=disable",
+                addr
+            ),
+            "postgres://postgres@127.0.0.1:6000/crm_x?sslmode=disable"
+        );
+        assert_eq!(via("postgres://h/db", addr), "postgres://127.0.0.1:6000/db");
     }
 
     #[test]

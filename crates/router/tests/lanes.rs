@@ -1,0 +1,132 @@
+//! The router against a real nats-server: a lane that refuses writes holds its events in
+//! CRM_INGEST (never dropped, never dead-lettered), and each routed event carries its id.
+
+use bus::{Bus, CancellationToken, ConnectOptions, Definitions, PublishOptions, headers};
+use bytes::Bytes;
+use events::{EventType, Lane};
+use router::{RouterConfig, RulesHandle};
+use std::{collections::HashSet, time::Duration};
+use test_support::{NatsServer, eventually};
+
+async fn provisioned(server: &NatsServer) -> Bus {
+    let bus = Bus::connect(&ConnectOptions::new(server.url()))
+        .await
+        .expect("connect");
+    bus.provision(&Definitions::embedded().expect("definitions"))
+        .await
+        .expect("provision");
+    bus
+}
+
+async fn set_max_bytes(bus: &Bus, stream: &str, max_bytes: i64) {
+    let mut stream = bus.jetstream().get_stream(stream).await.expect("stream");
+    let mut config = stream.info().await.expect("info").config.clone();
+    config.max_bytes = max_bytes;
+    bus.jetstream()
+        .update_stream(config)
+        .await
+        .expect("update stream");
+}
+
+fn start_router(bus: &Bus, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+    let config = RouterConfig {
+        lane_retry_max: Duration::from_millis(500),
+        ..RouterConfig::default()
+    };
+    let (bus, shutdown) = (bus.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        router::run(
+            bus,
+            config,
+            RulesHandle::new(routing::Rules::default()),
+            None,
+            shutdown,
+        )
+        .await
+        .expect("router ok");
+    })
+}
+
+#[tokio::test]
+async fn a_full_lane_holds_its_events_in_ingest_and_loses_none() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    // Room for about a third of what comes.
+    set_max_bytes(&bus, "CRM_LANE_STANDARD", 64 * 1024).await;
+    let mut sent = HashSet::new();
+    for i in 0..600 {
+        let event = events::sample::event(EventType::PageViewed, "acme", &format!("c-{i}"));
+        let subject = events::ingest_subject("acme", EventType::PageViewed).expect("subject");
+        let options = PublishOptions::with_msg_id(events::ingest_msg_id(&event));
+        let published = bus
+            .publish(
+                &subject,
+                Bytes::from(events::encode_proto(&event)),
+                &options,
+            )
+            .await
+            .expect("ingest accepts");
+        assert!(!published.duplicate);
+        sent.insert(event.event_id);
+    }
+    let shutdown = CancellationToken::new();
+    let router = start_router(&bus, &shutdown);
+
+    eventually("the lane to fill", || async {
+        bus.stream_state("CRM_LANE_STANDARD")
+            .await
+            .expect("state")
+            .messages
+            > 100
+    })
+    .await;
+    // Longer than ten redeliveries at the old fixed 1 s delay, after which the server dropped
+    // the events (max_deliver 10).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let info = bus
+        .consumer_info("CRM_INGEST", router::DURABLE)
+        .await
+        .expect("info");
+    assert!(
+        info.num_pending + info.num_ack_pending as u64 > 0,
+        "the events the lane refused are still waiting in ingest"
+    );
+
+    // The operator makes room: every event arrives, each once.
+    set_max_bytes(&bus, "CRM_LANE_STANDARD", 1024 * 1024 * 1024).await;
+    eventually("all 600 on the lane", || async {
+        bus.stream_state("CRM_LANE_STANDARD")
+            .await
+            .expect("state")
+            .messages
+            == 600
+    })
+    .await;
+    eventually("ingest settled", || async {
+        let info = bus
+            .consumer_info("CRM_INGEST", router::DURABLE)
+            .await
+            .expect("info");
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    shutdown.cancel();
+    router.await.expect("router stops");
+
+    let lane = bus
+        .jetstream()
+        .get_stream(Lane::Standard.stream())
+        .await
+        .expect("lane");
+    let mut routed = HashSet::new();
+    for seq in 1..=600 {
+        let message = lane.get_raw_message(seq).await.expect("message");
+        let id = headers::get(Some(&message.headers), headers::EVENT_ID).expect("Crm-Event-Id");
+        assert!(routed.insert(id.to_owned()), "{id} routed twice");
+    }
+    assert_eq!(routed, sent);
+    assert!(
+        bus.dlq_list(1, 10).await.expect("dlq").is_empty(),
+        "a full lane is not a reason to dead-letter"
+    );
+}
