@@ -9,8 +9,8 @@ mod throttler;
 pub use signals::{HealthBoard, LaneHealth};
 
 use bus::{
-    Bus, BusError, BusErrorKind, CancellationToken, Handler, HealthRecorder, Holding, Outcome,
-    Source, WaitPolicy, WorkerConfig,
+    Bus, BusError, BusErrorKind, CancellationToken, Handler, Outcome, Runtime, Source, WaitPolicy,
+    WorkerConfig,
     jetstream::{self, consumer::pull},
 };
 use events::DlqStage;
@@ -117,7 +117,6 @@ pub async fn run(
             BusError::with_source(BusErrorKind::Unavailable, "analytics consumer", err)
         })?;
     let mut shared = throttler::start(bus.clone(), &config, shutdown.clone())?;
-    let recorder = HealthRecorder::new("analytics", &[LANE_LABEL]);
     let mut settling = WorkerConfig::with_sources(
         "analytics",
         vec![Source::new(INGEST_STREAM, DURABLE, LANE_LABEL)],
@@ -127,15 +126,7 @@ pub async fn run(
     settling.wait_policy = WaitPolicy::Hold;
     let counter = Counter { store };
     // One batch at a time: a batch that holds for the store blocks the next fetch by itself.
-    let holding = Holding::default();
-    if !settling.health_interval.is_zero() {
-        tokio::spawn(bus::health::report_health(
-            bus.clone(),
-            recorder.clone(),
-            settling.health_interval,
-            shutdown.clone(),
-        ));
-    }
+    let runtime = Runtime::new(bus.clone(), settling, shutdown.clone());
     tracing::info!("analytics started");
     loop {
         // Wait for the pacer to permit at least one event (forever while paused, until the next
@@ -182,10 +173,7 @@ pub async fn run(
             .unwrap_or_else(|e| e.into_inner())
             .take(batch.len(), Instant::now());
         let labels = vec![LANE_LABEL; batch.len()];
-        bus::process_batch(
-            &bus, &settling, &counter, &recorder, &holding, LANE_LABEL, batch, labels,
-        )
-        .await;
+        runtime.process(&counter, LANE_LABEL, batch, labels).await;
     }
     tracing::info!("analytics stopped");
     Ok(())

@@ -25,6 +25,6 @@ pub use provision::{Action, Change, Definitions, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{
-    Handler, Holding, Outcome, Settlement, Source, WaitPolicy, WorkerConfig, isolate,
-    process_batch, run_worker, settle, settlement,
+    Handler, Holding, Outcome, Runtime, Settlement, Source, WaitPolicy, WorkerConfig, isolate,
+    run_worker, settle, settlement,
 };

@@ -338,6 +338,50 @@ impl Holding {
     }
 }
 
+/// What every batch of one consumer shares: the connection, the settings, lane health, the hold
+/// state and the shutdown signal. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    bus: Bus,
+    config: Arc<WorkerConfig>,
+    recorder: Arc<HealthRecorder>,
+    holding: Arc<Holding>,
+    shutdown: CancellationToken,
+}
+
+impl Runtime {
+    /// The runtime of one consumer; starts publishing lane health every
+    /// `config.health_interval` (unless zero) until `shutdown`.
+    pub fn new(bus: Bus, config: WorkerConfig, shutdown: CancellationToken) -> Self {
+        let labels: Vec<&str> = config.sources.iter().map(|source| source.label).collect();
+        let recorder = HealthRecorder::new(config.role, &labels);
+        if !config.health_interval.is_zero() {
+            tokio::spawn(crate::health::report_health(
+                bus.clone(),
+                recorder.clone(),
+                config.health_interval,
+                shutdown.clone(),
+            ));
+        }
+        metrics::gauge!("crm_worker_waiting", "role" => config.role).set(0.0);
+        Self {
+            bus,
+            config: Arc::new(config),
+            recorder,
+            holding: Arc::new(Holding::default()),
+            shutdown,
+        }
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    pub fn holding(&self) -> &Holding {
+        &self.holding
+    }
+}
+
 /// Open every source; on failure, what was opened is dropped.
 async fn open_all(bus: &Bus, config: &WorkerConfig) -> Result<Vec<(Source, Messages)>, BusError> {
     let mut open = Vec::with_capacity(config.sources.len());
@@ -367,18 +411,12 @@ pub async fn run_worker<H: Handler>(
 ) -> Result<(), BusError> {
     let mut sources = open_all(&bus, &config).await?;
     let labels: Vec<&str> = config.sources.iter().map(|source| source.label).collect();
-    let recorder = HealthRecorder::new(config.role, &labels);
-    if !config.health_interval.is_zero() {
-        tokio::spawn(crate::health::report_health(
-            bus.clone(),
-            recorder.clone(),
-            config.health_interval,
-            shutdown.clone(),
-        ));
-    }
-    let config = Arc::new(config);
-    let holding = Arc::new(Holding::default());
-    metrics::gauge!("crm_worker_waiting", "role" => config.role).set(0.0);
+    let runtime = Runtime::new(bus.clone(), config, shutdown.clone());
+    let (config, recorder, holding) = (
+        runtime.config.clone(),
+        runtime.recorder.clone(),
+        runtime.holding.clone(),
+    );
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let share_every = if config.lower_lane_share > 0.0 {
         (1.0 / config.lower_lane_share).round().max(1.0) as u64
@@ -474,25 +512,11 @@ pub async fn run_worker<H: Handler>(
                 recorder.set_pending(source.label, info.pending);
             }
         }
-        let (bus, config, handler, recorder, holding) = (
-            bus.clone(),
-            config.clone(),
-            handler.clone(),
-            recorder.clone(),
-            holding.clone(),
-        );
+        let (runtime, handler) = (runtime.clone(), handler.clone());
         tasks.spawn(async move {
-            process_batch(
-                &bus,
-                &config,
-                handler.as_ref(),
-                &recorder,
-                &holding,
-                label,
-                batch,
-                batch_labels,
-            )
-            .await;
+            runtime
+                .process(handler.as_ref(), label, batch, batch_labels)
+                .await;
             drop(permit);
         });
         // Reap finished tasks so the set stays small.
@@ -526,106 +550,116 @@ async fn with_progress<T>(
     }
 }
 
-/// Handle one batch and settle every message, waiting out [`Outcome::Wait`] as
-/// `config.wait_policy` says. `label` is the batch's source; `labels` each message's own.
-/// Public so that a consumer with a loop of its own (analytics' paced fetch) settles the same way.
-#[allow(clippy::too_many_arguments)]
-pub async fn process_batch<H: Handler>(
-    bus: &Bus,
-    config: &WorkerConfig,
-    handler: &H,
-    recorder: &HealthRecorder,
-    holding: &Holding,
-    label: &'static str,
-    mut batch: Vec<jetstream::Message>,
-    mut labels: Vec<&'static str>,
-) {
-    let mut held_since: Option<tokio::time::Instant> = None;
-    let mut attempt: i64 = 0;
-    loop {
-        let started = std::time::Instant::now();
-        let outcomes = with_progress(
-            &batch,
-            config.progress_interval,
-            handler.handle(label, &batch),
-        )
-        .await;
-        metrics::histogram!(
-            "crm_worker_batch_duration_seconds",
-            "role" => config.role, "lane" => label
-        )
-        .record(started.elapsed().as_secs_f64());
-        if outcomes.len() != batch.len() {
-            tracing::error!(
-                role = config.role,
-                expected = batch.len(),
-                got = outcomes.len(),
-                "handler returned the wrong number of outcomes; retrying the batch"
+impl Runtime {
+    /// Handle one batch and settle every message, waiting out [`Outcome::Wait`] as
+    /// `config.wait_policy` says. `label` is the batch's source; `labels` each message's own.
+    /// Public so that a consumer with a loop of its own (analytics' paced fetch) settles the same way.
+    /// On shutdown a held batch is given back (nak) rather than held on.
+    pub async fn process<H: Handler>(
+        &self,
+        handler: &H,
+        label: &'static str,
+        mut batch: Vec<jetstream::Message>,
+        mut labels: Vec<&'static str>,
+    ) {
+        let (bus, config, recorder, holding) =
+            (&self.bus, &*self.config, &*self.recorder, &*self.holding);
+        let mut held_since: Option<tokio::time::Instant> = None;
+        let mut attempt: i64 = 0;
+        loop {
+            let started = std::time::Instant::now();
+            let outcomes = with_progress(
+                &batch,
+                config.progress_interval,
+                handler.handle(label, &batch),
+            )
+            .await;
+            metrics::histogram!(
+                "crm_worker_batch_duration_seconds",
+                "role" => config.role, "lane" => label
+            )
+            .record(started.elapsed().as_secs_f64());
+            if outcomes.len() != batch.len() {
+                tracing::error!(
+                    role = config.role,
+                    expected = batch.len(),
+                    got = outcomes.len(),
+                    "handler returned the wrong number of outcomes; retrying the batch"
+                );
+            }
+            let mut waiting = Vec::new();
+            let mut waiting_labels = Vec::new();
+            let mut wait_error = String::new();
+            let mut done: Vec<(&'static str, jetstream::Message)> = Vec::new();
+            for (index, (message, source)) in batch.into_iter().zip(labels).enumerate() {
+                let outcome = outcomes
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| Outcome::retry("handler returned no outcome"));
+                match outcome {
+                    Outcome::Wait { error } if config.wait_policy == WaitPolicy::Hold => {
+                        wait_error = error;
+                        waiting.push(message);
+                        waiting_labels.push(source);
+                    }
+                    Outcome::Done => {
+                        settle(bus, config, source, &message, Outcome::Done).await;
+                        done.push((source, message));
+                    }
+                    outcome => settle(bus, config, source, &message, outcome).await,
+                }
+            }
+            for source in config.sources.iter().map(|s| s.label) {
+                let of_source: Vec<&jetstream::Message> = done
+                    .iter()
+                    .filter(|(l, _)| *l == source)
+                    .map(|(_, m)| m)
+                    .collect();
+                record_done(bus, config, recorder, source, &of_source, None).await;
+            }
+            if waiting.is_empty() {
+                if held_since.is_some() {
+                    holding.leave(config.role);
+                }
+                return;
+            }
+            if held_since.is_none() {
+                held_since = Some(tokio::time::Instant::now());
+                holding.enter(config.role);
+            }
+            attempt += 1;
+            metrics::counter!(
+                "crm_worker_processed_total",
+                "role" => config.role, "lane" => label, "outcome" => "wait"
+            )
+            .increment(waiting.len() as u64);
+            let delay = backoff(
+                config.backoff_base.min(config.wait_max),
+                config.wait_max,
+                attempt,
             );
-        }
-        let mut waiting = Vec::new();
-        let mut waiting_labels = Vec::new();
-        let mut wait_error = String::new();
-        let mut done: Vec<(&'static str, jetstream::Message)> = Vec::new();
-        for (index, (message, source)) in batch.into_iter().zip(labels).enumerate() {
-            let outcome = outcomes
-                .get(index)
-                .cloned()
-                .unwrap_or_else(|| Outcome::retry("handler returned no outcome"));
-            match outcome {
-                Outcome::Wait { error } if config.wait_policy == WaitPolicy::Hold => {
-                    wait_error = error;
-                    waiting.push(message);
-                    waiting_labels.push(source);
+            tracing::warn!(
+                role = config.role, lane = label, messages = waiting.len(), attempt, ?delay,
+                error = %wait_error, "a dependency is unavailable; holding the batch"
+            );
+            let stopping = with_progress(&waiting, config.progress_interval, async {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => true,
+                    _ = tokio::time::sleep(delay) => false,
                 }
-                Outcome::Done => {
-                    settle(bus, config, source, &message, Outcome::Done).await;
-                    done.push((source, message));
+            })
+            .await;
+            if stopping {
+                // Hand the held messages back for whoever runs next; nothing was spent on them.
+                for message in &waiting {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
-                outcome => settle(bus, config, source, &message, outcome).await,
-            }
-        }
-        for source in config.sources.iter().map(|s| s.label) {
-            let of_source: Vec<&jetstream::Message> = done
-                .iter()
-                .filter(|(l, _)| *l == source)
-                .map(|(_, m)| m)
-                .collect();
-            record_done(bus, config, recorder, source, &of_source, None).await;
-        }
-        if waiting.is_empty() {
-            if held_since.is_some() {
                 holding.leave(config.role);
+                return;
             }
-            return;
+            batch = waiting;
+            labels = waiting_labels;
         }
-        if held_since.is_none() {
-            held_since = Some(tokio::time::Instant::now());
-            holding.enter(config.role);
-        }
-        attempt += 1;
-        metrics::counter!(
-            "crm_worker_processed_total",
-            "role" => config.role, "lane" => label, "outcome" => "wait"
-        )
-        .increment(waiting.len() as u64);
-        let delay = backoff(
-            config.backoff_base.min(config.wait_max),
-            config.wait_max,
-            attempt,
-        );
-        tracing::warn!(
-            role = config.role, lane = label, messages = waiting.len(), attempt, ?delay,
-            error = %wait_error, "a dependency is unavailable; holding the batch"
-        );
-        with_progress(
-            &waiting,
-            config.progress_interval,
-            tokio::time::sleep(delay),
-        )
-        .await;
-        batch = waiting;
-        labels = waiting_labels;
     }
 }
 

@@ -263,3 +263,71 @@ async fn dead_letters_can_be_purged_by_stage() {
     );
     assert_eq!(bus.dlq_purge(None).await.expect("purge"), 3);
 }
+
+#[tokio::test]
+async fn a_replay_the_stream_deduplicated_keeps_its_dead_letter() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    let event = events::sample::event(events::EventType::DealWon, "acme", "c");
+    let letter = bus
+        .publish(
+            "crm.dlq.router.acme.deal_won",
+            Bytes::from(events::encode_proto(&event)),
+            &PublishOptions::with_msg_id("dlq-1"),
+        )
+        .await
+        .expect("stored")
+        .sequence;
+    // The same replay already went in (a crash between the replay's publish and its delete).
+    let first = bus.dlq_replay(letter, None).await.expect("replayed");
+    assert!(!first.duplicate);
+    let again = bus
+        .publish(
+            "crm.dlq.router.acme.deal_won",
+            Bytes::from(events::encode_proto(&event)),
+            &PublishOptions::with_msg_id("dlq-2"),
+        )
+        .await
+        .expect("stored")
+        .sequence;
+    // A tenant cannot take a replay's id: theirs is `<tenant>:<key>`.
+    let mut shadow = event.clone();
+    shadow.idempotency_key = format!("crm/replay/CRM_DLQ/{again}");
+    bus.publish(
+        "crm.ingest.acme.deal_won",
+        Bytes::from(events::encode_proto(&shadow)),
+        &PublishOptions::with_msg_id(events::ingest_msg_id(&shadow)),
+    )
+    .await
+    .expect("stored");
+    let replayed = bus.dlq_replay(again, None).await.expect("replayed");
+    assert!(!replayed.duplicate, "a tenant's key never shadows a replay");
+    assert!(
+        bus.dlq_get(again).await.is_err(),
+        "a stored replay deletes its letter"
+    );
+
+    // Now a replay that the stream deduplicates: the letter stays.
+    let third = bus
+        .publish(
+            "crm.dlq.router.acme.deal_won",
+            Bytes::from(events::encode_proto(&event)),
+            &PublishOptions::with_msg_id("dlq-3"),
+        )
+        .await
+        .expect("stored")
+        .sequence;
+    bus.publish(
+        "crm.ingest.acme.deal_won",
+        Bytes::from(events::encode_proto(&event)),
+        &PublishOptions::with_msg_id(format!("crm/replay/CRM_DLQ/{third}")),
+    )
+    .await
+    .expect("the earlier attempt");
+    let deduplicated = bus.dlq_replay(third, None).await.expect("replay answered");
+    assert!(deduplicated.duplicate);
+    assert!(
+        bus.dlq_get(third).await.is_ok(),
+        "a deduplicated replay keeps its dead letter"
+    );
+}

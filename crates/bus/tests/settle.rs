@@ -297,3 +297,72 @@ async fn redelivered_waits_never_reach_the_dlq() {
     worker.await.expect("join").expect("worker ok");
     assert_eq!(dlq_len(&bus).await, 0);
 }
+
+#[tokio::test]
+async fn a_worker_holding_for_an_outage_still_stops_and_gives_the_batch_back() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::Standard, 5, "std").await;
+    let handler = Arc::new(Outage {
+        down: AtomicBool::new(true),
+        calls: Mutex::new(Vec::new()),
+    });
+    let mut config = config();
+    config.wait_policy = WaitPolicy::Hold;
+    config.wait_max = Duration::from_secs(30);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config,
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    eventually("holding", || async {
+        !handler.calls.lock().expect("lock").is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .expect("stops promptly even while holding")
+        .expect("join")
+        .expect("worker ok");
+    let stopped = std::time::Instant::now();
+    let ack_wait = bus
+        .consumer_info("CRM_LANE_STANDARD", "projector")
+        .await
+        .expect("info")
+        .config
+        .ack_wait;
+
+    // The next worker gets the batch at once (it was nak'ed), not after the ack wait.
+    let next = Arc::new(Outage {
+        down: AtomicBool::new(false),
+        calls: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        self::config(),
+        next.clone(),
+        shutdown.clone(),
+    ));
+    eventually("the next worker has all five", || async {
+        next.calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, seen)| seen.len())
+            .sum::<usize>()
+            == 5
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < ack_wait,
+        "handed back, not left to time out ({:?} ≥ {ack_wait:?})",
+        stopped.elapsed()
+    );
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker ok");
+    assert_eq!(dlq_len(&bus).await, 0);
+}

@@ -350,10 +350,18 @@ async fn dlq(bus: Bus, command: DlqCommand) -> Result<()> {
             };
             for seq in seqs {
                 let published = bus.dlq_replay(seq, replacement.clone()).await?;
-                println!(
-                    "dead letter {seq} re-driven into {} seq {}",
-                    published.stream, published.sequence
-                );
+                if published.duplicate {
+                    println!(
+                        "dead letter {seq} was already re-driven into {} seq {} within the \
+                         duplicate window; kept it (replay it again later, or purge it)",
+                        published.stream, published.sequence
+                    );
+                } else {
+                    println!(
+                        "dead letter {seq} re-driven into {} seq {}",
+                        published.stream, published.sequence
+                    );
+                }
             }
         }
         DlqCommand::Purge { stage } => {
