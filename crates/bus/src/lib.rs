@@ -13,6 +13,8 @@ pub mod ops;
 mod provision;
 mod publish;
 pub mod raw;
+pub mod retention;
+mod usage;
 pub mod worker;
 
 pub use async_nats::{self, HeaderMap, jetstream};
@@ -21,9 +23,11 @@ pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};
 pub use health::{HealthRecorder, e2e_latency};
 pub use ingest::decode_ingest;
-pub use provision::{Action, Change, Definitions, ObjectKind, ProvisionReport};
+pub use provision::{Action, Change, Definitions, FieldDiff, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
+pub use retention::{RetentionConfig, TrimReport, run_ingest_retention};
 pub use tokio_util::sync::CancellationToken;
+pub use usage::{StreamUsage, watch_streams};
 pub use worker::{
     Handler, Holding, Outcome, Runtime, Settlement, Source, WaitPolicy, WorkerConfig, isolate,
     run_worker, settle, settlement,

@@ -1,5 +1,11 @@
 //! Validation that reports every problem at once, each with the field path at fault
 //! (`payload.deal_won.amount.minor_units: must be > 0`).
+//!
+//! It refuses what the store cannot hold or should not pass on, so that an event the store
+//! rejects is a bug, not a matter of input: no string field carries a control character (C0
+//! including NUL, which PostgreSQL text cannot store, DEL, or C1) — each is either limited to a
+//! character set without them (ids, tenant, idempotency key, codes, mask paths) or checked as
+//! text — and every amount is within [`MAX_MINOR_UNITS`].
 
 use crate::{
     SCHEMA_VERSION, is_subject_token, is_uuid_v7,
@@ -13,6 +19,11 @@ pub const MAX_FUTURE_SKEW: TimeDelta = TimeDelta::minutes(5);
 pub const MIN_OCCURRED_AT_SECONDS: i64 = 946_684_800; // 2000-01-01T00:00:00Z
 const MAX_ID_LEN: usize = 128;
 const MAX_TEXT_LEN: usize = 2048;
+/// The largest amount an event may carry, in minor units: 10^15, i.e. ten trillion dollars or a
+/// quadrillion yen, far beyond any real deal or payment. The bound leaves room to add 9,223 such
+/// amounts in an `i64` before the store's (saturating) sums reach its limit, and keeps every
+/// amount below 2^53, so JSON consumers that read numbers as doubles (JavaScript) read it exactly.
+pub const MAX_MINOR_UNITS: i64 = 1_000_000_000_000_000;
 
 /// The contact fields an `update_mask` may name (the proto field names of `crm.v1.Contact`).
 pub const CONTACT_FIELDS: [&str; 9] = [
@@ -98,9 +109,19 @@ impl Validator {
     fn text(&mut self, field: &str, value: &str, max_len: usize) {
         if value.len() > max_len {
             self.push(field, format!("must be at most {max_len} bytes"));
-        } else if value.chars().any(char::is_control) {
+        } else {
+            self.no_control(field, value);
+        }
+    }
+
+    /// No C0 (NUL included), DEL or C1 character (`char::is_control`: Unicode category Cc).
+    /// Returns whether `value` is clean.
+    fn no_control(&mut self, field: &str, value: &str) -> bool {
+        let clean = !value.chars().any(char::is_control);
+        if !clean {
             self.push(field, "must not contain control characters");
         }
+        clean
     }
 
     fn envelope(&mut self, event: &Event, now: DateTime<Utc>) {
@@ -247,36 +268,53 @@ impl Validator {
         }
     }
 
-    /// Checks the contact fields in `set` (those the event writes).
+    /// Checks the contact fields in `set` (those the event writes) by their rules, and every
+    /// other string field of the contact for control characters only: an update's unwritten
+    /// fields are not projected, but they travel on in webhooks and replays.
     fn contact<'a>(&mut self, base: &str, c: &Contact, set: impl Iterator<Item = &'a str>) {
-        for field in set {
+        let set: Vec<&str> = set.collect();
+        if set.contains(&"tier") && CustomerTier::try_from(c.tier).is_err() {
+            self.push(
+                format!("{base}.tier"),
+                format!("{} is not a known tier", c.tier),
+            );
+        }
+        for field in CONTACT_FIELDS {
             let path = format!("{base}.{field}");
+            let value = match field {
+                "email" => &c.email,
+                "first_name" => &c.first_name,
+                "last_name" => &c.last_name,
+                "phone" => &c.phone,
+                "company" => &c.company,
+                "title" => &c.title,
+                "lifecycle_stage" => &c.lifecycle_stage,
+                "country_code" => &c.country_code,
+                _ => continue, // the tier, an enum
+            };
+            if !set.contains(&field) {
+                self.no_control(&path, value);
+                continue;
+            }
             match field {
-                "email"
-                    if !c.email.is_empty()
-                        && (!c.email.contains('@')
-                            || c.email.len() > 254
-                            || c.email.contains(char::is_whitespace)) =>
-                {
-                    self.push(path, "must be an email address");
+                "email" => {
+                    if !value.is_empty()
+                        && self.no_control(&path, value)
+                        && (!value.contains('@')
+                            || value.len() > 254
+                            || value.contains(char::is_whitespace))
+                    {
+                        self.push(path, "must be an email address");
+                    }
                 }
-                "tier" if CustomerTier::try_from(c.tier).is_err() => {
-                    self.push(path, format!("{} is not a known tier", c.tier));
+                "country_code" => {
+                    if !value.is_empty()
+                        && (value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()))
+                    {
+                        self.push(path, "must be an ISO 3166-1 alpha-2 code such as \"DE\"");
+                    }
                 }
-                "country_code"
-                    if !c.country_code.is_empty()
-                        && (c.country_code.len() != 2
-                            || !c.country_code.bytes().all(|b| b.is_ascii_uppercase())) =>
-                {
-                    self.push(path, "must be an ISO 3166-1 alpha-2 code such as \"DE\"");
-                }
-                "first_name" => self.text(&path, &c.first_name, MAX_ID_LEN),
-                "last_name" => self.text(&path, &c.last_name, MAX_ID_LEN),
-                "phone" => self.text(&path, &c.phone, MAX_ID_LEN),
-                "company" => self.text(&path, &c.company, MAX_ID_LEN),
-                "title" => self.text(&path, &c.title, MAX_ID_LEN),
-                "lifecycle_stage" => self.text(&path, &c.lifecycle_stage, MAX_ID_LEN),
-                _ => {}
+                _ => self.text(&path, value, MAX_ID_LEN),
             }
         }
     }
@@ -300,6 +338,11 @@ impl Validator {
             self.push(format!("{field}.minor_units"), "must be > 0");
         } else if money.minor_units < 0 {
             self.push(format!("{field}.minor_units"), "must be >= 0");
+        } else if money.minor_units > MAX_MINOR_UNITS {
+            self.push(
+                format!("{field}.minor_units"),
+                format!("must be at most {MAX_MINOR_UNITS}"),
+            );
         }
     }
 
@@ -484,6 +527,354 @@ mod tests {
         });
         update.contact.as_mut().expect("contact").phone.clear();
         assert_eq!(errors(&event), Vec::<String>::new());
+    }
+
+    /// Every string field of the contract, with a valid value and a way to set it: the table is
+    /// written from the proto files, not from the validator, so a field the validator forgets
+    /// fails here.
+    type Setter = fn(&mut Event, String);
+    fn string_fields() -> Vec<(EventType, &'static str, &'static str, Setter)> {
+        fn contact(event: &mut Event) -> &mut Contact {
+            match event.payload.as_mut() {
+                Some(Payload::ContactCreated(p)) => p.contact.get_or_insert_default(),
+                Some(Payload::ContactUpdated(p)) => p.contact.get_or_insert_default(),
+                _ => unreachable!("a contact event"),
+            }
+        }
+        macro_rules! payload_field {
+            ($variant:ident, $($field:ident).+) => {
+                |event: &mut Event, value: String| {
+                    let Some(Payload::$variant(p)) = event.payload.as_mut() else { unreachable!() };
+                    p.$($field).+ = value;
+                }
+            };
+        }
+        macro_rules! money_code {
+            ($variant:ident) => {
+                |event: &mut Event, value: String| {
+                    let Some(Payload::$variant(p)) = event.payload.as_mut() else {
+                        unreachable!()
+                    };
+                    p.amount.get_or_insert_default().currency_code = value;
+                }
+            };
+        }
+        use EventType as T;
+        vec![
+            (T::PageViewed, "tenant_id", "acme", |e, v| e.tenant_id = v),
+            (T::PageViewed, "customer_id", "c-1", |e, v| {
+                e.customer_id = v
+            }),
+            (T::PageViewed, "source", "web", |e, v| e.source = v),
+            (T::PageViewed, "idempotency_key", "order-42", |e, v| {
+                e.idempotency_key = v
+            }),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.email",
+                "ada@example.com",
+                |e, v| contact(e).email = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.first_name",
+                "Ada",
+                |e, v| contact(e).first_name = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.last_name",
+                "Lovelace",
+                |e, v| contact(e).last_name = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.phone",
+                "+1 555 0100",
+                |e, v| contact(e).phone = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.company",
+                "Engines",
+                |e, v| contact(e).company = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.title",
+                "CTO",
+                |e, v| contact(e).title = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.lifecycle_stage",
+                "lead",
+                |e, v| contact(e).lifecycle_stage = v,
+            ),
+            (
+                T::ContactCreated,
+                "payload.contact_created.contact.country_code",
+                "GB",
+                |e, v| contact(e).country_code = v,
+            ),
+            // The sample update's mask names title and tier: the other fields are not written,
+            // but they travel on (webhooks, replays) and must be as clean.
+            (
+                T::ContactUpdated,
+                "payload.contact_updated.contact.title",
+                "CTO",
+                |e, v| contact(e).title = v,
+            ),
+            (
+                T::ContactUpdated,
+                "payload.contact_updated.contact.email",
+                "ada@example.com",
+                |e, v| contact(e).email = v,
+            ),
+            (
+                T::ContactUpdated,
+                "payload.contact_updated.contact.company",
+                "Engines",
+                |e, v| contact(e).company = v,
+            ),
+            (
+                T::ContactUpdated,
+                "payload.contact_updated.update_mask.paths[0]",
+                "title",
+                |e, v| {
+                    let Some(Payload::ContactUpdated(p)) = e.payload.as_mut() else {
+                        unreachable!()
+                    };
+                    p.update_mask.get_or_insert_default().paths[0] = v;
+                },
+            ),
+            (
+                T::DealStageChanged,
+                "payload.deal_stage_changed.deal_id",
+                "deal-1",
+                payload_field!(DealStageChanged, deal_id),
+            ),
+            (
+                T::DealStageChanged,
+                "payload.deal_stage_changed.from_stage",
+                "qualified",
+                payload_field!(DealStageChanged, from_stage),
+            ),
+            (
+                T::DealStageChanged,
+                "payload.deal_stage_changed.to_stage",
+                "proposal",
+                payload_field!(DealStageChanged, to_stage),
+            ),
+            (
+                T::DealStageChanged,
+                "payload.deal_stage_changed.amount.currency_code",
+                "USD",
+                money_code!(DealStageChanged),
+            ),
+            (
+                T::DealWon,
+                "payload.deal_won.deal_id",
+                "deal-1",
+                payload_field!(DealWon, deal_id),
+            ),
+            (
+                T::DealWon,
+                "payload.deal_won.amount.currency_code",
+                "USD",
+                money_code!(DealWon),
+            ),
+            (
+                T::DealLost,
+                "payload.deal_lost.deal_id",
+                "deal-2",
+                payload_field!(DealLost, deal_id),
+            ),
+            (
+                T::DealLost,
+                "payload.deal_lost.reason",
+                "budget",
+                payload_field!(DealLost, reason),
+            ),
+            (
+                T::TicketOpened,
+                "payload.ticket_opened.ticket_id",
+                "t-1",
+                payload_field!(TicketOpened, ticket_id),
+            ),
+            (
+                T::TicketOpened,
+                "payload.ticket_opened.subject",
+                "Cannot log in",
+                payload_field!(TicketOpened, subject),
+            ),
+            (
+                T::TicketEscalated,
+                "payload.ticket_escalated.ticket_id",
+                "t-1",
+                payload_field!(TicketEscalated, ticket_id),
+            ),
+            (
+                T::TicketEscalated,
+                "payload.ticket_escalated.reason",
+                "outage",
+                payload_field!(TicketEscalated, reason),
+            ),
+            (
+                T::PaymentFailed,
+                "payload.payment_failed.payment_id",
+                "pay-1",
+                payload_field!(PaymentFailed, payment_id),
+            ),
+            (
+                T::PaymentFailed,
+                "payload.payment_failed.amount.currency_code",
+                "USD",
+                money_code!(PaymentFailed),
+            ),
+            (
+                T::PaymentFailed,
+                "payload.payment_failed.failure_code",
+                "card_declined",
+                payload_field!(PaymentFailed, failure_code),
+            ),
+            (
+                T::PageViewed,
+                "payload.page_viewed.url",
+                "https://example.com/a",
+                payload_field!(PageViewed, url),
+            ),
+            (
+                T::PageViewed,
+                "payload.page_viewed.referrer",
+                "https://example.com/",
+                payload_field!(PageViewed, referrer),
+            ),
+            (
+                T::EmailOpened,
+                "payload.email_opened.campaign_id",
+                "spring",
+                payload_field!(EmailOpened, campaign_id),
+            ),
+            (
+                T::EmailOpened,
+                "payload.email_opened.message_id",
+                "m-1",
+                payload_field!(EmailOpened, message_id),
+            ),
+            (
+                T::EmailClicked,
+                "payload.email_clicked.campaign_id",
+                "spring",
+                payload_field!(EmailClicked, campaign_id),
+            ),
+            (
+                T::EmailClicked,
+                "payload.email_clicked.message_id",
+                "m-1",
+                payload_field!(EmailClicked, message_id),
+            ),
+            (
+                T::EmailClicked,
+                "payload.email_clicked.url",
+                "https://example.com/b",
+                payload_field!(EmailClicked, url),
+            ),
+        ]
+    }
+
+    /// `value` with `c` inserted after its first `at` characters (at most its length).
+    fn with_char_at(value: &str, c: char, at: usize) -> String {
+        let at = value.char_indices().nth(at).map_or(value.len(), |(i, _)| i);
+        format!("{}{c}{}", &value[..at], &value[at..])
+    }
+
+    #[test]
+    fn the_string_field_table_starts_valid() {
+        for (kind, path, valid, set) in string_fields() {
+            let mut event = sample::event(kind, "acme", "c");
+            set(&mut event, valid.to_owned());
+            assert_eq!(errors(&event), Vec::<String>::new(), "{path}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_string_field() {
+        // C0 (NUL: PostgreSQL text cannot hold it), DEL, and C1 (NEL, CSI, APC).
+        for c in [
+            '\0', '\u{1}', '\n', '\u{1b}', '\u{1f}', '\u{7f}', '\u{80}', '\u{85}', '\u{9b}',
+            '\u{9f}',
+        ] {
+            for (kind, path, valid, set) in string_fields() {
+                let mut event = sample::event(kind, "acme", "c");
+                set(&mut event, with_char_at(valid, c, 1));
+                let refused = validate_at(&event, now()).err();
+                assert!(
+                    refused
+                        .as_ref()
+                        .is_some_and(|e| e.fields().any(|f| f == path)),
+                    "{path} with {c:?}: {refused:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn amounts_are_bounded() {
+        let set = |minor_units: i64| {
+            let mut event = sample::event(EventType::PaymentFailed, "acme", "c");
+            let Some(Payload::PaymentFailed(p)) = event.payload.as_mut() else {
+                unreachable!()
+            };
+            p.amount = Some(Money {
+                currency_code: "JPY".into(),
+                minor_units,
+            });
+            errors(&event)
+        };
+        assert_eq!(set(MAX_MINOR_UNITS), Vec::<String>::new());
+        let too_large =
+            ["payload.payment_failed.amount.minor_units: must be at most 1000000000000000"];
+        assert_eq!(set(MAX_MINOR_UNITS + 1), too_large);
+        assert_eq!(set(i64::MAX), too_large);
+        assert_eq!(
+            set(i64::MIN),
+            ["payload.payment_failed.amount.minor_units: must be > 0"]
+        );
+        // Optional amounts (deal_stage_changed) are bounded too.
+        let mut event = sample::event(EventType::DealStageChanged, "acme", "c");
+        let Some(Payload::DealStageChanged(p)) = event.payload.as_mut() else {
+            unreachable!()
+        };
+        p.amount = Some(Money {
+            currency_code: "USD".into(),
+            minor_units: i64::MAX,
+        });
+        assert_eq!(
+            errors(&event),
+            ["payload.deal_stage_changed.amount.minor_units: must be at most 1000000000000000"]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_control_character_anywhere_is_refused_by_its_field(
+            field in 0usize..38, at in 0usize..24,
+            c in proptest::prop_oneof![
+                proptest::char::range('\0', '\u{1f}'),
+                proptest::char::range('\u{7f}', '\u{9f}'),
+            ],
+        ) {
+            let fields = string_fields();
+            let (kind, path, valid, set) = fields[field % fields.len()];
+            let mut event = sample::event(kind, "acme", "c");
+            set(&mut event, with_char_at(valid, c, at));
+            let refused = validate_at(&event, now()).err();
+            proptest::prop_assert!(
+                refused.as_ref().is_some_and(|e| e.fields().any(|f| f == path)),
+                "{} with {:?}: {:?}", path, c, refused
+            );
+        }
     }
 
     proptest::proptest! {

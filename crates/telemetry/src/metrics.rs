@@ -39,6 +39,12 @@ pub const ANALYTICS_DUPLICATES_TOTAL: &str = "crm_analytics_duplicates_total";
 pub const NOTIFIER_DELIVERIES_TOTAL: &str = "crm_notifier_deliveries_total";
 pub const NOTIFIER_DELIVERY_DURATION_SECONDS: &str = "crm_notifier_delivery_duration_seconds";
 pub const NOTIFIER_BREAKER_OPEN: &str = "crm_notifier_breaker_open";
+pub const STREAM_BYTES: &str = "crm_stream_bytes";
+pub const STREAM_MESSAGES: &str = "crm_stream_messages";
+pub const STREAM_MAX_BYTES: &str = "crm_stream_max_bytes";
+pub const INGEST_REPLAY_WINDOW_SECONDS: &str = "crm_ingest_replay_window_seconds";
+pub const INGEST_PURGED_MESSAGES_TOTAL: &str = "crm_ingest_purged_messages_total";
+pub const INGEST_UNPROCESSED_MESSAGES: &str = "crm_ingest_unprocessed_messages";
 
 /// How a metric is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +86,7 @@ use MetricKind::{Counter, Gauge, Histogram};
 const COUNT: Option<Unit> = Some(Unit::Count);
 const SECONDS: Option<Unit> = Some(Unit::Seconds);
 const PER_SECOND: Option<Unit> = Some(Unit::CountPerSecond);
+const BYTES: Option<Unit> = Some(Unit::Bytes);
 
 /// Every metric, grouped by component.
 #[rustfmt::skip]
@@ -154,6 +161,19 @@ pub const ALL: &[MetricDef] = &[
         "Webhook request duration by endpoint (subscription id), whatever the answer"),
     def(NOTIFIER_BREAKER_OPEN, Gauge, None, &["endpoint"],
         "1 while the endpoint's circuit breaker is open or half-open, else 0"),
+    def(STREAM_BYTES, Gauge, BYTES, &["stream"],
+        "Bytes stored in the stream"),
+    def(STREAM_MESSAGES, Gauge, COUNT, &["stream"],
+        "Messages stored in the stream"),
+    def(STREAM_MAX_BYTES, Gauge, BYTES, &["stream"],
+        "The stream's max_bytes; not exported for a stream without a byte limit (NaN once a \
+         limit is lifted)"),
+    def(INGEST_REPLAY_WINDOW_SECONDS, Gauge, SECONDS, &[],
+        "Age of the oldest event CRM_INGEST keeps (the replay window actually available)"),
+    def(INGEST_PURGED_MESSAGES_TOTAL, Counter, COUNT, &[],
+        "Processed events the ingest retention keeper purged from CRM_INGEST"),
+    def(INGEST_UNPROCESSED_MESSAGES, Gauge, COUNT, &[],
+        "Events in CRM_INGEST some durable consumer has not processed (last sequence - processed floor)"),
 ];
 
 /// Register help text and unit of every metric with the installed recorder (a no-op without
@@ -207,7 +227,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 30);
+        assert_eq!(ALL.len(), 36);
     }
 
     #[test]
