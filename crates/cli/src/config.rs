@@ -19,6 +19,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub admin: AdminConfig,
     pub cache: CacheConfig,
+    pub retention: bus::RetentionConfig,
     #[serde(skip_serializing)]
     pub gateway: gateway::GatewayConfig,
     #[serde(skip_serializing)]
