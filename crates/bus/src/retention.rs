@@ -292,6 +292,12 @@ async fn first_at_or_after(
     cutoff: OffsetDateTime,
 ) -> Result<u64, BusError> {
     let (mut low, mut high) = (from.max(1), until);
+    // The common case on a young or freshly trimmed stream: nothing is older than the cutoff.
+    match message_at_or_after(stream, stream_name, low).await? {
+        Some((sequence, time)) if sequence >= until || time >= cutoff => return Ok(low),
+        None => return Ok(low),
+        Some((sequence, _)) => low = sequence + 1,
+    }
     while low < high {
         let middle = low + (high - low) / 2;
         // A gap (deleted messages) answers with the next stored one; past the end, nothing is

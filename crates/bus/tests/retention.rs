@@ -256,19 +256,31 @@ async fn process_everything(bus: &Bus, n: usize) {
 async fn the_keeper_purges_processed_history_outside_the_window_and_keeps_the_window() {
     let server = NatsServer::start();
     let bus = provisioned(&server).await;
-    publish_n(&bus, PAGE_VIEWED, 5, "old").await;
+    publish_n(&bus, PAGE_VIEWED, 37, "old").await; // 1..=37
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    publish_n(&bus, PAGE_VIEWED, 3, "new").await;
-    process_everything(&bus, 8).await;
+    publish_n(&bus, PAGE_VIEWED, 23, "new").await; // 38..=60
+    // Gaps on both sides of the window's edge: the search must step over them.
+    let ingest = bus
+        .jetstream()
+        .get_stream("CRM_INGEST")
+        .await
+        .expect("ingest");
+    for sequence in [10, 36, 37, 38, 39] {
+        ingest.delete_message(sequence).await.expect("deleted");
+    }
+    process_everything(&bus, 55).await;
 
     let report = bus
         .trim_ingest(&window(Duration::from_secs(1)))
         .await
         .expect("trim");
-    assert_eq!(report.purged, 5, "{report:?}");
+    assert_eq!(
+        report.purged, 34,
+        "every old event and no new one: {report:?}"
+    );
     assert!(!report.under_pressure);
     let kept = state(&bus, "CRM_INGEST").await;
-    assert_eq!((kept.first_sequence, kept.messages), (6, 3), "{report:?}");
+    assert_eq!((kept.first_sequence, kept.messages), (40, 21), "{report:?}");
     let age = report.oldest_kept_age.expect("something kept");
     assert!(age < Duration::from_millis(1400), "{age:?}");
 
@@ -278,7 +290,7 @@ async fn the_keeper_purges_processed_history_outside_the_window_and_keeps_the_wi
         .await
         .expect("trim");
     assert_eq!(report.purged, 0);
-    assert_eq!(state(&bus, "CRM_INGEST").await.messages, 3);
+    assert_eq!(state(&bus, "CRM_INGEST").await.messages, 21);
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub admin: AdminConfig,
     pub cache: CacheConfig,
+    pub retention: bus::RetentionConfig,
     #[serde(skip_serializing)]
     pub gateway: gateway::GatewayConfig,
     #[serde(skip_serializing)]
@@ -71,13 +72,52 @@ impl NatsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub url: String,
+    /// SQLite only: `full` (an acked event's effect survives an OS crash or power loss) or
+    /// `normal` (faster; survives a process crash only). See [`store::SqliteSynchronous`].
+    pub sqlite_synchronous: store::SqliteSynchronous,
+    /// How long the idempotency ledgers keep a processed event: a duplicate (redelivery,
+    /// replay, client retry with the same key) is recognised only within it. Longer than any
+    /// backlog, replay window or retry; > 0. Pruned by [`store::run_ledger_pruner`].
+    #[serde(with = "positive_duration")]
+    pub ledger_retention: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://.data/crm.db?mode=rwc".into(),
+            sqlite_synchronous: store::SqliteSynchronous::default(),
+            ledger_retention: Duration::from_secs(30 * 24 * 3600),
         }
+    }
+}
+
+impl StoreConfig {
+    /// What [`store::Store::connect_with`] needs.
+    pub fn options(&self) -> store::StoreOptions {
+        store::StoreOptions {
+            url: self.url.clone(),
+            sqlite_synchronous: self.sqlite_synchronous,
+        }
+    }
+}
+
+/// A humantime duration (`"30d"`) that must be more than zero: a zero ledger retention would
+/// forget every event at once and make every redelivery a second effect.
+mod positive_duration {
+    use serde::{Deserializer, Serializer, de::Error};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(value, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let value: Duration = humantime_serde::deserialize(deserializer)?;
+        if value.is_zero() {
+            return Err(D::Error::custom("must be more than 0 (e.g. \"30d\")"));
+        }
+        Ok(value)
     }
 }
 
@@ -170,6 +210,46 @@ mod tests {
                 .is_some_and(|rules| rules.exists()),
             "the rules file resolves next to crm.toml"
         );
+    }
+
+    #[test]
+    fn store_defaults_are_durable_and_keep_the_ledgers_30_days() {
+        let store = StoreConfig::default();
+        assert_eq!(store.sqlite_synchronous, store::SqliteSynchronous::Full);
+        assert_eq!(store.ledger_retention, Duration::from_secs(30 * 24 * 3600));
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("crm.toml");
+        std::fs::write(
+            &path,
+            "[store]\nsqlite_synchronous = \"normal\"\nledger_retention = \"7d\"\n",
+        )
+        .expect("write");
+        let config = Config::load(&path, true).expect("loads");
+        assert_eq!(
+            config.store.options().sqlite_synchronous,
+            store::SqliteSynchronous::Normal
+        );
+        assert_eq!(
+            config.store.ledger_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+    }
+
+    #[test]
+    fn store_settings_out_of_range_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("crm.toml");
+        for (text, needle) in [
+            ("[store]\nledger_retention = \"0s\"\n", "ledger_retention"),
+            (
+                "[store]\nsqlite_synchronous = \"off\"\n",
+                "sqlite_synchronous",
+            ),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = format!("{:#}", Config::load(&path, true).expect_err("refused"));
+            assert!(err.contains(needle), "{needle} in {err}");
+        }
     }
 
     #[test]

@@ -100,7 +100,11 @@ impl router::ContextLookup for CachedContext {
             })?;
             Ok(context.map(|c| routing::CustomerContext {
                 tier: c.tier,
-                lifetime_value_minor: c.lifetime_value_minor,
+                lifetime_value: c
+                    .lifetime_value
+                    .into_iter()
+                    .map(|v| (v.currency_code, v.minor_units))
+                    .collect(),
             }))
         })
     }
@@ -285,7 +289,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         if let Some(dir) = sqlite_dir(&config.store.url) {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Some(Store::connect(&config.store.url).await?)
+        Some(Store::connect_with(&config.store.options()).await?)
     } else {
         None
     };

@@ -262,7 +262,13 @@ async fn invalid_events_on_nats_are_dead_lettered_and_a_fixed_one_replays() {
             .profile("acme", "cust-dlq")
             .await
             .expect("read")
-            .is_some_and(|p| p.lifetime_value_minor == 1_250_000)
+            .is_some_and(|p| {
+                p.lifetime_value
+                    == [store::CurrencyAmount {
+                        currency_code: "USD".into(),
+                        minor_units: 1_250_000,
+                    }]
+            })
     })
     .await;
     assert_eq!(
@@ -382,8 +388,11 @@ async fn a_worker_killed_after_commit_redelivers_with_exactly_one_effect() {
             .expect("exists");
         assert_eq!(profile.events_applied, (EVENTS / 10) as i64);
         assert_eq!(
-            profile.lifetime_value_minor,
-            1_250_000 * (EVENTS / 10) as i64,
+            profile.lifetime_value,
+            [store::CurrencyAmount {
+                currency_code: "USD".into(),
+                minor_units: 1_250_000 * (EVENTS / 10) as i64,
+            }],
             "each won deal counted once"
         );
     }

@@ -9,6 +9,7 @@ use events::{
     pb::{CustomerTier, TicketSeverity, event::Payload},
 };
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 #[cfg(test)]
 mod tests;
@@ -23,10 +24,12 @@ pub const DEFAULT_REASON: &str = "default";
 pub const MAX_REASON_LEN: usize = 64;
 
 /// What the store knows about a customer that routing may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CustomerContext {
     pub tier: CustomerTier,
-    pub lifetime_value_minor: i64,
+    /// Lifetime value in minor units by ISO 4217 currency code (`USD`); amounts in different
+    /// currencies are never added, and a currency the customer never paid in is absent.
+    pub lifetime_value: BTreeMap<String, i64>,
 }
 
 /// The lane an event goes to and why.
@@ -62,13 +65,15 @@ struct Rule {
     when: Conditions,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Conditions {
     consent_granted: Option<bool>,
     min_ticket_severity: Option<TicketSeverity>,
     min_amount_minor: Option<i64>,
     min_customer_tier: Option<CustomerTier>,
-    min_lifetime_value_minor: Option<i64>,
+    /// Thresholds by currency code (never empty): holds when the lifetime value in any of
+    /// them reaches its threshold.
+    min_lifetime_value: Option<BTreeMap<String, i64>>,
 }
 
 /// A set of event types as a bit mask (bit = declaration index of [`EventType`]).
@@ -228,14 +233,14 @@ impl Default for Rules {
                     CONSENT_TYPES,
                     Conditions {
                         consent_granted: Some(false),
-                        ..none
+                        ..none.clone()
                     },
                 ),
                 rule(
                     Lane::Critical,
                     "payment_failed",
                     TypeSet::of(&[EventType::PaymentFailed]),
-                    none,
+                    none.clone(),
                 ),
                 rule(
                     Lane::Critical,
@@ -243,7 +248,7 @@ impl Default for Rules {
                     SEVERITY_TYPES,
                     Conditions {
                         min_ticket_severity: Some(TicketSeverity::High),
-                        ..none
+                        ..none.clone()
                     },
                 ),
                 rule(
@@ -252,7 +257,7 @@ impl Default for Rules {
                     TypeSet::of(&[EventType::DealWon, EventType::DealStageChanged]),
                     Conditions {
                         min_amount_minor: Some(1_000_000),
-                        ..none
+                        ..none.clone()
                     },
                 ),
                 rule(
@@ -261,7 +266,7 @@ impl Default for Rules {
                     TypeSet::ALL,
                     Conditions {
                         min_customer_tier: Some(CustomerTier::Premium),
-                        ..none
+                        ..none.clone()
                     },
                 ),
                 rule(
@@ -269,7 +274,10 @@ impl Default for Rules {
                     "lifetime_value",
                     TypeSet::ALL,
                     Conditions {
-                        min_lifetime_value_minor: Some(5_000_000),
+                        min_lifetime_value: Some(BTreeMap::from([
+                            ("EUR".to_owned(), 4_500_000),
+                            ("USD".to_owned(), 5_000_000),
+                        ])),
                         ..none
                     },
                 ),
@@ -296,7 +304,7 @@ impl Rule {
 
 impl Conditions {
     fn needs_context(&self) -> bool {
-        self.min_customer_tier.is_some() || self.min_lifetime_value_minor.is_some()
+        self.min_customer_tier.is_some() || self.min_lifetime_value.is_some()
     }
 
     fn matches_context(&self, context: Option<&CustomerContext>) -> bool {
@@ -305,9 +313,14 @@ impl Conditions {
         }
         context.is_some_and(|context| {
             self.min_customer_tier.is_none_or(|min| context.tier >= min)
-                && self
-                    .min_lifetime_value_minor
-                    .is_none_or(|min| context.lifetime_value_minor >= min)
+                && self.min_lifetime_value.as_ref().is_none_or(|thresholds| {
+                    thresholds.iter().any(|(currency, min)| {
+                        context
+                            .lifetime_value
+                            .get(currency)
+                            .is_some_and(|value| value >= min)
+                    })
+                })
         })
     }
 }
@@ -339,7 +352,9 @@ struct RawConditions {
     min_ticket_severity: Option<String>,
     min_amount_minor: Option<i64>,
     min_customer_tier: Option<String>,
-    min_lifetime_value_minor: Option<i64>,
+    min_lifetime_value: Option<BTreeMap<String, i64>>,
+    /// Replaced by `min_lifetime_value`; read only to be refused with a message that says so.
+    min_lifetime_value_minor: Option<toml::Value>,
 }
 
 impl RawRule {
@@ -388,6 +403,15 @@ impl RawRule {
         };
 
         let raw = self.when;
+        if raw.min_lifetime_value_minor.is_some() {
+            return Err(invalid(
+                "when.min_lifetime_value_minor",
+                "is no longer supported: lifetime value is kept per currency; use \
+                 min_lifetime_value = { USD = 5000000, EUR = 4500000 } (matches when the value in \
+                 any listed currency reaches its threshold)"
+                    .into(),
+            ));
+        }
         let when = Conditions {
             consent_granted: raw.consent_granted,
             min_ticket_severity: named(&raw.min_ticket_severity, &SEVERITY_NAMES).map_err(
@@ -402,8 +426,10 @@ impl RawRule {
                 .map_err(|msg| invalid("when.min_amount_minor", msg))?,
             min_customer_tier: named(&raw.min_customer_tier, &TIER_NAMES)
                 .map_err(|msg| invalid("when.min_customer_tier", format!("unknown tier {msg}")))?,
-            min_lifetime_value_minor: non_negative(raw.min_lifetime_value_minor)
-                .map_err(|msg| invalid("when.min_lifetime_value_minor", msg))?,
+            min_lifetime_value: raw
+                .min_lifetime_value
+                .map(|thresholds| per_currency(thresholds, "when.min_lifetime_value", &invalid))
+                .transpose()?,
         };
 
         // A condition on a field the event type does not carry can never hold: refuse rules
@@ -472,6 +498,32 @@ fn named<T: Copy>(name: &Option<String>, table: &[(&str, T)]) -> Result<Option<T
             Err(format!("{name:?} (one of {})", known.join(", ")))
         }
     }
+}
+
+/// Thresholds by currency: at least one, each code ISO 4217-shaped (three capital letters, as
+/// events carry them), each threshold >= 0.
+fn per_currency(
+    thresholds: BTreeMap<String, i64>,
+    path: &str,
+    invalid: &impl Fn(&str, String) -> RulesError,
+) -> Result<BTreeMap<String, i64>, RulesError> {
+    if thresholds.is_empty() {
+        return Err(invalid(
+            path,
+            "names no currency (e.g. { USD = 5000000 })".into(),
+        ));
+    }
+    for (currency, &threshold) in &thresholds {
+        let field = format!("{path}.{currency}");
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(
+                &field,
+                "is not an ISO 4217 currency code such as \"USD\"".into(),
+            ));
+        }
+        non_negative(Some(threshold)).map_err(|msg| invalid(&field, msg))?;
+    }
+    Ok(thresholds)
 }
 
 fn non_negative(value: Option<i64>) -> Result<Option<i64>, String> {

@@ -55,10 +55,13 @@ fn with_amount(kind: EventType, minor: i64) -> Event {
     event
 }
 
-fn context(tier: CustomerTier, lifetime_value_minor: i64) -> CustomerContext {
+fn context(tier: CustomerTier, lifetime_value: &[(&str, i64)]) -> CustomerContext {
     CustomerContext {
         tier,
-        lifetime_value_minor,
+        lifetime_value: lifetime_value
+            .iter()
+            .map(|&(currency, minor)| (currency.to_owned(), minor))
+            .collect(),
     }
 }
 
@@ -109,14 +112,15 @@ fn default_rules_table() {
     let critical = Lane::Critical;
     let high = Lane::High;
     let standard = Lane::Standard;
-    let premium = Some(context(CustomerTier::Premium, 0));
+    let premium = || Some(context(CustomerTier::Premium, &[]));
+    let spent = |value: &[(&str, i64)]| Some(context(CustomerTier::Free, value));
     #[rustfmt::skip]
     let cases: Vec<(&str, Event, Option<CustomerContext>, Lane, &str)> = vec![
         ("consent revoked", consent(false), None, critical, "consent_revoked"),
         ("consent granted", consent(true), None, standard, "default"),
-        ("consent granted, premium", consent(true), premium, high, "customer_tier"),
+        ("consent granted, premium", consent(true), premium(), high, "customer_tier"),
         ("payment failed, any amount", with_amount(EventType::PaymentFailed, 1), None, critical, "payment_failed"),
-        ("payment failed, premium", event(EventType::PaymentFailed), premium, critical, "payment_failed"),
+        ("payment failed, premium", event(EventType::PaymentFailed), premium(), critical, "payment_failed"),
         ("ticket escalated critical", ticket_escalated(TicketSeverity::Critical), None, critical, "ticket_severity"),
         ("ticket opened high", ticket_opened(TicketSeverity::High as i32), None, critical, "ticket_severity"),
         ("ticket opened medium", ticket_opened(TicketSeverity::Medium as i32), None, standard, "default"),
@@ -126,10 +130,14 @@ fn default_rules_table() {
         ("deal stage changed above", with_amount(EventType::DealStageChanged, 2_000_000), None, high, "deal_amount"),
         ("deal lost", event(EventType::DealLost), None, standard, "default"),
         ("page view, no context", event(EventType::PageViewed), None, standard, "default"),
-        ("page view, premium", event(EventType::PageViewed), premium, high, "customer_tier"),
-        ("page view, big spender", event(EventType::PageViewed), Some(context(CustomerTier::Free, 5_000_000)), high, "lifetime_value"),
-        ("page view, ordinary", event(EventType::PageViewed), Some(context(CustomerTier::Standard, 4_999_999)), standard, "default"),
-        ("no payload", Event::default(), premium, standard, "default"),
+        ("page view, premium", event(EventType::PageViewed), premium(), high, "customer_tier"),
+        ("page view, big spender in USD", event(EventType::PageViewed), spent(&[("USD", 5_000_000)]), high, "lifetime_value"),
+        ("page view, big spender in EUR", event(EventType::PageViewed), spent(&[("EUR", 4_500_000), ("USD", 1)]), high, "lifetime_value"),
+        ("page view, ordinary", event(EventType::PageViewed), spent(&[("USD", 4_999_999), ("EUR", 4_499_999)]), standard, "default"),
+        // Currencies are never added: 4.9M USD and 4.4M EUR are not 9.3M of anything.
+        ("page view, ordinary in two currencies", event(EventType::PageViewed), spent(&[("USD", 4_900_000), ("EUR", 4_400_000)]), standard, "default"),
+        ("page view, big spender in an unlisted currency", event(EventType::PageViewed), spent(&[("JPY", 900_000_000)]), standard, "default"),
+        ("no payload", Event::default(), premium(), standard, "default"),
     ];
     for (name, event, context, lane, reason) in cases {
         assert_eq!(
@@ -199,7 +207,7 @@ fn tier_order() {
         ));
         for (index, tier) in order.into_iter().enumerate() {
             let expected = index > min_index;
-            let got = rules.classify(&page, Some(&context(tier, 0))).lane == Lane::High;
+            let got = rules.classify(&page, Some(&context(tier, &[]))).lane == Lane::High;
             assert_eq!(got, expected, "{tier:?} >= {min_name}");
         }
     }
@@ -209,18 +217,28 @@ fn tier_order() {
 fn conditions_in_one_rule_must_all_hold() {
     let rules = rules(
         "[[high]]\nreason = \"vip_deal\"\ntypes = [\"deal_won\"]\n\
-         when = { min_amount_minor = 100, min_customer_tier = \"premium\", min_lifetime_value_minor = 10 }\n",
+         when = { min_amount_minor = 100, min_customer_tier = \"premium\", min_lifetime_value = { USD = 10 } }\n",
     );
     let deal = with_amount(EventType::DealWon, 100);
-    let vip = context(CustomerTier::Enterprise, 10);
+    let vip = context(CustomerTier::Enterprise, &[("USD", 10)]);
     assert_eq!(decide(&rules, &deal, Some(&vip)).1, "vip_deal");
     assert_eq!(decide(&rules, &deal, None).1, "default");
     assert_eq!(
-        decide(&rules, &deal, Some(&context(CustomerTier::Enterprise, 9))).1,
+        decide(
+            &rules,
+            &deal,
+            Some(&context(CustomerTier::Enterprise, &[("USD", 9)]))
+        )
+        .1,
         "default"
     );
     assert_eq!(
-        decide(&rules, &deal, Some(&context(CustomerTier::Standard, 10))).1,
+        decide(
+            &rules,
+            &deal,
+            Some(&context(CustomerTier::Standard, &[("USD", 10)]))
+        )
+        .1,
         "default"
     );
     assert_eq!(
@@ -316,8 +334,21 @@ fn errors_name_the_rule_and_field() {
             "high[0].when.min_amount_minor: no event type carries both this and an earlier condition",
         ),
         (
-            "[[high]]\nreason = \"a\"\nwhen = { min_lifetime_value_minor = -1 }\n",
-            "high[0].when.min_lifetime_value_minor: -1 must be >= 0",
+            "[[high]]\nreason = \"a\"\nwhen = { min_lifetime_value = { USD = -1 } }\n",
+            "high[0].when.min_lifetime_value.USD: -1 must be >= 0",
+        ),
+        (
+            "[[high]]\nreason = \"a\"\nwhen = { min_lifetime_value = { usd = 5 } }\n",
+            "high[0].when.min_lifetime_value.usd: is not an ISO 4217 currency code such as \"USD\"",
+        ),
+        (
+            "[[high]]\nreason = \"a\"\nwhen = { min_lifetime_value = {} }\n",
+            "high[0].when.min_lifetime_value: names no currency (e.g. { USD = 5000000 })",
+        ),
+        (
+            // The key of old rule files: refused with the one that replaced it.
+            "[[high]]\nreason = \"a\"\n[[high]]\nreason = \"b\"\nwhen = { min_lifetime_value_minor = 5000000 }\n",
+            "high[1].when.min_lifetime_value_minor: is no longer supported: lifetime value is kept per currency; use min_lifetime_value = { USD = 5000000, EUR = 4500000 } (matches when the value in any listed currency reaches its threshold)",
         ),
     ];
     for (text, expected) in cases {
@@ -380,7 +411,11 @@ fn arb_rule() -> impl Strategy<Value = String> {
         0usize..4,
         -1i64..2_000_000,
         prop::option::of(0usize..4),
-        prop::option::of(0i64..10_000_000),
+        prop::option::of(prop::collection::btree_map(
+            prop::sample::select(vec!["USD", "EUR", "JPY"]),
+            0i64..10_000_000,
+            1..3,
+        )),
     )
         .prop_map(
             |(lane, reason, condition, mask, granted, severity, amount, tier, ltv)| {
@@ -403,7 +438,12 @@ fn arb_rule() -> impl Strategy<Value = String> {
                     when.push(format!("min_customer_tier = \"{}\"", TIER_NAMES[tier].0));
                 }
                 if let Some(ltv) = ltv {
-                    when.push(format!("min_lifetime_value_minor = {ltv}"));
+                    let thresholds: Vec<_> =
+                        ltv.iter().map(|(c, min)| format!("{c} = {min}")).collect();
+                    when.push(format!(
+                        "min_lifetime_value = {{ {} }}",
+                        thresholds.join(", ")
+                    ));
                 }
                 let types = TypeSet(mask & applies.0);
                 let mut text = format!("[[{lane}]]\nreason = \"r{reason}\"\n");
@@ -450,10 +490,18 @@ fn arb_event() -> impl Strategy<Value = Event> {
 }
 
 fn arb_context() -> impl Strategy<Value = CustomerContext> {
-    (0i32..5, any::<i64>()).prop_map(|(tier, ltv)| CustomerContext {
-        tier: CustomerTier::try_from(tier).unwrap_or_default(),
-        lifetime_value_minor: ltv,
-    })
+    (
+        0i32..5,
+        prop::collection::btree_map(
+            prop::sample::select(vec!["USD", "EUR", "JPY", "GBP"]).prop_map(str::to_owned),
+            any::<i64>(),
+            0..3,
+        ),
+    )
+        .prop_map(|(tier, lifetime_value)| CustomerContext {
+            tier: CustomerTier::try_from(tier).unwrap_or_default(),
+            lifetime_value,
+        })
 }
 
 proptest! {
@@ -487,6 +535,26 @@ proptest! {
         if !rules.needs_customer_context(&event) {
             prop_assert_eq!(rules.classify(&event, Some(&context)), rules.classify(&event, None));
         }
+    }
+
+    #[test]
+    fn lifetime_value_holds_iff_a_listed_currency_reaches_its_threshold(
+        thresholds in prop::collection::btree_map(
+            prop::sample::select(vec!["USD", "EUR", "JPY"]), 0i64..1_000, 1..3),
+        context in arb_context(),
+    ) {
+        let listed: Vec<_> = thresholds.iter().map(|(c, min)| format!("{c} = {min}")).collect();
+        let rules = Rules::from_toml(&format!(
+            "[[high]]\nreason = \"ltv\"\nwhen = {{ min_lifetime_value = {{ {} }} }}\n",
+            listed.join(", ")
+        ));
+        prop_assert!(rules.is_ok(), "{:?}", rules);
+        let rules = rules.unwrap_or_default();
+        let expected = thresholds
+            .iter()
+            .any(|(currency, min)| context.lifetime_value.get(*currency).is_some_and(|v| v >= min));
+        let decided = rules.classify(&event(EventType::PageViewed), Some(&context));
+        prop_assert_eq!(decided.reason == "ltv", expected, "{:?}", decided);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 const INSERT_LEDGER: &str =
-    "INSERT INTO analytics_processed (tenant_id, event_id, processed_at_ns) ";
+    "INSERT INTO analytics_processed (tenant_id, dedupe_key, event_id, processed_at_ns) ";
 const ADD_EVENT_COUNTS: &str = "INSERT INTO analytics_event_counts AS a \
     (tenant_id, minute_start_s, event_type, events) ";
 const EVENT_COUNTS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, minute_start_s, event_type) \
@@ -97,8 +97,9 @@ type Key3 = (String, String, String);
 type DealGroupRow = (String, String, Option<String>, i64, Option<i64>);
 
 impl Store {
-    /// Count `events` into the analytics aggregates in one transaction. An event already counted
-    /// (or earlier in the batch) is [`Applied::Duplicate`] and changes nothing.
+    /// Count `events` into the analytics aggregates in one transaction. An event whose tenant
+    /// and [`events::dedupe_id`] were already counted (or earlier in the batch) is
+    /// [`Applied::Duplicate`] and changes nothing. On error nothing of the batch is kept.
     pub async fn apply_analytics(&self, events: &[Event]) -> Result<Vec<Applied>, StoreError> {
         let mut outcomes = vec![Applied::Duplicate; events.len()];
         if events.is_empty() {
@@ -106,15 +107,16 @@ impl Store {
         }
         let failed = self.failed("counting analytics");
         let processed_at_ns = now_ns();
-        // One global lock order (ledger by event id, then each table by key) keeps concurrent
+        // One global lock order (ledger by key, then each table by key) keeps concurrent
         // batches on PostgreSQL from deadlocking; stable sorts keep a repeat's first copy.
         let mut by_event: Vec<usize> = (0..events.len()).collect();
-        by_event.sort_by_key(|&i| (&events[i].tenant_id, &events[i].event_id));
+        by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
             let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row
                     .push_bind(&event.tenant_id)
+                    .push_bind(events::dedupe_id(event))
                     .push_bind(&event.event_id)
                     .push_bind(processed_at_ns));
             for &index in &applied {

@@ -30,10 +30,10 @@ pub struct BatchResult {
     pub conflicts: u64,
 }
 
-/// Rows per multi-row statement (5 binds each: far below both backends' parameter limits).
+/// Rows per multi-row statement (6 binds each: far below both backends' parameter limits).
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 const INSERT_LEDGER: &str = "INSERT INTO processed_events \
-    (tenant_id, event_id, customer_id, event_type, processed_at_ns) ";
+    (tenant_id, dedupe_key, event_id, customer_id, event_type, processed_at_ns) ";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
 // (CASE rather than MAX/GREATEST, which differ between SQLite and PostgreSQL.)
 const UPSERT_CUSTOMERS: &str = "INSERT INTO customers AS c \
@@ -112,12 +112,6 @@ macro_rules! write_deal {
     }};
 }
 pub(crate) use {update_deal_amount, upsert_deal_state, write_deal};
-// Derived from the deal registers, not added up per event: a deal counts once, with its latest
-// amount, and only while it is won — whatever the order its events arrived in.
-const UPDATE_LIFETIME_VALUE: &str = "UPDATE customers SET lifetime_value_minor = \
-    (SELECT COALESCE(SUM(amount_minor), 0) FROM deals \
-     WHERE tenant_id = $1 AND customer_id = $2 AND status = 'won') \
-    WHERE tenant_id = $1 AND customer_id = $2";
 const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
     (tenant_id, customer_id, ticket_id, severity, status, occurred_at_ns, event_id) \
     VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -126,10 +120,12 @@ const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
 
 /// Inserts the ledger rows of the events at `order` (indices into `events`) with a few multi-row
-/// `INSERT … ON CONFLICT DO NOTHING RETURNING tenant_id, event_id` statements and evaluates to
-/// the indices, in `order`, of the events that were not in the ledger before. The first copy of
-/// an event repeated within the batch takes the row; later copies find it gone. A macro rather
-/// than a function because the transaction's type differs per backend (see [`with_pool!`]).
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING tenant_id, dedupe_key` statements and evaluates to
+/// the indices, in `order`, of the events whose `(tenant, events::dedupe_id)` was not in the
+/// ledger before. The first of several events with one key within the batch (a repeat, or a
+/// client's retry under the same idempotency key) takes the row; the others find it gone. A
+/// macro rather than a function because the transaction's type differs per backend (see
+/// [`with_pool!`]).
 macro_rules! claim_in_ledger {
     ($tx:expr, $failed:expr, $events:expr, $order:expr, $insert:expr,
      |$row:ident, $event:ident| $bind:expr) => {{
@@ -142,7 +138,7 @@ macro_rules! claim_in_ledger {
                 $bind;
             });
             insert.push(
-                " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
+                " ON CONFLICT (tenant_id, dedupe_key) DO NOTHING RETURNING tenant_id, dedupe_key",
             );
             let rows: Vec<(String, String)> = insert
                 .build_query_as()
@@ -156,7 +152,7 @@ macro_rules! claim_in_ledger {
             .copied()
             .filter(|&index| {
                 let event = &$events[index];
-                new_ids.remove(&(event.tenant_id.clone(), event.event_id.clone()))
+                new_ids.remove(&(event.tenant_id.clone(), events::dedupe_id(event).to_owned()))
             })
             .collect::<Vec<usize>>()
     }};
@@ -168,9 +164,14 @@ pub(crate) fn now_ns() -> i64 {
 }
 
 impl Store {
-    /// Apply `events` in one transaction (all or nothing). An event already in the ledger, or
+    /// Apply `events` in one transaction (all or nothing). An event whose tenant and
+    /// [`events::dedupe_id`] (idempotency key, else event id) are already in the ledger, or
     /// earlier in the same batch, is [`Applied::Duplicate`] and has no effect; every other one
     /// is recorded in the ledger and applied. Redelivering a committed batch changes nothing.
+    ///
+    /// On error nothing of the batch is kept (the transaction rolls back), so a caller may split
+    /// the batch and try again; [`StoreError::class`](crate::StoreError::class) says whether
+    /// that is worth it.
     pub async fn apply_batch(&self, events: &[Event]) -> Result<BatchResult, StoreError> {
         if events.is_empty() {
             return Ok(BatchResult::default());
@@ -182,18 +183,19 @@ impl Store {
             ..BatchResult::default()
         };
         // Row locks are taken in one global order so that concurrent batches cannot deadlock on
-        // PostgreSQL: first every ledger row by event id, then every customer row by customer,
+        // PostgreSQL: first every ledger row by key, then every customer row by customer,
         // then the registers customer by customer (a transaction holds a customer's row before
         // it touches that customer's registers). The final state does not
         // depend on the order of application. Stable sorts keep the first copy of a repeated
         // event as the applied one.
         let mut by_event: Vec<usize> = (0..events.len()).collect();
-        by_event.sort_by_key(|&i| (&events[i].tenant_id, &events[i].event_id));
+        by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
         with_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(failed)?;
             let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row
                     .push_bind(&event.tenant_id)
+                    .push_bind(events::dedupe_id(event))
                     .push_bind(&event.event_id)
                     .push_bind(&event.customer_id)
                     .push_bind(EventType::of(event).map_or("", EventType::as_str))
@@ -279,11 +281,7 @@ impl Store {
                         }
                     }
                 }
-                if deals_changed {
-                    sqlx::query(UPDATE_LIFETIME_VALUE)
-                        .bind(tenant).bind(customer)
-                        .execute(&mut *tx).await.map_err(failed)?;
-                }
+                // Lifetime value is derived from the deal registers when read: nothing to update.
                 if (deals_changed || tier_changed)
                     && result.context_changed.last().is_none_or(|(t, c)| (t, c) != (tenant, customer))
                 {

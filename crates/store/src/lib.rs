@@ -10,47 +10,72 @@
 mod analytics;
 mod apply;
 mod cache;
+mod error;
 mod model;
+mod prune;
 mod read;
 mod writes;
 
 pub use analytics::{AnalyticsSummary, ConsentCounts, MinuteCount, MoneyTotal, StageValue};
 pub use apply::{Applied, BatchResult};
 pub use cache::ContextCache;
-pub use model::{Conflict, Consent, CustomerContext, Deal, FieldVersion, Profile, Ticket};
+pub use error::{FailureClass, StoreError};
+pub use model::{
+    Conflict, Consent, CurrencyAmount, CustomerContext, Deal, FieldVersion, Profile, Ticket,
+};
+pub use prune::run_ledger_pruner;
 
+use serde::{Deserialize, Serialize};
 use sqlx::{
     PgPool, SqlitePool,
     postgres::PgPoolOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
 };
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{str::FromStr, time::Duration};
 
-/// A store operation that failed; each variant names what was being done.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("unsupported store URL scheme {scheme:?} (in {url}): use sqlite:… or postgres:…")]
-    UnsupportedScheme { scheme: String, url: String },
-    #[error("connecting to the {backend} store at {url}: {source}")]
-    Connect {
-        backend: &'static str,
-        url: String,
-        source: sqlx::Error,
-    },
-    #[error("migrating the {backend} store: {source}")]
-    Migrate {
-        backend: &'static str,
-        source: sqlx::migrate::MigrateError,
-    },
-    #[error("{operation} on the {backend} store: {source}")]
-    Query {
-        backend: &'static str,
-        operation: &'static str,
-        source: sqlx::Error,
-    },
-    /// The error of a lookup that concurrent [`ContextCache::get`] calls shared.
-    #[error(transparent)]
-    Shared(Arc<StoreError>),
+/// How to open a store: [`Store::connect_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// `sqlite://path?mode=rwc` or `postgres://…` / `postgresql://…`.
+    pub url: String,
+    /// SQLite only: when a commit reaches the disk.
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+impl StoreOptions {
+    /// `url` with the durable defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            sqlite_synchronous: SqliteSynchronous::default(),
+        }
+    }
+}
+
+/// SQLite's `synchronous` setting (in WAL mode), i.e. what a commit promises. The projector and
+/// analytics ack their events after the commit, so this decides whether an acked event's effect
+/// survives an OS crash or power loss. PostgreSQL always flushes its WAL at commit (with its
+/// default `synchronous_commit = on`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// Every commit is fsynced to the WAL before it returns: a committed (and so acked) batch
+    /// survives a process crash, an OS crash and power loss.
+    #[default]
+    Full,
+    /// Commits are fsynced only at checkpoints: a committed batch survives a process crash, but
+    /// an OS crash or power loss can roll back the last commits, whose events were already acked
+    /// and are not delivered again. Faster; for data that can be rebuilt by replaying the streams.
+    Normal,
+}
+
+impl SqliteSynchronous {
+    fn pragma(self) -> sqlx::sqlite::SqliteSynchronous {
+        match self {
+            Self::Full => sqlx::sqlite::SqliteSynchronous::Full,
+            Self::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -136,9 +161,16 @@ fn redacted(url: &str) -> String {
 }
 
 impl Store {
-    /// Connect and run the embedded migrations. `sqlite://path?mode=rwc` (WAL,
-    /// `synchronous=NORMAL`, a busy timeout, foreign keys) or `postgres://…`/`postgresql://…`.
+    /// Connect with the defaults of [`StoreOptions::new`] (on SQLite `synchronous=FULL`) and
+    /// run the embedded migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(&StoreOptions::new(url)).await
+    }
+
+    /// Connect and run the embedded migrations. SQLite runs in WAL mode with
+    /// `options.sqlite_synchronous`, a busy timeout and foreign keys.
+    pub async fn connect_with(options: &StoreOptions) -> Result<Self, StoreError> {
+        let url = options.url.as_str();
         let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
         let backend = match scheme {
             "sqlite" => "sqlite",
@@ -157,20 +189,25 @@ impl Store {
         };
         let migrate_error = |source| StoreError::Migrate { backend, source };
         let (pool, read) = if backend == "sqlite" {
-            let options = SqliteConnectOptions::from_str(url)
+            let sqlite = SqliteConnectOptions::from_str(url)
                 .map_err(connect_error)?
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
+                .synchronous(options.sqlite_synchronous.pragma())
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
             // SQLite has no advisory lock: when several roles start at once over a new file,
             // one may be switching it to WAL or applying a migration while another starts to
             // ("database is locked", or a table that already exists). The loser tries again and
-            // then finds the work done.
+            // then finds the work done. A file that cannot be opened at all fails at once.
             let mut attempt: u32 = 0;
             let (write, read) = loop {
-                match open_sqlite(&options).await {
+                match open_sqlite(&sqlite).await {
                     Ok(pools) => break pools,
+                    Err(OpenError::Connect(err))
+                        if error::classify("sqlite", &err) != FailureClass::Transient =>
+                    {
+                        return Err(connect_error(err));
+                    }
                     Err(_) if attempt < 10 => {
                         attempt += 1;
                         tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
@@ -234,6 +271,59 @@ mod tests {
         send(store.processed_count());
         send(cache.get("t", "c"));
         send(cache.invalidate("t", "c"));
+    }
+
+    /// What a commit promises is what was asked for; FULL unless told otherwise.
+    #[tokio::test]
+    async fn sqlite_synchronous_is_full_by_default_and_normal_on_request() {
+        use super::{Pool, SqliteSynchronous, StoreOptions};
+        // PRAGMA synchronous reads 2 for FULL, 1 for NORMAL.
+        for (synchronous, pragma) in [
+            (None, 2),
+            (Some(SqliteSynchronous::Full), 2),
+            (Some(SqliteSynchronous::Normal), 1),
+        ] {
+            let db = test_support::TempSqlite::new();
+            let store = match synchronous {
+                None => Store::connect(&db.url()).await,
+                Some(sqlite_synchronous) => {
+                    Store::connect_with(&StoreOptions {
+                        url: db.url(),
+                        sqlite_synchronous,
+                    })
+                    .await
+                }
+            }
+            .expect("connect");
+            let Pool::Sqlite(writer) = &store.pool else {
+                panic!("a SQLite store")
+            };
+            let value: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(writer)
+                .await
+                .expect("pragma");
+            assert_eq!(value, pragma, "{synchronous:?}");
+        }
+    }
+
+    #[test]
+    fn synchronous_reads_from_config_words() {
+        use super::SqliteSynchronous;
+        #[derive(serde::Deserialize)]
+        struct Section {
+            sqlite_synchronous: SqliteSynchronous,
+        }
+        let parsed =
+            |text: &str| serde_json::from_str::<Section>(text).map(|s| s.sqlite_synchronous);
+        assert_eq!(
+            parsed(r#"{"sqlite_synchronous":"full"}"#).ok(),
+            Some(SqliteSynchronous::Full)
+        );
+        assert_eq!(
+            parsed(r#"{"sqlite_synchronous":"normal"}"#).ok(),
+            Some(SqliteSynchronous::Normal)
+        );
+        assert!(parsed(r#"{"sqlite_synchronous":"off"}"#).is_err());
     }
 
     #[test]

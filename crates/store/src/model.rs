@@ -6,12 +6,19 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// What routing may know about a customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerContext {
     pub tier: CustomerTier,
-    /// Sum of the amounts of the customer's won deals, in minor units, added across currencies
-    /// as they are (no conversion).
-    pub lifetime_value_minor: i64,
+    /// The customer's lifetime value: see [`Profile::lifetime_value`].
+    pub lifetime_value: Vec<CurrencyAmount>,
+}
+
+/// An amount of one currency, in its minor unit (cents for USD).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CurrencyAmount {
+    /// ISO 4217, e.g. `USD`.
+    pub currency_code: String,
+    pub minor_units: i64,
 }
 
 /// A customer's projected profile. Maps are ordered, so equal profiles serialize identically.
@@ -26,8 +33,10 @@ pub struct Profile {
     pub field_versions: BTreeMap<String, FieldVersion>,
     /// Lower-case tier label; `unspecified` when unknown or cleared.
     pub tier: String,
-    /// Sum of the amounts of won deals in minor units, across currencies without conversion.
-    pub lifetime_value_minor: i64,
+    /// The sum of the latest amounts of the customer's won deals, one entry per currency
+    /// (never added across currencies), ordered by currency code; empty without a won deal.
+    /// Sums saturate at `i64::MAX` rather than fail or wrap.
+    pub lifetime_value: Vec<CurrencyAmount>,
     /// By lower-case channel name (`email`, `sms`, …).
     pub consents: BTreeMap<String, Consent>,
     /// Ordered by deal id.
@@ -91,4 +100,21 @@ pub struct Conflict {
 /// Nanoseconds since the epoch as RFC 3339 (UTC, only as many fraction digits as needed).
 pub(crate) fn rfc3339(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// Per-currency sums of `(currency, minor_units)` amounts, saturating, ordered by currency code.
+pub(crate) fn sum_by_currency(
+    amounts: impl IntoIterator<Item = (String, i64)>,
+) -> Vec<CurrencyAmount> {
+    let mut sums: BTreeMap<String, i64> = BTreeMap::new();
+    for (currency, minor_units) in amounts {
+        let sum = sums.entry(currency).or_default();
+        *sum = sum.saturating_add(minor_units);
+    }
+    sums.into_iter()
+        .map(|(currency_code, minor_units)| CurrencyAmount {
+            currency_code,
+            minor_units,
+        })
+        .collect()
 }

@@ -2,15 +2,17 @@
 
 use crate::{
     Conflict, Consent, CustomerContext, Deal, FieldVersion, Profile, Store, StoreError, Ticket,
-    model::rfc3339,
+    model::{rfc3339, sum_by_currency},
     with_read_pool,
     writes::{tier_from_label, tier_label},
 };
 
-/// lifetime_value_minor, payment_failures, events_applied, last_event_at_ns
-type CustomerRow = (i64, i64, i64, i64);
+/// payment_failures, events_applied, last_event_at_ns
+type CustomerRow = (i64, i64, i64);
 /// deal_id, stage, status, amount_minor, currency, occurred_at_ns
 type DealRow = (String, String, String, Option<i64>, Option<String>, i64);
+/// tier, currency and amount of one won deal (`None`s without one)
+type ContextRow = (Option<String>, Option<String>, Option<i64>);
 /// field, losing_value, losing_event_id, losing_occurred_at_ns, winning_event_id
 type ConflictRow = (String, String, String, i64, String);
 
@@ -23,9 +25,9 @@ impl Store {
     ) -> Result<Option<Profile>, StoreError> {
         let failed = self.failed("reading a profile");
         with_read_pool!(self, pool => {
-            let Some((lifetime_value_minor, payment_failures, events_applied, last_event_at_ns)) =
+            let Some((payment_failures, events_applied, last_event_at_ns)) =
                 sqlx::query_as::<_, CustomerRow>(
-                    "SELECT lifetime_value_minor, payment_failures, events_applied, last_event_at_ns \
+                    "SELECT payment_failures, events_applied, last_event_at_ns \
                      FROM customers WHERE tenant_id = $1 AND customer_id = $2",
                 )
                 .bind(tenant).bind(customer)
@@ -74,7 +76,12 @@ impl Store {
                     .collect(),
                 fields: fields.into_iter().map(|(field, value, ..)| (field, value)).collect(),
                 tier: tier_label(tier),
-                lifetime_value_minor,
+                lifetime_value: sum_by_currency(deals.iter().filter_map(
+                    |(_, _, status, amount, currency, _)| match (status.as_str(), amount, currency) {
+                        ("won", Some(amount), Some(currency)) => Some((currency.clone(), *amount)),
+                        _ => None,
+                    },
+                )),
                 consents: consents
                     .into_iter()
                     .map(|(channel, granted, at)| (channel, Consent { granted, occurred_at: rfc3339(at) }))
@@ -98,28 +105,37 @@ impl Store {
         })
     }
 
-    /// Tier and lifetime value, or `None` when no event of this customer was applied.
+    /// Tier and lifetime value per currency, or `None` when no event of this customer was
+    /// applied. One round trip: a row per won deal with an amount (or one without a deal).
     pub async fn customer_context(
         &self,
         tenant: &str,
         customer: &str,
     ) -> Result<Option<CustomerContext>, StoreError> {
         let failed = self.failed("reading customer context");
-        let row: Option<(i64, Option<String>)> = with_read_pool!(self, pool => {
+        let rows: Vec<ContextRow> = with_read_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT c.lifetime_value_minor, f.value FROM customers c \
+                "SELECT f.value, d.currency, d.amount_minor FROM customers c \
                  LEFT JOIN profile_fields f ON f.tenant_id = c.tenant_id \
                      AND f.customer_id = c.customer_id AND f.field = 'tier' \
+                 LEFT JOIN deals d ON d.tenant_id = c.tenant_id AND d.customer_id = c.customer_id \
+                     AND d.status = 'won' AND d.amount_minor IS NOT NULL AND d.currency IS NOT NULL \
                  WHERE c.tenant_id = $1 AND c.customer_id = $2",
             )
             .bind(tenant).bind(customer)
-            .fetch_optional(pool).await.map_err(failed)?
+            .fetch_all(pool).await.map_err(failed)?
         });
-        Ok(row.map(|(lifetime_value_minor, tier)| CustomerContext {
+        let Some((tier, ..)) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some(CustomerContext {
             tier: tier
                 .as_deref()
                 .map_or(events::pb::CustomerTier::Unspecified, tier_from_label),
-            lifetime_value_minor,
+            lifetime_value: sum_by_currency(
+                rows.iter()
+                    .filter_map(|(_, currency, amount)| Some((currency.clone()?, (*amount)?))),
+            ),
         }))
     }
 

@@ -18,7 +18,43 @@ conformance!(
     pipeline_and_won_revenue_converge_in_any_order,
     events_per_minute_by_occurred_at,
     concurrent_overlapping_batches_count_each_event_once,
+    a_retry_with_the_same_idempotency_key_is_counted_once,
 );
+
+/// A client retry after the bus's duplicate window (same idempotency key, new event id) is not
+/// counted again; another tenant's event with the same key is.
+async fn a_retry_with_the_same_idempotency_key_is_counted_once(store: Store) {
+    let view = keyed(sample::event(EventType::PageViewed, TENANT, "c1"), "view-1");
+    let deal = keyed(won("c1", 1, "d1", "USD", 500), "deal-1");
+    assert_eq!(
+        count(&store, &[view.clone(), deal.clone()]).await,
+        [Applied::Applied, Applied::Applied]
+    );
+    let before = store.analytics_summary(TENANT).await.expect("summary");
+    let mut retried_deal = retried(&deal);
+    if let Some(events::pb::event::Payload::DealWon(won)) = retried_deal.payload.as_mut() {
+        // Even if the retry differs, the key says it is the same operation.
+        won.amount.get_or_insert_default().minor_units = 900;
+    }
+    assert_eq!(
+        count(&store, &[retried(&view), retried_deal, retried(&view)]).await,
+        [Applied::Duplicate, Applied::Duplicate, Applied::Duplicate]
+    );
+    assert_eq!(
+        store.analytics_summary(TENANT).await.expect("summary"),
+        before
+    );
+    assert_eq!(before.events_counted, 2);
+
+    let mut elsewhere = retried(&view);
+    elsewhere.tenant_id = "other-tenant".into();
+    assert_eq!(count(&store, &[elsewhere]).await, [Applied::Applied]);
+    let other = store
+        .analytics_summary("other-tenant")
+        .await
+        .expect("summary");
+    assert_eq!(other.events_by_type["page_viewed"], 1);
+}
 
 async fn count(store: &Store, events: &[events::Event]) -> Vec<Applied> {
     store

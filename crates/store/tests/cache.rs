@@ -74,11 +74,11 @@ async fn cache_scenario(store: Store, counters: &Counters) {
     cache.invalidate(TENANT, "c9").await;
     let enterprise = CustomerContext {
         tier: CustomerTier::Enterprise,
-        lifetime_value_minor: 0,
+        lifetime_value: vec![],
     };
     assert_eq!(
         cache.get(TENANT, "c9").await.expect("context"),
-        Some(enterprise)
+        Some(enterprise.clone())
     );
     assert_eq!(
         cache.get(TENANT, "c9").await.expect("context"),
@@ -97,7 +97,8 @@ async fn cache_scenario(store: Store, counters: &Counters) {
         cache.invalidate(tenant, customer).await;
     }
     let context = cache.get(TENANT, "c9").await.expect("context");
-    assert_eq!(context.map(|c| c.lifetime_value_minor), Some(9_000_000));
+    let context = context.expect("known customer");
+    assert_eq!(per_currency(&context.lifetime_value), [("USD", 9_000_000)]);
     assert_eq!(
         (counters.get(HIT) - hits, counters.get(MISS) - misses),
         (2, 3)

@@ -15,6 +15,7 @@ use proptest::{
     prelude::*,
     test_runner::{Config, TestRunner},
 };
+use std::time::Duration;
 use store::{Applied, CustomerContext, Profile, Store, StoreError};
 use test_support::TempSqlite;
 
@@ -28,7 +29,264 @@ conformance!(
     the_conflicting_set_converges_in_reverse,
     concurrent_overlapping_batches_apply_each_event_once,
     only_tier_and_deal_writes_change_the_routing_context,
+    a_retry_with_the_same_idempotency_key_has_no_second_effect,
+    lifetime_value_sums_saturate_instead_of_failing_the_batch,
+    pruning_forgets_only_ledger_rows_past_retention,
 );
+
+/// Both ledgers lose exactly their rows older than the retention, over several chunks; what is
+/// kept still deduplicates, and what was pruned is no longer recognised (the documented limit:
+/// idempotency lasts as long as the ledger keeps the row).
+async fn pruning_forgets_only_ledger_rows_past_retention(store: Store) {
+    let old: Vec<_> = (0..2_500)
+        .map(|i| {
+            at(
+                &format!("o{}", i % 10),
+                i,
+                sample::payload(EventType::PageViewed),
+            )
+        })
+        .chain([keyed(won("o1", 1, "d1", "USD", 100), "deal-1")])
+        .collect();
+    apply(&store, &old).await;
+    store.apply_analytics(&old).await.expect("count");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recent = vec![
+        keyed(won("r1", 1, "d1", "USD", 100), "deal-2"),
+        at("r1", 2, sample::payload(EventType::PageViewed)),
+    ];
+    apply(&store, &recent).await;
+    store.apply_analytics(&recent).await.expect("count");
+
+    let pruned = store
+        .prune_ledgers(Duration::from_secs(1))
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 2 * old.len() as u64, "the old rows of both ledgers");
+    assert_eq!(store.processed_count().await.expect("count"), 2);
+    assert_eq!(
+        store
+            .analytics_summary(TENANT)
+            .await
+            .expect("summary")
+            .events_counted,
+        2
+    );
+    assert_eq!(
+        store
+            .prune_ledgers(Duration::from_secs(1))
+            .await
+            .expect("prune"),
+        0
+    );
+
+    // Kept rows still deduplicate, in both ledgers.
+    let again = [retried(&recent[0]), recent[1].clone()];
+    assert_eq!(
+        apply(&store, &again).await.outcomes,
+        [Applied::Duplicate; 2]
+    );
+    assert_eq!(
+        store.apply_analytics(&again).await.expect("count"),
+        [Applied::Duplicate; 2]
+    );
+    // Pruned ones do not: a retry past the retention is applied again.
+    let late = retried(&old[old.len() - 1]);
+    assert_eq!(
+        apply(&store, std::slice::from_ref(&late)).await.outcomes,
+        [Applied::Applied]
+    );
+    assert_eq!(
+        store
+            .apply_analytics(std::slice::from_ref(&late))
+            .await
+            .expect("count"),
+        [Applied::Applied]
+    );
+    // The profile itself is untouched by pruning.
+    assert_eq!(profile(&store, "o0").await.events_applied, 250);
+}
+
+/// The pruner prunes on its tick and stops when told.
+#[tokio::test]
+async fn the_pruner_runs_until_shutdown() {
+    let db = TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("connect");
+    apply(
+        &store,
+        &[sample::event(EventType::PageViewed, TENANT, "c1")],
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let pruner = tokio::spawn(store::run_ledger_pruner(
+        store.clone(),
+        Duration::from_millis(50),
+        Duration::from_millis(20),
+        shutdown.clone(),
+    ));
+    test_support::eventually("the ledger to be pruned", || async {
+        store.processed_count().await.expect("count") == 0
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), pruner)
+        .await
+        .expect("stops on shutdown")
+        .expect("join");
+}
+
+/// A ledger written before migration 0003 (keyed on event ids) still recognises its events:
+/// their dedupe key is their event id.
+async fn ledger_rows_from_before_dedupe_keys_still_count(url: &str, backend: &str) {
+    let event = won("m1", 1, "d1", "USD", 100);
+    let migrations = format!("{}/migrations/{backend}", env!("CARGO_MANIFEST_DIR"));
+    let all = sqlx::migrate::Migrator::new(std::path::Path::new(&migrations))
+        .await
+        .expect("migrations");
+    let before = sqlx::migrate::Migrator {
+        migrations: all
+            .migrations
+            .iter()
+            .filter(|m| m.version < 3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    let old_rows = [
+        "INSERT INTO processed_events (tenant_id, event_id, customer_id, event_type, processed_at_ns) \
+         VALUES ($1, $2, 'm1', 'deal_won', 1)",
+        "INSERT INTO analytics_processed (tenant_id, event_id, processed_at_ns) VALUES ($1, $2, 1)",
+        "INSERT INTO customers (tenant_id, customer_id, lifetime_value_minor, payment_failures, \
+         events_applied, last_event_at_ns) VALUES ($1, 'm1', 100, 0, 1, 1)",
+    ];
+    // Each backend its own pool type: the same steps twice.
+    if backend == "sqlite" {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+        before.run(&pool).await.expect("migrate to 0002");
+        for sql in old_rows {
+            sqlx::query(sql)
+                .bind(TENANT)
+                .bind(&event.event_id)
+                .execute(&pool)
+                .await
+                .expect("old row");
+        }
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("connect");
+        before.run(&pool).await.expect("migrate to 0002");
+        for sql in old_rows {
+            sqlx::query(sql)
+                .bind(TENANT)
+                .bind(&event.event_id)
+                .execute(&pool)
+                .await
+                .expect("old row");
+        }
+        pool.close().await;
+    }
+
+    let store = Store::connect(url)
+        .await
+        .expect("connect and migrate to 0003");
+    assert_eq!(
+        apply(&store, std::slice::from_ref(&event)).await.outcomes,
+        [Applied::Duplicate]
+    );
+    assert_eq!(
+        store
+            .apply_analytics(std::slice::from_ref(&event))
+            .await
+            .expect("count"),
+        [Applied::Duplicate]
+    );
+    let p = profile(&store, "m1").await;
+    assert_eq!(p.events_applied, 1);
+    let fresh = won("m1", 2, "d2", "USD", 5);
+    assert_eq!(apply(&store, &[fresh]).await.outcomes, [Applied::Applied]);
+}
+
+#[tokio::test]
+async fn sqlite_ledgers_from_before_dedupe_keys_still_count() {
+    let db = TempSqlite::new();
+    ledger_rows_from_before_dedupe_keys_still_count(&db.url(), "sqlite").await;
+}
+
+#[tokio::test]
+async fn postgres_ledgers_from_before_dedupe_keys_still_count() {
+    let db = test_support::TempPostgres::create().await;
+    ledger_rows_from_before_dedupe_keys_still_count(&db.url(), "postgres").await;
+}
+
+/// A client retry after the bus's duplicate window: same idempotency key, new event id.
+async fn a_retry_with_the_same_idempotency_key_has_no_second_effect(store: Store) {
+    let deal = keyed(won("k1", 1, "d1", "USD", 700), "deal-42");
+    let failure = keyed(
+        at("k1", 2, sample::payload(EventType::PaymentFailed)),
+        "pay-42",
+    );
+    apply(&store, &[deal.clone(), failure.clone()]).await;
+    let before = serde_json::to_value(profile(&store, "k1").await).expect("json");
+
+    let retries = [retried(&deal), retried(&failure)];
+    let result = apply(&store, &retries).await;
+    assert_eq!(result.outcomes, [Applied::Duplicate, Applied::Duplicate]);
+    assert!(result.changed_customers.is_empty(), "{result:?}");
+    assert_eq!(
+        serde_json::to_value(profile(&store, "k1").await).expect("json"),
+        before
+    );
+    let p = profile(&store, "k1").await;
+    assert_eq!((p.events_applied, p.payment_failures), (2, 1));
+    assert_eq!(store.processed_count().await.expect("count"), 2);
+
+    // Within one batch too: the first copy is applied, the retry beside it is not.
+    let page = keyed(
+        at("k2", 1, sample::payload(EventType::PaymentFailed)),
+        "pay-43",
+    );
+    let result = apply(&store, &[page.clone(), retried(&page)]).await;
+    assert_eq!(result.outcomes, [Applied::Applied, Applied::Duplicate]);
+    assert_eq!(profile(&store, "k2").await.payment_failures, 1);
+
+    // The key is the tenant's: another tenant's event with the same key is another event.
+    let mut elsewhere = retried(&failure);
+    elsewhere.tenant_id = "other".into();
+    assert_eq!(
+        apply(&store, &[elsewhere]).await.outcomes,
+        [Applied::Applied]
+    );
+    let other = store
+        .profile("other", "k1")
+        .await
+        .expect("read")
+        .expect("applied");
+    assert_eq!((other.events_applied, other.payment_failures), (1, 1));
+    // An event without a key is still deduplicated by its id.
+    let plain = at("k3", 1, sample::payload(EventType::PageViewed));
+    let result = apply(&store, &[plain.clone(), plain]).await;
+    assert_eq!(result.outcomes, [Applied::Applied, Applied::Duplicate]);
+}
+
+/// Won amounts are summed with saturation: a sum past i64::MAX neither fails the batch (SQLite's
+/// SUM raises "integer overflow", PostgreSQL's bigint is out of range) nor wraps.
+async fn lifetime_value_sums_saturate_instead_of_failing_the_batch(store: Store) {
+    let result = store
+        .apply_batch(&[
+            won("rich", 1, "d1", "USD", i64::MAX),
+            won("rich", 2, "d2", "USD", 1_000),
+        ])
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+    let p = profile(&store, "rich").await;
+    assert_eq!(per_currency(&p.lifetime_value), [("USD", i64::MAX)]);
+    let context = store
+        .customer_context(TENANT, "rich")
+        .await
+        .expect("context");
+    assert_eq!(context.map(|c| c.lifetime_value), Some(p.lifetime_value));
+}
 
 async fn only_tier_and_deal_writes_change_the_routing_context(store: Store) {
     let pair = |c: &str| (TENANT.to_owned(), c.to_owned());
@@ -93,10 +351,8 @@ async fn applies_and_reads_a_profile(store: Store) {
     assert_eq!(p.fields["tier"], "standard");
     assert_eq!(p.tier, "standard");
     assert_eq!(p.field_versions["email"].event_id, created.event_id);
-    assert_eq!(
-        (p.events_applied, p.payment_failures, p.lifetime_value_minor),
-        (1, 0, 0)
-    );
+    assert_eq!((p.events_applied, p.payment_failures), (1, 0));
+    assert!(p.lifetime_value.is_empty(), "{:?}", p.lifetime_value);
     assert_eq!(p.field_versions["email"].occurred_at, p.last_event_at);
 
     let json = serde_json::to_value(&p).expect("json");
@@ -108,6 +364,7 @@ async fn applies_and_reads_a_profile(store: Store) {
         "deals",
         "tickets",
         "last_event_at",
+        "lifetime_value",
     ] {
         assert!(json.get(key).is_some(), "{key} in {json}");
     }
@@ -115,7 +372,7 @@ async fn applies_and_reads_a_profile(store: Store) {
         store.customer_context(TENANT, "c1").await.expect("context"),
         Some(CustomerContext {
             tier: CustomerTier::Standard,
-            lifetime_value_minor: 0
+            lifetime_value: vec![],
         })
     );
     assert_eq!(store.profile(TENANT, "nobody").await.expect("read"), None);
@@ -163,8 +420,16 @@ async fn duplicates_have_no_second_effect(store: Store) {
 
     let p = profile(&store, "c1").await;
     assert_eq!(
-        p.lifetime_value_minor, 1_000,
-        "each deal once, currencies added as they are"
+        per_currency(&p.lifetime_value),
+        [("EUR", 300), ("USD", 700)],
+        "each deal once, per currency"
+    );
+    assert_eq!(
+        serde_json::to_value(&p.lifetime_value).expect("json"),
+        serde_json::json!([
+            { "currency_code": "EUR", "minor_units": 300 },
+            { "currency_code": "USD", "minor_units": 700 },
+        ])
     );
     assert_eq!((p.events_applied, p.payment_failures), (3, 1));
     assert_eq!(store.processed_count().await.expect("count"), 3);
@@ -318,7 +583,7 @@ async fn consents_deals_and_tickets_are_last_writer_wins(store: Store) {
         (deal.amount_minor, deal.currency.as_deref()),
         (Some(500), Some("USD"))
     );
-    assert_eq!(p.lifetime_value_minor, 500);
+    assert_eq!(per_currency(&p.lifetime_value), [("USD", 500)]);
     let ticket = &p.tickets[0];
     assert_eq!(
         (ticket.status.as_str(), ticket.severity.as_str()),
@@ -332,7 +597,7 @@ async fn consents_deals_and_tickets_are_last_writer_wins(store: Store) {
         (p.deals[0].status.as_str(), p.deals[0].amount_minor),
         ("lost", Some(500))
     );
-    assert_eq!(p.lifetime_value_minor, 0);
+    assert!(p.lifetime_value.is_empty(), "{:?}", p.lifetime_value);
     // Re-won later with a new amount: counted once, at that amount.
     apply(
         &store,
@@ -340,7 +605,8 @@ async fn consents_deals_and_tickets_are_last_writer_wins(store: Store) {
     )
     .await;
     let context = store.customer_context(TENANT, c).await.expect("context");
-    assert_eq!(context.map(|c| c.lifetime_value_minor), Some(650));
+    let context = context.expect("known customer");
+    assert_eq!(per_currency(&context.lifetime_value), [("USD", 650)]);
 }
 
 /// Workers redelivering overlapping batches at once: no deadlock, and each event counts once.
@@ -369,9 +635,10 @@ async fn concurrent_overlapping_batches_apply_each_event_once(store: Store) {
     assert_eq!(store.processed_count().await.expect("count"), 40);
     for customer in customers {
         let p = profile(&store, customer).await;
+        assert_eq!(p.events_applied, 10, "{customer}");
         assert_eq!(
-            (p.events_applied, p.lifetime_value_minor),
-            (10, 100),
+            per_currency(&p.lifetime_value),
+            [("USD", 100)],
             "{customer}"
         );
     }
@@ -397,7 +664,10 @@ fn expect_converged(p: &Profile) {
             ("d3", "won", Some(30_000))
         ]
     );
-    assert_eq!(p.lifetime_value_minor, 150_000);
+    assert_eq!(
+        per_currency(&p.lifetime_value),
+        [("EUR", 30_000), ("USD", 120_000)]
+    );
     assert_eq!(p.tickets[0].status, "escalated");
     assert_eq!((p.payment_failures, p.events_applied), (1, 21));
 }

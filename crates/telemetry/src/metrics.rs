@@ -24,6 +24,7 @@ pub const CONSUMER_ACK_PENDING_MESSAGES: &str = "crm_consumer_ack_pending_messag
 pub const CACHE_REQUESTS_TOTAL: &str = "crm_cache_requests_total";
 pub const PROJECTOR_CONFLICTS_TOTAL: &str = "crm_projector_conflicts_total";
 pub const PROJECTOR_DUPLICATES_TOTAL: &str = "crm_projector_duplicates_total";
+pub const STORE_LEDGER_PRUNED_TOTAL: &str = "crm_store_ledger_pruned_total";
 pub const RULES_RELOADS_TOTAL: &str = "crm_rules_reloads_total";
 pub const NATS_CONNECTED: &str = "crm_nats_connected";
 pub const THROTTLE_ANALYTICS_RATE: &str = "crm_throttle_analytics_rate";
@@ -130,6 +131,8 @@ pub const ALL: &[MetricDef] = &[
         "Profile field updates lost to a newer write (last-writer-wins)"),
     def(PROJECTOR_DUPLICATES_TOTAL, Counter, COUNT, &[],
         "Redelivered events recognised by the processed-event ledger and skipped"),
+    def(STORE_LEDGER_PRUNED_TOTAL, Counter, COUNT, &[],
+        "Idempotency ledger rows (projection and analytics) deleted past [store] ledger_retention"),
     def(RULES_RELOADS_TOTAL, Counter, COUNT, &["result"],
         "Routing rule reloads by result (ok, error)"),
     def(NATS_CONNECTED, Gauge, None, &[],
@@ -227,7 +230,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 36);
+        assert_eq!(ALL.len(), 37);
     }
 
     #[test]

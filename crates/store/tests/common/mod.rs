@@ -193,3 +193,24 @@ pub fn conflicting_set() -> Vec<Event> {
         at(c, 11, sample::payload(events::EventType::PaymentFailed)),
     ]
 }
+
+/// `event` with `key` as its idempotency key: a client's retry of one operation.
+pub fn keyed(mut event: Event, key: &str) -> Event {
+    event.idempotency_key = key.into();
+    event
+}
+
+/// `event` again as a client retry would send it: the same idempotency key, a new event id.
+pub fn retried(event: &Event) -> Event {
+    let mut retry = event.clone();
+    retry.event_id = events::new_event_id();
+    retry
+}
+
+/// A lifetime value as `(currency, minor units)` pairs, for assertions.
+pub fn per_currency(value: &[store::CurrencyAmount]) -> Vec<(&str, i64)> {
+    value
+        .iter()
+        .map(|v| (v.currency_code.as_str(), v.minor_units))
+        .collect()
+}
