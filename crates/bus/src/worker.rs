@@ -678,7 +678,8 @@ where
     Fut: Future<Output = Result<R, E>>,
 {
     let mut settled = Vec::new();
-    let mut todo = vec![0..items.len()];
+    let mut todo = Vec::new();
+    todo.push(0..items.len());
     while let Some(range) = todo.pop() {
         if range.is_empty() {
             continue;

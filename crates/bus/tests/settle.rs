@@ -141,10 +141,14 @@ async fn a_full_dlq_keeps_the_message_until_its_dead_letter_is_written() {
     worker.await.expect("join").expect("worker ok");
 }
 
+/// One handler call: whether the dependency was down, and each message's payload and delivery
+/// count.
+type Call = (bool, Vec<(String, i64)>);
+
 /// Answers `Wait` while `down` is set, else `Done`; records every call.
 struct Outage {
     down: AtomicBool,
-    calls: Mutex<Vec<(bool, Vec<(String, i64)>)>>,
+    calls: Mutex<Vec<Call>>,
 }
 
 impl Handler for Outage {
@@ -219,7 +223,7 @@ async fn an_outage_is_waited_out_holding_the_batch_without_spending_deliveries()
     worker.await.expect("join").expect("worker ok");
 
     let calls = handler.calls.lock().expect("lock").clone();
-    let during: Vec<&(bool, Vec<(String, i64)>)> = calls.iter().filter(|(d, _)| *d).collect();
+    let during: Vec<&Call> = calls.iter().filter(|(d, _)| *d).collect();
     assert!(
         during.len() >= 3,
         "the held batch was retried during the outage: {during:?}"

@@ -8,6 +8,10 @@ use std::{sync::Arc, time::Duration};
 use store::{ContextCache, Store};
 use telemetry::Readiness;
 
+/// How often the projector prunes the idempotency ledgers of rows older than
+/// `[store].ledger_retention`.
+const LEDGER_PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Which roles run in this process.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Roles {
@@ -257,10 +261,13 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         }
     };
     readiness.set("nats", true);
+    let definitions = Definitions::embedded()?;
+    // Create what is missing and check the contract of what exists; an operator's settings
+    // (sizes, replicas, ack waits) are theirs. Only `crm provision` changes an existing object.
     let report = bus
-        .provision(&Definitions::embedded()?)
+        .ensure(&definitions)
         .await
-        .context("provisioning streams and consumers")?;
+        .context("checking the streams and consumers")?;
     for change in report
         .changes
         .iter()
@@ -284,6 +291,12 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         shutdown.clone(),
     ));
     tokio::spawn(watch_consumers(bus.clone(), shutdown.clone()));
+    tokio::spawn(bus::watch_streams(
+        bus.clone(),
+        definitions.stream_names(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
 
     let store = if roles.gateway || roles.router || roles.projector || roles.analytics {
         if let Some(dir) = sqlite_dir(&config.store.url) {
@@ -334,6 +347,17 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         tasks.spawn(async move { server.await?.map_err(anyhow::Error::from) });
     }
     if roles.router {
+        // The router owns CRM_INGEST's consumption, so it keeps the stream trimmed: processed
+        // events beyond the replay window go, unprocessed ones never.
+        config
+            .retention
+            .validate()
+            .context("[retention] is invalid")?;
+        tokio::spawn(bus::run_ingest_retention(
+            bus.clone(),
+            config.retention.clone(),
+            shutdown.clone(),
+        ));
         let rules = match &config.router.rules_file {
             Some(path) if path.exists() => {
                 let rules = router::RulesHandle::load(path).map_err(anyhow::Error::msg)?;
@@ -366,6 +390,13 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     }
     if roles.projector {
         let store = store.clone().context("the projector needs a store")?;
+        // Idempotency holds for as long as the ledgers keep a row; the projector prunes them.
+        tokio::spawn(store::run_ledger_pruner(
+            store.clone(),
+            config.store.ledger_retention,
+            LEDGER_PRUNE_EVERY,
+            shutdown.clone(),
+        ));
         let (bus, projector_config, shutdown) = (
             role_bus("projector").await?,
             config.projector.clone(),

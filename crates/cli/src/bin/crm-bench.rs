@@ -138,7 +138,7 @@ async fn main() -> Result<()> {
     .await?;
 
     // Projector alone over the lane backlog (SQLite, WAL, batched transactions).
-    let store = store::Store::connect(&config.store.url).await?;
+    let store = store::Store::connect_with(&config.store.options()).await?;
     let projector = time_role(
         &config,
         Roles {
