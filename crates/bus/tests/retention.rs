@@ -171,7 +171,7 @@ async fn a_full_lane_refuses_a_publish_keeps_what_it_stored_and_takes_more_once_
             "a 4 KiB lane took 100 messages of 300 bytes"
         );
     };
-    assert_eq!(refused.kind(), BusErrorKind::Rejected, "{refused}");
+    assert_eq!(refused.kind(), BusErrorKind::Full, "{refused}");
     assert!(!stored.is_empty());
 
     let full = state(&bus, "CRM_LANE_HIGH").await;
@@ -238,7 +238,7 @@ async fn dead_letters_do_not_age_out_and_a_full_dlq_refuses() {
         }
         assert!(stored < 100);
     };
-    assert_eq!(refused.kind(), BusErrorKind::Rejected);
+    assert_eq!(refused.kind(), BusErrorKind::Full);
     assert_eq!(state(&bus, "CRM_DLQ").await.messages, stored);
 }
 

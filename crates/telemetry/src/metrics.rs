@@ -230,7 +230,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 37);
+        assert_eq!(ALL.len(), 40);
     }
 
     #[test]
