@@ -1,5 +1,8 @@
 //! `crm-bench`: router and projector throughput beside raw JetStream publish and pull-consume on
-//! the same server, in the same run. `make bench` starts a throwaway nats-server for it.
+//! the same server, in the same run. `make bench` starts a throwaway nats-server for it (and a
+//! throwaway PostgreSQL database when one is reachable). The projector runs once per store over
+//! the same lane backlog: SQLite with `synchronous=FULL` (the default) and `NORMAL`, and
+//! PostgreSQL when `--postgres-url` names an empty database.
 
 /// Many small, short-lived allocations per event: mimalloc handles them with less contention.
 #[global_allocator]
@@ -26,6 +29,10 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// An empty PostgreSQL database to run the projector against as well (its tables are
+    /// created; the bench expects nothing in them).
+    #[arg(long, env = "CRM_BENCH_POSTGRES_URL")]
+    postgres_url: Option<String>,
 }
 
 fn rate(count: usize, elapsed: Duration) -> f64 {
@@ -66,6 +73,48 @@ async fn time_role(
     let rate = rate(n, started.elapsed());
     running.run_until(async {}).await?;
     Ok(rate)
+}
+
+/// Start the projector over the whole lane backlog again: its consumers are deleted and
+/// provisioned anew, and a new consumer delivers from the first message (the notifier consumers,
+/// which never run here, keep every lane message in the interest streams).
+async fn rewind_projector(bus: &Bus) -> Result<()> {
+    for lane in events::Lane::ALL {
+        let stream = bus.jetstream().get_stream(lane.stream()).await?;
+        // A consumer that is not there yet is what we want anyway.
+        let _ = stream.delete_consumer("projector").await;
+    }
+    bus.provision(&bus::Definitions::embedded()?).await?;
+    Ok(())
+}
+
+/// The projector alone over the lane backlog into a fresh store at `store`: events per second.
+async fn time_projector(
+    bus: &Bus,
+    config: &Config,
+    store: cli::config::StoreConfig,
+    name: &str,
+    n: usize,
+) -> Result<f64> {
+    rewind_projector(bus).await?;
+    let mut config = config.clone();
+    config.store = store;
+    let store = store::Store::connect_with(&config.store.options()).await?;
+    anyhow::ensure!(
+        store.processed_count().await? == 0,
+        "the {name} store is not empty"
+    );
+    time_role(
+        &config,
+        Roles {
+            projector: true,
+            ..Roles::default()
+        },
+        name,
+        n,
+        async || Ok(store.processed_count().await? as usize >= n),
+    )
+    .await
 }
 
 /// Messages stored in the three lane streams together.
@@ -137,19 +186,45 @@ async fn main() -> Result<()> {
     )
     .await?;
 
-    // Projector alone over the lane backlog (SQLite, WAL, batched transactions).
-    let store = store::Store::connect_with(&config.store.options()).await?;
-    let projector = time_role(
+    // Projector alone over the same lane backlog, once per store (batched transactions).
+    let sqlite = |file: &str, sqlite_synchronous| cli::config::StoreConfig {
+        url: format!("sqlite://{}?mode=rwc", db.path().join(file).display()),
+        sqlite_synchronous,
+        ..config.store.clone()
+    };
+    let projector_full = time_projector(
+        &bus,
         &config,
-        Roles {
-            projector: true,
-            ..Roles::default()
-        },
-        "bench-projector",
+        sqlite("full.db", store::SqliteSynchronous::Full),
+        "bench-projector-sqlite-full",
         n,
-        async || Ok(store.processed_count().await? as usize >= n),
     )
     .await?;
+    let projector_normal = time_projector(
+        &bus,
+        &config,
+        sqlite("normal.db", store::SqliteSynchronous::Normal),
+        "bench-projector-sqlite-normal",
+        n,
+    )
+    .await?;
+    let projector_postgres = match &args.postgres_url {
+        Some(url) => Some(
+            time_projector(
+                &bus,
+                &config,
+                cli::config::StoreConfig {
+                    url: url.clone(),
+                    ..config.store.clone()
+                },
+                "bench-projector-postgres",
+                n,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let projector = projector_full;
 
     let results = serde_json::json!({
         "events": n,
@@ -158,7 +233,9 @@ async fn main() -> Result<()> {
         "raw_consume_per_s": raw_consume.round(),
         "ingest_publish_per_s": ingest_publish.round(),
         "router_per_s": router.round(),
-        "projector_sqlite_per_s": projector.round(),
+        "projector_sqlite_full_per_s": projector_full.round(),
+        "projector_sqlite_normal_per_s": projector_normal.round(),
+        "projector_postgres_per_s": projector_postgres.map(f64::round),
         "router_vs_raw_consume": (router / raw_consume * 100.0).round() / 100.0,
         "projector_vs_raw_consume": (projector / raw_consume * 100.0).round() / 100.0,
     });
@@ -172,9 +249,20 @@ async fn main() -> Result<()> {
         router / raw_consume
     );
     println!(
-        "| projector (SQLite, batched) | {projector:.0} | {:.2} |",
-        projector / raw_consume
+        "| projector (SQLite WAL, synchronous=FULL, batched) | {projector_full:.0} | {:.2} |",
+        projector_full / raw_consume
     );
+    println!(
+        "| projector (SQLite WAL, synchronous=NORMAL, batched) | {projector_normal:.0} | {:.2} |",
+        projector_normal / raw_consume
+    );
+    match projector_postgres {
+        Some(rate) => println!(
+            "| projector (PostgreSQL, batched) | {rate:.0} | {:.2} |",
+            rate / raw_consume
+        ),
+        None => println!("| projector (PostgreSQL) | not run: no --postgres-url | |"),
+    }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     }
