@@ -391,13 +391,21 @@ async fn open_all(bus: &Bus, config: &WorkerConfig) -> Result<Vec<(Source, Messa
     Ok(open)
 }
 
-/// Give back (nak, no delay) what the pull streams have buffered and not handed out, so it is
-/// redelivered at once to whoever pulls next.
-async fn give_back(sources: &mut [(Source, Messages)]) {
+/// Close the pull streams and give back (nak, no delay) what they had buffered and not handed
+/// out, so another worker can take it without waiting out its ack wait. The streams go first, so
+/// that their unsubscribes precede the naks. A pull request of a closed stream can still be
+/// pending on the server until it expires, and the server may hand a naked message to it; that
+/// message then comes back after its ack wait instead: later, never lost.
+async fn give_back(sources: &mut Vec<(Source, Messages)>) {
+    let mut buffered = Vec::new();
     for (_, messages) in sources.iter_mut() {
         while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
+            buffered.push(message);
         }
+    }
+    sources.clear();
+    for message in buffered {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
     }
 }
 
@@ -436,7 +444,6 @@ pub async fn run_worker<H: Handler>(
                 "waiting for a dependency; no new batches until it is back"
             );
             give_back(&mut sources).await;
-            sources.clear();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = holding.released() => {}
@@ -523,7 +530,8 @@ pub async fn run_worker<H: Handler>(
         while tasks.try_join_next().is_some() {}
     }
 
-    // Hand back what is buffered but not started, so it is redelivered at once.
+    // Hand back what is buffered but not started, so it is redelivered at once; then let the
+    // batches in flight finish (a batch held for an outage hands its messages back too).
     give_back(&mut sources).await;
     while tasks.join_next().await.is_some() {}
     tracing::info!(role = config.role, "worker stopped");
