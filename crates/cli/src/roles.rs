@@ -230,6 +230,9 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     let readiness = Readiness::default();
     readiness.set("nats", false);
     readiness.set("streams", false);
+    // Not ready until every role is up: the admin endpoint answers before the gateway listens,
+    // and a client that trusted /readyz then would find no gateway.
+    readiness.set("roles", false);
     let shutdown = CancellationToken::new();
 
     let bus = Bus::connect(&config.nats.options(process_name)).await?;
@@ -425,6 +428,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         );
         tasks.spawn(async move { Ok(notifier::run(bus, notifier_config, shutdown).await?) });
     }
+    readiness.set("roles", true);
     Ok(Running {
         gateway_addr,
         admin_addr,

@@ -539,3 +539,36 @@ async fn express_events_overtake_an_ingest_backlog_at_the_router() {
     assert_eq!(express.delivered.stream_sequence as usize, BULK + CRITICAL);
     router.shutdown().await;
 }
+
+/// `/readyz` answers 200 only once every role is up: a load balancer or harness that trusts it
+/// must find the gateway listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_means_the_gateway_is_listening() {
+    let nats = NatsServer::start();
+    let db = TempSqlite::new();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let mut config = config(&nats, &db.url());
+    config.admin.listen = free_port();
+    config.gateway.listen = free_port();
+    let (admin, gateway) = (config.admin.listen, config.gateway.listen);
+    let starting = tokio::spawn(async move { cli::roles::start(&config, ALL, "test").await });
+    let client = reqwest::Client::new();
+    eventually("/readyz answers 200", || async {
+        client
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(
+        tokio::net::TcpStream::connect(gateway).await.is_ok(),
+        "ready, but the gateway does not listen yet"
+    );
+    let running = starting.await.expect("join").expect("started");
+    running.run_until(async {}).await.expect("stops");
+}
