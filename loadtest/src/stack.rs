@@ -189,7 +189,7 @@ impl Stack {
         std::fs::write(
             &conf,
             format!(
-                "max_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
+                "max_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n  max_file_store: 64GB\n{sync}}}\n",
                 data.path().join("jetstream").display()
             ),
         )?;

@@ -365,3 +365,27 @@ async fn every_consumer_on_the_server_leaves_giving_up_to_the_application() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_store_without_room_for_the_streams_fails_start_with_what_to_change() {
+    // 3 GiB cannot reserve 2 GiB of ingest plus three 1 GiB lanes.
+    let server = NatsServer::start_with_config("jetstream { max_file_store: 3GB }");
+    let bus = connect(&server).await;
+    let err = bus
+        .ensure(&embedded())
+        .await
+        .expect_err("the store cannot hold every stream's max_bytes");
+    let message = err.to_string();
+    assert_eq!(err.kind(), BusErrorKind::Rejected, "{message}");
+    for needle in [
+        "max_file_store",
+        "bytes",
+        "crm provision --definitions",
+        "CRM_LANE",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from: {message}"
+        );
+    }
+}

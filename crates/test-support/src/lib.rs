@@ -16,6 +16,12 @@ use std::{
 /// `nats/dev.conf`.
 const BASE_CONF: &str = "max_payload: 2MB\n";
 
+/// JetStream limits for a test server. The platform's streams reserve their `max_bytes`
+/// (5.5 GiB in all) against the server's store limit; left unset, that limit is 75 % of the free
+/// disk, so a machine with a few GiB free would refuse to create them. An explicit limit is
+/// accepted whatever the disk holds (tests write megabytes, not gigabytes).
+const JETSTREAM_CONF: &str = "jetstream {\n  max_file_store: 64GB\n  max_memory_store: 1GB\n}\n";
+
 /// Where the pinned nats-server lives: `$CRM_NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`.
 /// Panics when it is missing.
 pub fn nats_server_binary() -> PathBuf {
@@ -59,9 +65,15 @@ impl NatsServer {
 
     fn launch(jetstream: bool, extra_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        // A caller's own `jetstream { … }` block replaces ours (the server takes one).
+        let js_conf = if jetstream && !extra_conf.contains("jetstream") {
+            JETSTREAM_CONF
+        } else {
+            ""
+        };
         std::fs::write(
             dir.path().join("server.conf"),
-            format!("{BASE_CONF}{extra_conf}\n"),
+            format!("{BASE_CONF}{js_conf}{extra_conf}\n"),
         )
         .expect("write server.conf");
         let mut server = Self {
