@@ -25,6 +25,8 @@ pub const DURABLE: &str = "analytics";
 pub(crate) const INGEST_STREAM: &str = "CRM_INGEST";
 /// The label analytics uses where workers use a lane name (metrics, health, notices).
 pub const LANE_LABEL: &str = "analytics";
+/// The source label of the priority ingest stream's events.
+pub const PRIORITY_LABEL: &str = "analytics_priority";
 
 /// Analytics settings (`[analytics]` in crm.toml; the controller's under `[analytics.throttle]`).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -124,6 +126,29 @@ pub async fn run(
     );
     settling.max_deliveries = config.max_deliveries;
     settling.wait_policy = WaitPolicy::Hold;
+    // The priority ingest stream is counted as it comes, never deferred: its events are the
+    // ones the throttler protects, and few.
+    let mut priority_config = WorkerConfig::with_sources(
+        "analytics",
+        vec![Source::new(
+            bus::PRIORITY_INGEST_STREAM,
+            DURABLE,
+            PRIORITY_LABEL,
+        )],
+        DlqStage::Analytics,
+    );
+    priority_config.max_deliveries = config.max_deliveries;
+    priority_config.wait_policy = WaitPolicy::Hold;
+    priority_config.max_batch = config.max_batch;
+    let priority_stop = shutdown.child_token();
+    let priority = tokio::spawn(bus::run_worker(
+        bus.clone(),
+        priority_config,
+        std::sync::Arc::new(Counter {
+            store: store.clone(),
+        }),
+        priority_stop.clone(),
+    ));
     let counter = Counter { store };
     // One batch at a time: a batch that holds for the store blocks the next fetch by itself.
     let runtime = Runtime::new(bus.clone(), settling, shutdown.clone());
@@ -174,6 +199,11 @@ pub async fn run(
             .take(batch.len(), Instant::now());
         let labels = vec![LANE_LABEL; batch.len()];
         runtime.process(&counter, LANE_LABEL, batch, labels).await;
+    }
+    priority_stop.cancel();
+    match priority.await {
+        Ok(result) => result?,
+        Err(err) => tracing::error!(error = %err, "analytics priority worker panicked"),
     }
     tracing::info!("analytics stopped");
     Ok(())

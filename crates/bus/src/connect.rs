@@ -84,6 +84,9 @@ pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     request_timeout: Duration,
+    /// What this connection was made with, for [`Bus::connect_another`]; `None` for a bus made
+    /// from an existing client.
+    options: Option<std::sync::Arc<ConnectOptions>>,
 }
 
 impl Bus {
@@ -118,9 +121,27 @@ impl Bus {
                 err,
             )
         })?;
-        let bus = Self::from_client(client, options.request_timeout);
+        let mut bus = Self::from_client(client, options.request_timeout);
         bus.check_server(&options.url).await?;
+        bus.options = Some(std::sync::Arc::new(options.clone()));
         Ok(bus)
+    }
+
+    /// A second connection to the same servers with the same credentials, named
+    /// `<name>-<purpose>`: its own socket, read loop and write buffer, so what it carries never
+    /// queues behind this connection's traffic (the priority path's publishes and fetches).
+    /// A bus made from an existing client has nothing to reconnect with and returns a clone.
+    pub async fn connect_another(&self, purpose: &str) -> Result<Self, BusError> {
+        match &self.options {
+            Some(options) => {
+                let options = ConnectOptions {
+                    name: format!("{}-{purpose}", options.name),
+                    ..ConnectOptions::clone(options)
+                };
+                Self::connect(&options).await
+            }
+            None => Ok(self.clone()),
+        }
     }
 
     fn from_client(client: async_nats::Client, request_timeout: Duration) -> Self {
@@ -130,6 +151,7 @@ impl Bus {
             client,
             jetstream,
             request_timeout,
+            options: None,
         }
     }
 

@@ -25,7 +25,9 @@ pub use health::{HealthRecorder, e2e_latency};
 pub use ingest::decode_ingest;
 pub use provision::{Action, Change, Definitions, FieldDiff, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
-pub use retention::{RetentionConfig, TrimReport, run_ingest_retention};
+pub use retention::{
+    INGEST_STREAMS, PRIORITY_INGEST_STREAM, RetentionConfig, TrimReport, run_ingest_retention,
+};
 pub use tokio_util::sync::CancellationToken;
 pub use usage::{StreamUsage, watch_streams};
 pub use worker::{

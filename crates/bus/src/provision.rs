@@ -89,8 +89,9 @@ macro_rules! embedded {
 }
 
 /// The definitions shipped in the repository, compiled into the binary.
-const EMBEDDED: [(&str, &str); 14] = embedded![
+const EMBEDDED: [(&str, &str); 17] = embedded![
     "streams/CRM_INGEST.json",
+    "streams/CRM_INGEST_PRIORITY.json",
     "streams/CRM_LANE_CRITICAL.json",
     "streams/CRM_LANE_HIGH.json",
     "streams/CRM_LANE_STANDARD.json",
@@ -98,6 +99,8 @@ const EMBEDDED: [(&str, &str); 14] = embedded![
     "consumers/CRM_INGEST/router.json",
     "consumers/CRM_INGEST/router_express.json",
     "consumers/CRM_INGEST/analytics.json",
+    "consumers/CRM_INGEST_PRIORITY/router_priority.json",
+    "consumers/CRM_INGEST_PRIORITY/analytics.json",
     "consumers/CRM_LANE_CRITICAL/projector.json",
     "consumers/CRM_LANE_HIGH/projector.json",
     "consumers/CRM_LANE_STANDARD/projector.json",
@@ -767,8 +770,8 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let defs = Definitions::embedded().expect("embedded definitions are valid");
-        assert_eq!(defs.streams.len(), 5);
-        assert_eq!(defs.consumers.len(), 9);
+        assert_eq!(defs.streams.len(), 6);
+        assert_eq!(defs.consumers.len(), 11);
         assert!(defs.streams.iter().any(|s| s.name == "CRM_INGEST"
             && s.config["duplicate_window"].as_u64() == Some(120_000_000_000)));
     }

@@ -21,6 +21,10 @@ use time::OffsetDateTime;
 
 /// The stream the keeper trims.
 pub const INGEST_STREAM: &str = "CRM_INGEST";
+/// The priority ingest stream (`crm.priority.>`), kept by the same rules as CRM_INGEST.
+pub const PRIORITY_INGEST_STREAM: &str = "CRM_INGEST_PRIORITY";
+/// Every stream the keeper trims.
+pub const INGEST_STREAMS: [&str; 2] = [INGEST_STREAM, PRIORITY_INGEST_STREAM];
 
 /// Under size pressure the keeper trims to this fraction of the high-water mark, so it does
 /// not trim a sliver on every tick while ingest keeps arriving.
@@ -170,7 +174,15 @@ impl Bus {
     /// One keeper pass over CRM_INGEST (see the module docs). Reads the stream first, then its
     /// consumers: an event stored after the stream read cannot be counted as processed.
     pub async fn trim_ingest(&self, config: &RetentionConfig) -> Result<TrimReport, BusError> {
-        let stream_name = INGEST_STREAM;
+        self.trim_stream(INGEST_STREAM, config).await
+    }
+
+    /// [`Bus::trim_ingest`] for any stream kept the same way (CRM_INGEST_PRIORITY).
+    pub async fn trim_stream(
+        &self,
+        stream_name: &str,
+        config: &RetentionConfig,
+    ) -> Result<TrimReport, BusError> {
         // The lookup is a STREAM.INFO request: its answer is the fresh state and config.
         let stream = self
             .jetstream()
@@ -342,13 +354,19 @@ pub async fn run_ingest_retention(bus: Bus, config: RetentionConfig, shutdown: C
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match bus.trim_ingest(&config).await {
-            Ok(report) => {
+        let mut outcome = Ok(());
+        for stream in INGEST_STREAMS {
+            match bus.trim_stream(stream, &config).await {
+                Ok(report) => record(stream, &report),
+                Err(err) => outcome = Err(err),
+            }
+        }
+        match outcome {
+            Ok(()) => {
                 if failing {
                     tracing::info!("ingest retention keeper recovered");
                     failing = false;
                 }
-                record(&report);
             }
             // One warning per outage, not one per tick.
             Err(err) if !failing => {
@@ -360,10 +378,12 @@ pub async fn run_ingest_retention(bus: Bus, config: RetentionConfig, shutdown: C
     }
 }
 
-fn record(report: &TrimReport) {
+fn record(stream: &'static str, report: &TrimReport) {
     if report.purged > 0 {
-        metrics::counter!("crm_ingest_purged_messages_total").increment(report.purged);
+        metrics::counter!("crm_ingest_purged_messages_total", "stream" => stream)
+            .increment(report.purged);
         tracing::debug!(
+            stream,
             purged = report.purged,
             below = report.purge_below,
             under_pressure = report.under_pressure,
@@ -372,13 +392,15 @@ fn record(report: &TrimReport) {
     }
     if report.under_pressure {
         tracing::debug!(
+            stream,
             pinned_by = report.pinned_by.as_deref().unwrap_or("-"),
             unprocessed = report.unprocessed,
             "ingest above its high-water mark: trimming into the replay window"
         );
     }
-    metrics::gauge!("crm_ingest_unprocessed_messages").set(report.unprocessed as f64);
-    metrics::gauge!("crm_ingest_replay_window_seconds")
+    metrics::gauge!("crm_ingest_unprocessed_messages", "stream" => stream)
+        .set(report.unprocessed as f64);
+    metrics::gauge!("crm_ingest_replay_window_seconds", "stream" => stream)
         .set(report.oldest_kept_age.unwrap_or_default().as_secs_f64());
 }
 

@@ -608,14 +608,14 @@ async fn stream_usage_is_exported_per_stream_with_its_limit() {
     let _guard = metrics::set_default_local_recorder(&gauges);
     let shutdown = CancellationToken::new();
     let streams: Vec<String> = Definitions::embedded().expect("definitions").stream_names();
-    assert_eq!(streams.len(), 5);
+    assert_eq!(streams.len(), 6);
     let watcher = tokio::spawn(bus::watch_streams(
         bus.clone(),
         streams,
         Duration::from_millis(20),
         shutdown.clone(),
     ));
-    eventually("the gauges of all five streams", || async {
+    eventually("the gauges of all six streams", || async {
         gauges
             .get("crm_stream_messages{stream=CRM_LANE_STANDARD}")
             .is_some()

@@ -328,7 +328,27 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     } else {
         None
     };
+    // One rule set for the gateway (content rules: an event's admission class) and the router
+    // (its lane, with customer context); a reload reaches both.
+    let rules = match &config.router.rules_file {
+        Some(path) if path.exists() => {
+            let rules = router::RulesHandle::load(path).map_err(anyhow::Error::msg)?;
+            tokio::spawn(router::watch_rules(
+                rules.clone(),
+                path.clone(),
+                Duration::from_secs(1),
+                shutdown.clone(),
+            ));
+            rules
+        }
+        Some(path) => anyhow::bail!("routing rules file {} not found", path.display()),
+        None => router::RulesHandle::new(routing::Rules::default()),
+    };
     if roles.gateway {
+        let gateway_rules: gateway::RulesSource = {
+            let rules = rules.clone();
+            Arc::new(move || rules.current())
+        };
         let reads: Option<Arc<dyn gateway::ReadModel>> = store
             .clone()
             .map(|s| Arc::new(StoreReads(s)) as Arc<dyn gateway::ReadModel>);
@@ -337,7 +357,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         let serve = async move {
             // Connected here, so that the connection's I/O task runs where the gateway does.
             let bus = connect.await?;
-            anyhow::Ok(gateway::serve(&gateway_config, bus, reads, stop).await?)
+            anyhow::Ok(gateway::serve(&gateway_config, bus, gateway_rules, reads, stop).await?)
         };
         let (addr, server) = match gateway_runtime.as_ref().and_then(|r| r.0.as_ref()) {
             Some(runtime) => runtime
@@ -361,20 +381,6 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
             config.retention.clone(),
             shutdown.clone(),
         ));
-        let rules = match &config.router.rules_file {
-            Some(path) if path.exists() => {
-                let rules = router::RulesHandle::load(path).map_err(anyhow::Error::msg)?;
-                tokio::spawn(router::watch_rules(
-                    rules.clone(),
-                    path.clone(),
-                    Duration::from_secs(1),
-                    shutdown.clone(),
-                ));
-                rules
-            }
-            Some(path) => anyhow::bail!("routing rules file {} not found", path.display()),
-            None => router::RulesHandle::new(routing::Rules::default()),
-        };
         let context = store.clone().map(|s| {
             Arc::new(CachedContext(ContextCache::new(
                 s,

@@ -314,7 +314,7 @@ async fn status_shows_backlogs_lanes_the_throttle_and_dead_letters() {
         .find(|c| c.stream == "CRM_INGEST" && c.consumer == "analytics")
         .expect("analytics consumer listed");
     assert_eq!((analytics.pending, analytics.paused), (0, false));
-    assert_eq!(status.consumers.len(), 9, "{:?}", status.consumers);
+    assert_eq!(status.consumers.len(), 11, "{:?}", status.consumers);
     let projector = &status.lanes["projector"];
     assert_eq!(
         projector.keys().map(String::as_str).collect::<Vec<_>>(),

@@ -29,7 +29,8 @@ pub use pb::Event;
 pub use pbjson_types;
 pub use subject::{
     CUSTOMER_CHANGED_SUBJECT, DlqStage, IngestSubject, Lane, SubjectError, dlq_subject,
-    ingest_subject, is_subject_token, lane_subject, parse_ingest_subject, tenant_and_type_tokens,
+    ingest_subject, is_subject_token, lane_subject, parse_ingest_subject, priority_subject,
+    tenant_and_type_tokens,
 };
 pub use validate::{
     CONTACT_FIELDS, FieldError, MAX_FUTURE_SKEW, ValidationErrors, validate, validate_at,
@@ -61,4 +62,10 @@ pub fn ingest_msg_id(event: &Event) -> String {
 /// is routed again.
 pub fn lane_msg_id(ingest_sequence: u64) -> String {
     format!("crm/ingest/{ingest_sequence}")
+}
+
+/// [`lane_msg_id`] for a message of the priority ingest stream (CRM_INGEST_PRIORITY): its
+/// sequences are another stream's, so its ids are another namespace.
+pub fn priority_lane_msg_id(priority_sequence: u64) -> String {
+    format!("crm/priority/{priority_sequence}")
 }

@@ -91,7 +91,7 @@ impl std::fmt::Display for DlqStage {
 pub enum SubjectError {
     #[error("tenant id {0:?} is not subject-safe (1..=64 of [A-Za-z0-9_-])")]
     BadTenant(String),
-    #[error("subject {0:?} is not crm.ingest.<tenant>.<type>")]
+    #[error("subject {0:?} is not crm.ingest.<tenant>.<type> or crm.priority.<tenant>.<type>")]
     NotIngest(String),
     #[error("subject {subject:?} names unknown event type {token:?}")]
     UnknownType { subject: String, token: String },
@@ -120,6 +120,13 @@ pub fn ingest_subject(tenant: &str, kind: EventType) -> Result<String, SubjectEr
     Ok(format!("crm.ingest.{}.{kind}", checked_tenant(tenant)?))
 }
 
+/// `crm.priority.<tenant>.<type>`: the priority ingest subject (stream CRM_INGEST_PRIORITY),
+/// for events whose content makes them critical or high-value. It is read before every bulk
+/// ingest subject and written over its own connections, so it waits behind no bulk event.
+pub fn priority_subject(tenant: &str, kind: EventType) -> Result<String, SubjectError> {
+    Ok(format!("crm.priority.{}.{kind}", checked_tenant(tenant)?))
+}
+
 /// `crm.lane.<lane>.<tenant>.<type>`
 pub fn lane_subject(lane: Lane, tenant: &str, kind: EventType) -> Result<String, SubjectError> {
     Ok(format!(
@@ -145,7 +152,7 @@ pub const CUSTOMER_CHANGED_SUBJECT: &str = "crm.control.customer_changed";
 pub fn tenant_and_type_tokens(subject: &str) -> Option<(&str, &str)> {
     let tokens: Vec<&str> = subject.split('.').collect();
     match tokens.as_slice() {
-        ["crm", "ingest", tenant, kind]
+        ["crm", "ingest" | "priority", tenant, kind]
         | ["crm", "lane", _, tenant, kind]
         | ["crm", "dlq", _, tenant, kind] => Some((tenant, kind)),
         _ => None,
@@ -159,10 +166,13 @@ pub struct IngestSubject<'a> {
     pub kind: EventType,
 }
 
-/// Parse `crm.ingest.<tenant>.<type>`.
+/// Parse `crm.ingest.<tenant>.<type>` or `crm.priority.<tenant>.<type>`.
 pub fn parse_ingest_subject(subject: &str) -> Result<IngestSubject<'_>, SubjectError> {
     let not_ingest = || SubjectError::NotIngest(subject.to_owned());
-    let rest = subject.strip_prefix("crm.ingest.").ok_or_else(not_ingest)?;
+    let rest = subject
+        .strip_prefix("crm.ingest.")
+        .or_else(|| subject.strip_prefix("crm.priority."))
+        .ok_or_else(not_ingest)?;
     let (tenant, token) = rest.split_once('.').ok_or_else(not_ingest)?;
     if !is_subject_token(tenant) || token.contains('.') {
         return Err(not_ingest());
@@ -212,6 +222,22 @@ mod tests {
 
     #[test]
     fn parses_ingest_subjects() {
+        assert_eq!(
+            parse_ingest_subject("crm.priority.acme.consent_changed"),
+            Ok(IngestSubject {
+                tenant: "acme",
+                kind: EventType::ConsentChanged
+            })
+        );
+        assert_eq!(
+            priority_subject("acme", EventType::PaymentFailed).as_deref(),
+            Ok("crm.priority.acme.payment_failed")
+        );
+        assert_eq!(
+            tenant_and_type_tokens("crm.priority.acme.deal_won"),
+            Some(("acme", "deal_won"))
+        );
+        assert!(parse_ingest_subject("crm.prio.acme.deal_won").is_err());
         let parsed = parse_ingest_subject("crm.ingest.acme.ticket_opened");
         assert_eq!(
             parsed,

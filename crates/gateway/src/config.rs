@@ -10,13 +10,14 @@ pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The gateway's settings; every field has a default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Address to listen on (default `0.0.0.0:8080`).
     pub listen: SocketAddr,
     pub api_keys: Vec<ApiKey>,
-    /// Requests handled at once; more are shed with 503.
+    /// Bulk requests (and reads) handled at once; more are shed with 503. Critical and high
+    /// events have budgets of their own (`[gateway.admission]`).
     pub max_inflight: usize,
     /// How long a publish may wait for JetStream's ack, shared by its two attempts, e.g. `"2s"`;
     /// past it the caller gets 503 with `Retry-After`.
@@ -24,6 +25,8 @@ pub struct GatewayConfig {
     pub publish_timeout: Duration,
     /// Largest accepted request body, for single events and batches alike.
     pub max_body_bytes: usize,
+    /// Admission by class: the critical and high budgets, the bulk controller's targets.
+    pub admission: crate::AdmissionConfig,
 }
 
 impl Default for GatewayConfig {
@@ -34,6 +37,7 @@ impl Default for GatewayConfig {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            admission: crate::AdmissionConfig::default(),
         }
     }
 }

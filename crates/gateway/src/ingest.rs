@@ -1,7 +1,12 @@
 //! `POST /v1/events` and `POST /v1/events:batch`: decode → validate → tenant check → publish,
 //! answering 202 only for what JetStream acknowledged.
 
-use crate::{GatewayState, auth::Tenant, problem::Problem};
+use crate::{
+    GatewayState,
+    admission::{Class, Refusal},
+    auth::Tenant,
+    problem::Problem,
+};
 use axum::{
     Extension, Json,
     extract::{State, rejection::BytesRejection},
@@ -22,6 +27,7 @@ const BATCH_PUBLISH_CONCURRENCY: usize = 128;
 #[derive(Debug, Serialize)]
 pub(crate) struct Accepted {
     event_id: String,
+    stream: String,
     stream_seq: u64,
     duplicate: bool,
 }
@@ -35,15 +41,21 @@ pub(crate) async fn single(
     let encoding = encoding(&headers, "application/json or application/x-protobuf")?;
     let body = body.map_err(|r| Problem::unreadable_body(&r, state.max_body_bytes()))?;
     let event = events::decode(&body, encoding).map_err(Problem::undecodable)?;
-    let subject = admit(&event, &tenant)?;
+    let (class, subject) = check(&state, &event, &tenant)?;
+    let ticket = state
+        .admission()
+        .admit(class, &tenant)
+        .map_err(|refusal| refused(class, refusal))?;
     let published = state
-        .publish(&subject, &event, &traceparent(&headers))
-        .await
-        .map_err(|err| unavailable(&subject, &err))?;
+        .publish(class, &subject, &event, &traceparent(&headers))
+        .await;
+    state.admission().published(ticket);
+    let published = published.map_err(|err| unavailable(&subject, &err))?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
             event_id: event.event_id,
+            stream: published.stream,
             stream_seq: published.sequence,
             duplicate: published.duplicate,
         }),
@@ -70,6 +82,8 @@ struct ItemResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     event_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stream_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
@@ -85,6 +99,7 @@ impl ItemResult {
             index,
             status: problem.status.as_u16(),
             event_id: event_id.filter(|id| !id.is_empty()),
+            stream: None,
             stream_seq: None,
             duplicate: None,
             detail: Some(problem.detail),
@@ -97,6 +112,7 @@ impl ItemResult {
             index,
             status: StatusCode::ACCEPTED.as_u16(),
             event_id: Some(event_id),
+            stream: Some(published.stream),
             stream_seq: Some(published.sequence),
             duplicate: Some(published.duplicate),
             detail: None,
@@ -137,16 +153,22 @@ pub(crate) async fn batch(
     for (index, raw) in request.events.iter().enumerate() {
         let result = match events::decode(raw.get().as_bytes(), Encoding::Json) {
             Err(err) => ItemResult::failed(index, None, Problem::undecodable(err)),
-            Ok(event) => match admit(&event, &tenant) {
+            Ok(event) => match check(&state, &event, &tenant).and_then(|(class, subject)| {
+                let ticket = state
+                    .admission()
+                    .admit(class, &tenant)
+                    .map_err(|refusal| refused(class, refusal))?;
+                Ok((class, subject, ticket))
+            }) {
                 Err(problem) => ItemResult::failed(index, Some(event.event_id), problem),
-                Ok(subject) => {
+                Ok((class, subject, ticket)) => {
                     // Overwritten once the publish settles.
                     let pending = ItemResult::failed(
                         index,
                         Some(event.event_id.clone()),
                         Problem::internal("not published"),
                     );
-                    admitted.push((index, subject, event));
+                    admitted.push((index, class, subject, event, ticket));
                     pending
                 }
             },
@@ -160,8 +182,9 @@ pub(crate) async fn batch(
     let state = &state;
     let traceparent = traceparent.as_str();
     let mut settled = futures::stream::iter(admitted)
-        .map(|(index, subject, event)| async move {
-            let outcome = state.publish(&subject, &event, traceparent).await;
+        .map(|(index, class, subject, event, ticket)| async move {
+            let outcome = state.publish(class, &subject, &event, traceparent).await;
+            state.admission().published(ticket);
             (index, subject, event.event_id, outcome)
         })
         .buffered(BATCH_PUBLISH_CONCURRENCY);
@@ -174,8 +197,9 @@ pub(crate) async fn batch(
     Ok(Json(BatchResponse { results }))
 }
 
-/// Validate `event` and check it belongs to the caller's tenant; returns its ingest subject.
-fn admit(event: &Event, tenant: &Tenant) -> Result<String, Problem> {
+/// Validate `event`, check it belongs to the caller's tenant and classify it on its content;
+/// returns its class and ingest subject (the priority one for critical and high events).
+fn check(state: &GatewayState, event: &Event, tenant: &Tenant) -> Result<(Class, String), Problem> {
     events::validate(event).map_err(Problem::invalid_event)?;
     if event.tenant_id != **tenant {
         return Err(Problem::wrong_tenant(&event.tenant_id, tenant));
@@ -189,8 +213,23 @@ fn admit(event: &Event, tenant: &Tenant) -> Result<String, Problem> {
     // Both hold after validation; kept as errors rather than panics.
     let kind = EventType::of(event)
         .ok_or_else(|| invalid("payload", "is required: set exactly one event type".into()))?;
-    events::ingest_subject(&event.tenant_id, kind)
+    let class = state.classify(event);
+    let subject = if class.is_priority() {
+        events::priority_subject(&event.tenant_id, kind)
+    } else {
+        events::ingest_subject(&event.tenant_id, kind)
+    };
+    subject
+        .map(|subject| (class, subject))
         .map_err(|err| invalid("tenant_id", err.to_string()))
+}
+
+fn refused(class: Class, refusal: Refusal) -> Problem {
+    let why = match refusal {
+        Refusal::Budget => "at their in-flight limit",
+        Refusal::Rate => "at a reduced rate while the pipeline catches up",
+    };
+    Problem::shed(class.as_str(), why)
 }
 
 fn unavailable(subject: &str, err: &BusError) -> Problem {

@@ -4,6 +4,7 @@
 //! Cross-cutting concerns are tower layers around the axum router (outermost first): metrics,
 //! load shedding over a global concurrency limit, the body limit, and bearer-key auth on `/v1`.
 
+mod admission;
 mod auth;
 mod config;
 mod ingest;
@@ -12,6 +13,10 @@ mod problem;
 mod reads;
 mod state;
 
+pub use admission::{
+    ADMISSION_SUBJECT, AdmissionConfig, AdmissionReport, BulkController, Class, Congestion,
+    PipelineReading,
+};
 pub use config::{
     ApiKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_PUBLISH_TIMEOUT, GatewayConfig,
     hash_key,
@@ -45,6 +50,15 @@ pub mod routes {
     pub const OPENAPI: &str = "/openapi.json";
 }
 
+/// The routing rules in force, read on every classification (so a reload applies at once).
+pub type RulesSource = Arc<dyn Fn() -> Arc<routing::Rules> + Send + Sync>;
+
+/// The built-in routing rules, for a gateway without a rules file.
+pub fn default_rules() -> RulesSource {
+    let rules = Arc::new(routing::Rules::default());
+    Arc::new(move || rules.clone())
+}
+
 /// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
 
@@ -63,6 +77,8 @@ pub enum GatewayError {
     },
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[error("connecting the priority path to NATS")]
+    Bus(#[source] bus::BusError),
 }
 
 /// The gateway's routes with all of its layers.
@@ -80,13 +96,19 @@ pub fn router(state: GatewayState) -> Router {
         .method_not_allowed_fallback(problem::method_not_allowed)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
+            admission::reads_budget,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
             auth::authenticate,
         ));
-    // One semaphore for every route: `ConcurrencyLimitLayer` would give each route its own.
+    // One semaphore for every route (`ConcurrencyLimitLayer` would give each route its own),
+    // sized for bulk and reads plus the class budgets: it guards memory, while admission by
+    // class decides who waits (a critical event is never refused for bulk's sake).
     let shedding = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(observe::shed))
         .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(state.max_inflight()));
+        .layer(GlobalConcurrencyLimitLayer::new(state.request_limit()));
     Router::new()
         .merge(v1)
         .route(
@@ -102,14 +124,24 @@ pub fn router(state: GatewayState) -> Router {
 }
 
 /// Bind `config.listen` (port 0 picks a free port) and serve until `shutdown` resolves, then
-/// drain in-flight requests. Returns the bound address and the server task.
+/// drain in-flight requests. Opens a second NATS connection for critical and high events and
+/// runs the admission controller (health reports in, [`AdmissionReport`]s out). Returns the
+/// bound address and the server task.
 pub async fn serve(
     config: &GatewayConfig,
     bus: Bus,
+    rules: RulesSource,
     reads: Option<Arc<dyn ReadModel>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, JoinHandle<Result<(), GatewayError>>), GatewayError> {
-    let app = router(GatewayState::new(bus, config, reads)?);
+    let priority_bus = bus
+        .connect_another("priority")
+        .await
+        .map_err(GatewayError::Bus)?;
+    let state = GatewayState::new(bus, priority_bus, rules, config, reads)?;
+    let stop_control = bus::CancellationToken::new();
+    let control = tokio::spawn(admission::run_control(state.clone(), stop_control.clone()));
+    let app = router(state);
     let bind_error = |source| GatewayError::Bind {
         addr: config.listen,
         source,
@@ -124,10 +156,13 @@ pub async fn serve(
     });
     tracing::info!(%addr, "gateway listening");
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(GatewayError::Serve)
+            .map_err(GatewayError::Serve);
+        stop_control.cancel();
+        let _ = control.await;
+        served
     });
     Ok((addr, task))
 }

@@ -149,6 +149,20 @@ impl Problem {
         )
     }
 
+    /// Bulk refused by admission control before it was stored: nothing is lost; retry after
+    /// the Retry-After delay (critical and high events are admitted on budgets of their own).
+    pub fn shed(class: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Gateway overloaded",
+            format!(
+                "{class} events are being admitted {why}, so this event was not stored; retry \
+                 after the Retry-After delay with the same event_id or idempotency_key"
+            ),
+        )
+    }
+
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }

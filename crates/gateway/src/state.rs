@@ -1,6 +1,10 @@
 //! What every handler shares: the bus, the key ring, the read model and the limits.
 
-use crate::{GatewayConfig, GatewayError, ReadModel, config::KeyRing};
+use crate::{
+    GatewayConfig, GatewayError, ReadModel, RulesSource,
+    admission::{Admission, Class},
+    config::KeyRing,
+};
 use bus::{Bus, BusError, BusErrorKind, PublishOptions, Published, headers};
 use bytes::Bytes;
 use events::Event;
@@ -14,10 +18,16 @@ pub struct GatewayState {
 
 struct Inner {
     bus: Bus,
+    /// Critical and high events' own connection: their publishes never queue behind bulk's.
+    priority_bus: Bus,
+    rules: RulesSource,
+    admission: Admission,
     keys: KeyRing,
     reads: Option<Arc<dyn ReadModel>>,
     publish_timeout: Duration,
     max_inflight: usize,
+    critical_inflight: usize,
+    high_inflight: usize,
     max_body_bytes: usize,
 }
 
@@ -34,9 +44,13 @@ impl std::fmt::Debug for GatewayState {
 }
 
 impl GatewayState {
-    /// Check `config` (keys, non-zero limits) and build the state.
+    /// Check `config` (keys, non-zero limits) and build the state. `priority_bus` carries
+    /// critical and high events (a connection of its own; the same bus works, without the
+    /// isolation); `rules` classifies events on their content.
     pub fn new(
         bus: Bus,
+        priority_bus: Bus,
+        rules: RulesSource,
         config: &GatewayConfig,
         reads: Option<Arc<dyn ReadModel>>,
     ) -> Result<Self, GatewayError> {
@@ -53,13 +67,34 @@ impl GatewayState {
         positive("max_inflight", config.max_inflight > 0)?;
         positive("max_body_bytes", config.max_body_bytes > 0)?;
         positive("publish_timeout", !config.publish_timeout.is_zero())?;
+        positive(
+            "admission.critical_inflight",
+            config.admission.critical_inflight > 0,
+        )?;
+        positive(
+            "admission.high_inflight",
+            config.admission.high_inflight > 0,
+        )?;
+        positive(
+            "admission.min_bulk_rate",
+            config.admission.min_bulk_rate > 0.0,
+        )?;
+        positive(
+            "admission.publish_interval",
+            !config.admission.publish_interval.is_zero(),
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 bus,
+                priority_bus,
+                rules,
+                admission: Admission::new(&config.admission, config.max_inflight),
                 keys: KeyRing::new(&config.api_keys)?,
                 reads,
                 publish_timeout: config.publish_timeout,
                 max_inflight: config.max_inflight,
+                critical_inflight: config.admission.critical_inflight,
+                high_inflight: config.admission.high_inflight,
                 max_body_bytes: config.max_body_bytes,
             }),
         })
@@ -73,8 +108,22 @@ impl GatewayState {
         self.inner.reads.as_deref()
     }
 
-    pub(crate) fn max_inflight(&self) -> usize {
-        self.inner.max_inflight
+    /// The memory guard over every request: bulk's and reads' limit plus the class budgets.
+    pub(crate) fn request_limit(&self) -> usize {
+        self.inner.max_inflight + self.inner.critical_inflight + self.inner.high_inflight
+    }
+
+    pub(crate) fn admission(&self) -> &Admission {
+        &self.inner.admission
+    }
+
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    /// The class of `event` by its content (rules without customer context).
+    pub(crate) fn classify(&self, event: &Event) -> Class {
+        Class::of((self.inner.rules)().classify(event, None).lane)
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
@@ -90,11 +139,16 @@ impl GatewayState {
     /// id and the stream's duplicate window absorbs the copy.
     pub(crate) async fn publish(
         &self,
+        class: Class,
         subject: &str,
         event: &Event,
         traceparent: &str,
     ) -> Result<Published, BusError> {
-        let bus = &self.inner.bus;
+        let bus = if class.is_priority() {
+            &self.inner.priority_bus
+        } else {
+            &self.inner.bus
+        };
         if !bus.is_connected() {
             return Err(BusError::new(
                 BusErrorKind::Unavailable,

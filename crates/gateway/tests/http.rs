@@ -2,7 +2,7 @@
 
 use bus::{Bus, ConnectOptions, Definitions, headers};
 use events::{Encoding, Event, EventType, pb::event::Payload};
-use futures::future::BoxFuture;
+use futures::{StreamExt, future::BoxFuture};
 use gateway::{ApiKey, GatewayConfig, ReadModel, hash_key};
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -29,9 +29,23 @@ async fn start() -> Gateway {
     start_with(|_| {}, None).await
 }
 
+/// Rules without a critical or high rule: every event is bulk and goes to CRM_INGEST.
+fn bulk_only_rules() -> gateway::RulesSource {
+    let rules = Arc::new(routing::Rules::from_toml("").expect("empty rules are valid"));
+    Arc::new(move || rules.clone())
+}
+
 async fn start_with(
     tweak: impl FnOnce(&mut GatewayConfig),
     profiles: Option<Arc<dyn ReadModel>>,
+) -> Gateway {
+    start_classified(tweak, profiles, bulk_only_rules()).await
+}
+
+async fn start_classified(
+    tweak: impl FnOnce(&mut GatewayConfig),
+    profiles: Option<Arc<dyn ReadModel>>,
+    rules: gateway::RulesSource,
 ) -> Gateway {
     let server = NatsServer::start();
     let bus = Bus::connect(&ConnectOptions::new(server.url()))
@@ -50,7 +64,7 @@ async fn start_with(
     };
     tweak(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
-    let (addr, task) = gateway::serve(&config, bus.clone(), profiles, async {
+    let (addr, task) = gateway::serve(&config, bus.clone(), rules, profiles, async {
         let _ = stopped.await;
     })
     .await
@@ -730,4 +744,197 @@ async fn openapi_is_served_and_shutdown_is_graceful() {
         .expect("stops in time")
         .expect("join")
         .expect("clean shutdown");
+}
+
+async fn stored_in(bus: &Bus, stream: &str, seq: u64) -> bus::jetstream::message::StreamMessage {
+    bus.jetstream()
+        .get_stream(stream)
+        .await
+        .expect("stream")
+        .get_raw_message(seq)
+        .await
+        .expect("stored message")
+}
+
+#[tokio::test]
+async fn critical_and_high_events_take_the_priority_stream_and_bulk_the_ingest_stream() {
+    let gw = start_classified(|_| {}, None, gateway::default_rules()).await;
+    // Consent changes are critical by the built-in rules, a big won deal is high-value by its
+    // amount alone, a page view is bulk.
+    let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-1");
+    // The sample deal is USD 12,500.00, over the built-in 10,000.00 threshold.
+    let big_deal = events::sample::event(EventType::DealWon, "acme", "cust-2");
+    let page = events::sample::event(EventType::PageViewed, "acme", "cust-3");
+    for (event, stream, subject) in [
+        (
+            &consent,
+            "CRM_INGEST_PRIORITY",
+            "crm.priority.acme.consent_changed",
+        ),
+        (
+            &big_deal,
+            "CRM_INGEST_PRIORITY",
+            "crm.priority.acme.deal_won",
+        ),
+        (&page, "CRM_INGEST", "crm.ingest.acme.page_viewed"),
+    ] {
+        let response = gw.post_event(event).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["stream"], stream, "{body}");
+        let stored = stored_in(&gw.bus, stream, body["stream_seq"].as_u64().expect("seq")).await;
+        assert_eq!(stored.subject.as_str(), subject);
+        assert_eq!(
+            headers::get(Some(&stored.headers), headers::MSG_ID),
+            Some(events::ingest_msg_id(event).as_str()),
+            "the same dedupe id on either stream"
+        );
+    }
+}
+
+/// Health reports that say the projector's standard lane waits `p50_ms` and gets through
+/// `processed` events a second.
+async fn report_a_slow_pipeline(bus: &Bus, p50_ms: f64, processed: u64) {
+    let report = bus::control::HealthReport {
+        role: "projector".into(),
+        instance: "projector-test".into(),
+        at_ms: bus::control::unix_ms(),
+        interval_ms: 1000,
+        lanes: vec![bus::control::LaneReport {
+            lane: "standard".into(),
+            processed,
+            p50_ms,
+            p99_ms: p50_ms,
+            max_ms: p50_ms,
+            pending: 100_000,
+        }],
+    };
+    bus.publish_control("crm.control.health.projector".into(), &report)
+        .await
+        .expect("published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
+    let gw = start_classified(
+        |c| c.admission.min_bulk_rate = 1.0,
+        None,
+        gateway::default_rules(),
+    )
+    .await;
+    let mut admission = gw
+        .bus
+        .client()
+        .subscribe(gateway::ADMISSION_SUBJECT)
+        .await
+        .expect("subscribed");
+    // Until the pipeline says it is behind, bulk is open.
+    let open: gateway::AdmissionReport = serde_json::from_slice(
+        &tokio::time::timeout(Duration::from_secs(5), admission.next())
+            .await
+            .expect("a report within a tick")
+            .expect("message")
+            .payload,
+    )
+    .expect("report");
+    assert_eq!(open.bulk, "open");
+    assert_eq!(open.bulk_rate, -1.0);
+
+    // The projector reports a standing queue and 1 event/s: bulk is limited to about that.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let limited = loop {
+        report_a_slow_pipeline(&gw.bus, 5_000.0, 1).await;
+        let message = tokio::time::timeout(Duration::from_secs(5), admission.next())
+            .await
+            .expect("a report within a tick")
+            .expect("message");
+        let report: gateway::AdmissionReport =
+            serde_json::from_slice(&message.payload).expect("report");
+        if report.bulk == "limited" || Instant::now() > deadline {
+            break report;
+        }
+    };
+    assert_eq!(limited.bulk, "limited", "{limited:?}");
+    assert_eq!(limited.reason, "pipeline_delay");
+    assert!(
+        limited.bulk_rate >= 1.0 && limited.bulk_rate < 10.0,
+        "{limited:?}"
+    );
+
+    let before = gw.ingest_messages().await;
+    let (mut accepted, mut shed) = (0, 0);
+    for _ in 0..20 {
+        let response = gw
+            .post_event(&events::sample::event(
+                EventType::PageViewed,
+                "acme",
+                "cust-1",
+            ))
+            .await;
+        match response.status() {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                let (_, body) = problem(response).await;
+                assert!(
+                    body["type"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .ends_with("overloaded"),
+                    "{body}"
+                );
+                shed += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        shed >= 15,
+        "bulk over its rate is shed: {accepted} accepted, {shed} shed"
+    );
+    assert_eq!(
+        gw.ingest_messages().await,
+        before + accepted,
+        "a shed event is not stored"
+    );
+    // Critical events are admitted on their own budget whatever bulk's state.
+    for _ in 0..20 {
+        let response = gw
+            .post_event(&events::sample::event(
+                EventType::ConsentChanged,
+                "acme",
+                "cust-1",
+            ))
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    // A batch mixes both: its bulk items are shed one by one, its critical ones stored.
+    let item = |kind| {
+        serde_json::from_slice::<Value>(&events::encode_json(&events::sample::event(
+            kind, "acme", "cust-4",
+        )))
+        .expect("json")
+    };
+    let batch = json!({"events": [
+        item(EventType::ConsentChanged),
+        item(EventType::PageViewed), item(EventType::PageViewed), item(EventType::PageViewed),
+        item(EventType::PaymentFailed),
+    ]});
+    let body: Value = gw
+        .post("/v1/events:batch", "application/json", batch.to_string())
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let statuses: Vec<u64> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses[0], 202, "{body}");
+    assert_eq!(statuses[4], 202, "{body}");
+    assert!(statuses[1..4].contains(&503), "{body}");
 }

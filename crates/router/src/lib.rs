@@ -23,8 +23,12 @@ use std::{sync::Arc, time::Duration};
 pub const DURABLE: &str = "router";
 /// The consumer of the express types ([`EventType::EXPRESS`]), read first.
 pub const EXPRESS_DURABLE: &str = "router_express";
+/// The consumer of the priority ingest stream, read by a worker of its own.
+pub const PRIORITY_DURABLE: &str = "router_priority";
 const INGEST_STREAM: &str = "CRM_INGEST";
+const PRIORITY_STREAM: &str = bus::PRIORITY_INGEST_STREAM;
 /// Source labels (metrics, health).
+const PRIORITY_LABEL: &str = "priority";
 const EXPRESS_LABEL: &str = "express";
 const BULK_LABEL: &str = "bulk";
 
@@ -114,8 +118,28 @@ fn worker_config(config: &RouterConfig) -> WorkerConfig {
     worker
 }
 
-/// Run the router until `shutdown`; in-flight events are finished (their lane publish awaited
-/// and the ingest message acked) before it returns.
+/// How the router consumes the priority ingest stream: alone, on its own connection, in small
+/// batches so that no event waits for a big batch's lane acks.
+fn priority_worker_config(config: &RouterConfig) -> WorkerConfig {
+    let mut worker = worker_config(config);
+    worker.sources = vec![Source::new(
+        PRIORITY_STREAM,
+        PRIORITY_DURABLE,
+        PRIORITY_LABEL,
+    )];
+    worker.max_batch = worker.max_batch.min(PRIORITY_MAX_BATCH);
+    worker.concurrency = config.max_in_flight.max(1).div_ceil(worker.max_batch);
+    worker.lower_lane_share = 0.0;
+    worker
+}
+
+/// Largest batch of the priority worker.
+const PRIORITY_MAX_BATCH: usize = 32;
+
+/// Run the router until `shutdown`: one worker reads the priority ingest stream over a
+/// connection of its own (so its fetches and lane publishes never queue behind bulk traffic),
+/// another reads CRM_INGEST (express types first). In-flight events are finished (their lane
+/// publish awaited and the ingest message acked) before it returns.
 pub async fn run(
     bus: Bus,
     config: RouterConfig,
@@ -130,16 +154,44 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let priority_bus = bus.connect_another("priority").await?;
+    let priority = Arc::new(Router {
+        bus: priority_bus.clone(),
+        rules: rules.clone(),
+        context: context.clone(),
+    });
     let router = Arc::new(Router {
         bus: bus.clone(),
         rules,
         context,
     });
-    let result = bus::run_worker(bus, worker_config(&config), router, shutdown).await;
+    // One worker failing stops the other: the router must not go on half alive unnoticed.
+    let stop = shutdown.child_token();
+    let watched = |result: Result<(), BusError>| {
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
+    let (priority, bulk) = tokio::join!(
+        async {
+            watched(
+                bus::run_worker(
+                    priority_bus,
+                    priority_worker_config(&config),
+                    priority,
+                    stop.clone(),
+                )
+                .await,
+            )
+        },
+        async { watched(bus::run_worker(bus, worker_config(&config), router, stop.clone()).await) },
+    );
     if let Some(task) = invalidations {
         task.abort();
     }
-    Ok(result?)
+    priority?;
+    Ok(bulk?)
 }
 
 async fn listen_for_invalidations(
@@ -320,10 +372,12 @@ impl Router {
         })?;
         let original = message.headers.as_ref();
         let mut lane_headers = bus::HeaderMap::new();
-        lane_headers.insert(
-            headers::MSG_ID,
-            events::lane_msg_id(info.stream_sequence).as_str(),
-        );
+        let msg_id = if message.subject.starts_with("crm.priority.") {
+            events::priority_lane_msg_id(info.stream_sequence)
+        } else {
+            events::lane_msg_id(info.stream_sequence)
+        };
+        lane_headers.insert(headers::MSG_ID, msg_id.as_str());
         lane_headers.insert(headers::EVENT_ID, event.event_id.as_str());
         lane_headers.insert(headers::ROUTE_REASON, reason);
         if let Some(value) = headers::get(original, headers::TRACEPARENT) {

@@ -130,3 +130,80 @@ async fn a_full_lane_holds_its_events_in_ingest_and_loses_none() {
         "a full lane is not a reason to dead-letter"
     );
 }
+
+async fn lane_msg_ids(bus: &Bus, lane: Lane) -> Vec<String> {
+    let mut stream = bus
+        .jetstream()
+        .get_stream(lane.stream())
+        .await
+        .expect("lane stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut ids = Vec::new();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.expect("lane message");
+        ids.push(
+            headers::get(Some(&message.headers), headers::MSG_ID)
+                .expect("a msg id")
+                .to_owned(),
+        );
+    }
+    ids
+}
+
+#[tokio::test]
+async fn the_priority_ingest_stream_is_routed_by_its_own_worker_with_its_own_lane_ids() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    // A bulk backlog on CRM_INGEST and, behind it in time, a critical event on the priority
+    // subject (as the gateway or a NATS-native producer sends it).
+    for i in 0..300 {
+        let event = events::sample::event(EventType::PageViewed, "acme", &format!("c-{i}"));
+        let subject = events::ingest_subject("acme", EventType::PageViewed).expect("subject");
+        bus.publish(
+            &subject,
+            Bytes::from(events::encode_proto(&event)),
+            &PublishOptions::with_msg_id(events::ingest_msg_id(&event)),
+        )
+        .await
+        .expect("ingest accepts");
+    }
+    let critical = events::sample::event(EventType::PaymentFailed, "acme", "c-1");
+    let subject = events::priority_subject("acme", EventType::PaymentFailed).expect("subject");
+    let stored = bus
+        .publish(
+            &subject,
+            Bytes::from(events::encode_proto(&critical)),
+            &PublishOptions::with_msg_id(events::ingest_msg_id(&critical)),
+        )
+        .await
+        .expect("priority ingest accepts");
+    assert_eq!(stored.stream, "CRM_INGEST_PRIORITY");
+
+    let shutdown = CancellationToken::new();
+    let router = start_router(&bus, &shutdown);
+    eventually("everything routed", || async {
+        let priority = bus
+            .consumer_info("CRM_INGEST_PRIORITY", "router_priority")
+            .await
+            .expect("info");
+        let bulk = bus
+            .consumer_info("CRM_INGEST", "router")
+            .await
+            .expect("info");
+        priority.num_pending + priority.num_ack_pending as u64 == 0
+            && bulk.num_pending + bulk.num_ack_pending as u64 == 0
+            && bulk.delivered.stream_sequence == 300
+    })
+    .await;
+    shutdown.cancel();
+    router.await.expect("router stops");
+
+    assert_eq!(
+        lane_msg_ids(&bus, Lane::Critical).await,
+        [events::priority_lane_msg_id(stored.sequence)],
+        "the priority stream's sequences are their own id namespace"
+    );
+    let standard = lane_msg_ids(&bus, Lane::Standard).await;
+    assert_eq!(standard.len(), 300);
+    assert!(standard.iter().all(|id| id.starts_with("crm/ingest/")));
+}

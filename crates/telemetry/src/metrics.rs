@@ -10,6 +10,10 @@ pub const GATEWAY_REQUESTS_TOTAL: &str = "crm_gateway_requests_total";
 pub const GATEWAY_REQUEST_DURATION_SECONDS: &str = "crm_gateway_request_duration_seconds";
 pub const GATEWAY_INFLIGHT_REQUESTS: &str = "crm_gateway_inflight_requests";
 pub const GATEWAY_SHED_TOTAL: &str = "crm_gateway_shed_total";
+pub const GATEWAY_ADMITTED_TOTAL: &str = "crm_gateway_admitted_total";
+pub const GATEWAY_REFUSED_TOTAL: &str = "crm_gateway_refused_total";
+pub const GATEWAY_BULK_RATE_LIMIT: &str = "crm_gateway_bulk_rate_limit";
+pub const GATEWAY_PIPELINE_DELAY_SECONDS: &str = "crm_gateway_pipeline_delay_seconds";
 pub const LANE_E2E_LATENCY_SECONDS: &str = "crm_lane_e2e_latency_seconds";
 pub const ROUTER_ROUTED_TOTAL: &str = "crm_router_routed_total";
 pub const ROUTER_BATCH_SIZE: &str = "crm_router_batch_size";
@@ -100,6 +104,14 @@ pub const ALL: &[MetricDef] = &[
         "HTTP requests being handled"),
     def(GATEWAY_SHED_TOTAL, Counter, COUNT, &[],
         "HTTP requests refused with 503 because the gateway was at capacity"),
+    def(GATEWAY_ADMITTED_TOTAL, Counter, COUNT, &["class"],
+        "Events admitted at the front door, by admission class (critical, high, bulk)"),
+    def(GATEWAY_REFUSED_TOTAL, Counter, COUNT, &["class", "reason"],
+        "Events refused before they were stored (503 + Retry-After), by class and reason (budget: the class's in-flight budget was spent; rate: bulk over the admission controller's rate)"),
+    def(GATEWAY_BULK_RATE_LIMIT, Gauge, COUNT, &[],
+        "Bulk events per second the admission controller allows; -1 while bulk is open"),
+    def(GATEWAY_PIPELINE_DELAY_SECONDS, Gauge, SECONDS, &[],
+        "Queueing delay behind the front door the admission controller sees: the largest p50 sojourn of the router's bulk source and the projector's high and standard lanes"),
     def(LANE_E2E_LATENCY_SECONDS, Histogram, SECONDS, &["role", "lane"],
         "Time from entry into the platform to the end of processing, by worker role and lane"),
     def(ROUTER_ROUTED_TOTAL, Counter, COUNT, &["lane", "reason"],
@@ -171,12 +183,12 @@ pub const ALL: &[MetricDef] = &[
     def(STREAM_MAX_BYTES, Gauge, BYTES, &["stream"],
         "The stream's max_bytes; not exported for a stream without a byte limit (NaN once a \
          limit is lifted)"),
-    def(INGEST_REPLAY_WINDOW_SECONDS, Gauge, SECONDS, &[],
-        "Age of the oldest event CRM_INGEST keeps (the replay window actually available)"),
-    def(INGEST_PURGED_MESSAGES_TOTAL, Counter, COUNT, &[],
-        "Processed events the ingest retention keeper purged from CRM_INGEST"),
-    def(INGEST_UNPROCESSED_MESSAGES, Gauge, COUNT, &[],
-        "Events in CRM_INGEST some durable consumer has not processed (last sequence - processed floor)"),
+    def(INGEST_REPLAY_WINDOW_SECONDS, Gauge, SECONDS, &["stream"],
+        "Age of the oldest event an ingest stream (CRM_INGEST, CRM_INGEST_PRIORITY) keeps (the replay window actually available)"),
+    def(INGEST_PURGED_MESSAGES_TOTAL, Counter, COUNT, &["stream"],
+        "Processed events the ingest retention keeper purged from an ingest stream"),
+    def(INGEST_UNPROCESSED_MESSAGES, Gauge, COUNT, &["stream"],
+        "Events in an ingest stream some durable consumer has not processed (last sequence - processed floor)"),
 ];
 
 /// Register help text and unit of every metric with the installed recorder (a no-op without
@@ -230,7 +242,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 40);
+        assert_eq!(ALL.len(), 44);
     }
 
     #[test]

@@ -1,0 +1,789 @@
+//! Admission by class at the front door.
+//!
+//! Each event is classified on its content (the routing rules without customer context) before
+//! anything scarce is spent on it:
+//!
+//! - **critical** and **high** events have in-flight budgets of their own (`critical_inflight`,
+//!   `high_inflight`) and go to the priority ingest stream over a connection of their own. They
+//!   are refused only when their own budget is full, never because of bulk traffic.
+//! - **bulk** (everything else) passes a delay-based controller. While the pipeline keeps up it
+//!   is admitted without limit ("open"). When the queueing delay behind the front door passes
+//!   its target (the router's or projector's sojourn time from the roles' health reports, or
+//!   JetStream's own publish delay), the controller sets a bulk rate from what the pipeline
+//!   processes, lowers it while the delay keeps growing and raises it additively while the delay
+//!   stays under target, until the limit is far above demand and it opens again. The rate is
+//!   shared fairly between the tenants sending bulk (each tenant's bucket refills at
+//!   `rate / active tenants`), so one tenant's flood cannot take another's share. A refused bulk
+//!   event is answered 503 with `Retry-After` before it is stored: nothing acked is dropped.
+//!
+//! The controller is pure ([`BulkController`]): time comes in as arguments, so its tests run
+//! without sleeping.
+
+use bus::control::HealthReport;
+use events::Lane;
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Core-NATS subject on which the gateway publishes its bulk admission state
+/// ([`AdmissionReport`]) about once a second: the back-pressure signal for NATS-native bulk
+/// producers.
+pub const ADMISSION_SUBJECT: &str = "crm.control.admission";
+
+/// An event's admission class, from the lane its content alone would route it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Critical,
+    High,
+    Bulk,
+}
+
+impl Class {
+    pub fn of(lane: Lane) -> Self {
+        match lane {
+            Lane::Critical => Self::Critical,
+            Lane::High => Self::High,
+            Lane::Standard => Self::Bulk,
+        }
+    }
+
+    /// The `class` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::High => "high",
+            Self::Bulk => "bulk",
+        }
+    }
+
+    /// Whether the event goes to the priority ingest stream.
+    pub fn is_priority(self) -> bool {
+        self != Self::Bulk
+    }
+}
+
+/// `[gateway.admission]`: budgets and the bulk controller's targets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Critical events being published at once; the reserve no bulk traffic can take.
+    pub critical_inflight: usize,
+    /// High-value events being published at once.
+    pub high_inflight: usize,
+    /// Queueing delay behind the front door above which bulk is limited: the router's time from
+    /// ingest to routing, or the projector's from ingest to commit (p50 over a health report).
+    #[serde(with = "humantime_serde")]
+    pub delay_target: Duration,
+    /// JetStream publish delay above which bulk is limited: the shortest bulk publish of a
+    /// `publish_interval` must stay under it (a standing queue in the server, CoDel's test).
+    #[serde(with = "humantime_serde")]
+    pub publish_target: Duration,
+    #[serde(with = "humantime_serde")]
+    pub publish_interval: Duration,
+    /// The bulk rate never goes below this, events/s, so every tenant keeps some goodput.
+    pub min_bulk_rate: f64,
+    /// `false` admits all bulk (the budgets of critical and high still apply).
+    pub enabled: bool,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            critical_inflight: 1024,
+            high_inflight: 1024,
+            delay_target: Duration::from_millis(250),
+            publish_target: Duration::from_millis(20),
+            publish_interval: Duration::from_millis(100),
+            min_bulk_rate: 50.0,
+            enabled: true,
+        }
+    }
+}
+
+/// The bulk admission state as published on [`ADMISSION_SUBJECT`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmissionReport {
+    pub at_ms: u64,
+    /// `open` (no limit) or `limited`.
+    pub bulk: String,
+    /// Bulk events/s allowed for all producers together; -1 when open.
+    pub bulk_rate: f64,
+    /// How long a refused producer should wait before it tries again.
+    pub retry_after_ms: u64,
+    /// Why the controller is where it is (`healthy`, `pipeline_delay`, `publish_delay`).
+    pub reason: String,
+}
+
+/// How long a refused bulk request is told to wait (the `Retry-After` header is in seconds).
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a tenant counts as active after its last bulk request.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
+/// Additive increase per control tick, as a share of the current rate (at least
+/// `min_bulk_rate`).
+const INCREASE_SHARE: f64 = 0.05;
+/// Multiplicative decrease per control tick while the delay keeps growing.
+const DECREASE: f64 = 0.8;
+/// The first limit is this share of the pipeline's processing rate.
+const FIRST_LIMIT_SHARE: f64 = 0.9;
+/// Open again once the limit is this many times the admitted rate …
+const OPEN_HEADROOM: f64 = 2.0;
+/// … for this many consecutive ticks.
+const OPEN_AFTER_TICKS: u32 = 10;
+/// A health report older than this no longer counts.
+const REPORT_TTL: Duration = Duration::from_secs(3);
+
+/// The pipeline as the roles' health reports describe it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PipelineReading {
+    /// The largest p50 sojourn among the bulk stages (router bulk source, projector high and
+    /// standard lanes), ms.
+    pub delay_ms: f64,
+    /// Events the projector processed per second (all lanes), 0 when unknown.
+    pub processed_per_s: f64,
+}
+
+/// Why the controller limits bulk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    None,
+    PipelineDelay,
+    PublishDelay,
+}
+
+impl Congestion {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "healthy",
+            Self::PipelineDelay => "pipeline_delay",
+            Self::PublishDelay => "publish_delay",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The bulk rate controller and the tenants' buckets. Pure: every method takes `now`.
+#[derive(Debug)]
+pub struct BulkController {
+    config: AdmissionConfig,
+    /// `None` while open.
+    limit: Option<f64>,
+    last_delay_ms: f64,
+    reason: Congestion,
+    open_ticks: u32,
+    /// Bulk events admitted since the last tick, and when that tick was.
+    admitted: u64,
+    last_tick: Instant,
+    admitted_rate: f64,
+    /// The shortest bulk publish of the current interval, and when the interval started.
+    publish_min: Option<Duration>,
+    publish_interval_start: Instant,
+    publish_congested: bool,
+    buckets: HashMap<String, Bucket>,
+    last_seen: HashMap<String, Instant>,
+}
+
+impl BulkController {
+    pub fn new(config: AdmissionConfig, now: Instant) -> Self {
+        Self {
+            config,
+            limit: None,
+            last_delay_ms: 0.0,
+            reason: Congestion::None,
+            open_ticks: 0,
+            admitted: 0,
+            last_tick: now,
+            admitted_rate: 0.0,
+            publish_min: None,
+            publish_interval_start: now,
+            publish_congested: false,
+            buckets: HashMap::new(),
+            last_seen: HashMap::new(),
+        }
+    }
+
+    /// The bulk rate in force; `None` while open.
+    pub fn limit(&self) -> Option<f64> {
+        self.limit
+    }
+
+    pub fn reason(&self) -> Congestion {
+        self.reason
+    }
+
+    fn active_tenants(&self, now: Instant) -> usize {
+        self.last_seen
+            .values()
+            .filter(|seen| now.duration_since(**seen) <= ACTIVE_WINDOW)
+            .count()
+            .max(1)
+    }
+
+    /// Whether one bulk event of `tenant` may enter now.
+    pub fn try_admit(&mut self, tenant: &str, now: Instant) -> bool {
+        match self.last_seen.get_mut(tenant) {
+            Some(seen) => *seen = now,
+            None => {
+                self.last_seen.insert(tenant.to_owned(), now);
+            }
+        }
+        let Some(limit) = self.limit.filter(|_| self.config.enabled) else {
+            self.admitted += 1;
+            return true;
+        };
+        let share = limit / self.active_tenants(now) as f64;
+        // A fifth of a second of the share, at least one event: small bursts pass.
+        let burst = (share * 0.2).max(1.0);
+        let bucket = self.buckets.entry(tenant.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let elapsed = now.duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * share).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            self.admitted += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A bulk publish took `took` to be acknowledged.
+    pub fn publish_done(&mut self, took: Duration, now: Instant) {
+        self.publish_min = Some(self.publish_min.map_or(took, |min| min.min(took)));
+        if now.duration_since(self.publish_interval_start) >= self.config.publish_interval {
+            self.publish_congested = self
+                .publish_min
+                .is_some_and(|min| min > self.config.publish_target);
+            self.publish_min = None;
+            self.publish_interval_start = now;
+        }
+    }
+
+    /// One control step with the latest pipeline reading (`None`: no role reported lately).
+    pub fn tick(&mut self, pipeline: Option<PipelineReading>, now: Instant) {
+        let elapsed = now.duration_since(self.last_tick).as_secs_f64().max(1e-3);
+        self.admitted_rate = self.admitted as f64 / elapsed;
+        self.admitted = 0;
+        self.last_tick = now;
+        self.last_seen
+            .retain(|_, seen| now.duration_since(*seen) <= ACTIVE_WINDOW);
+        self.buckets
+            .retain(|tenant, _| self.last_seen.contains_key(tenant));
+
+        let delay_ms = pipeline.map_or(0.0, |p| p.delay_ms);
+        let target_ms = self.config.delay_target.as_secs_f64() * 1000.0;
+        let congestion = if delay_ms > target_ms {
+            Congestion::PipelineDelay
+        } else if self.publish_congested {
+            Congestion::PublishDelay
+        } else {
+            Congestion::None
+        };
+        let floor = self.config.min_bulk_rate.max(1.0);
+        match (congestion, self.limit) {
+            (Congestion::None, None) => {}
+            (Congestion::None, Some(limit)) => {
+                let raised = limit + (limit * INCREASE_SHARE).max(floor);
+                if raised > OPEN_HEADROOM * self.admitted_rate.max(floor) {
+                    self.open_ticks += 1;
+                } else {
+                    self.open_ticks = 0;
+                }
+                self.limit = if self.open_ticks >= OPEN_AFTER_TICKS {
+                    self.open_ticks = 0;
+                    self.buckets.clear();
+                    None
+                } else {
+                    Some(raised)
+                };
+            }
+            (_, None) => {
+                // The first limit: a little under what the pipeline gets through, else under
+                // what was admitted.
+                let processed = pipeline.map_or(0.0, |p| p.processed_per_s);
+                let reference = if processed > 0.0 {
+                    processed.min(self.admitted_rate.max(processed * 0.5))
+                } else {
+                    self.admitted_rate * 0.5
+                };
+                self.limit = Some((reference * FIRST_LIMIT_SHARE).max(floor));
+                self.open_ticks = 0;
+            }
+            (_, Some(limit)) => {
+                // The backlog drains at the limit in force: lower it only while the delay
+                // still grows, else the queue would be emptied twice.
+                if delay_ms >= self.last_delay_ms || congestion == Congestion::PublishDelay {
+                    self.limit = Some((limit * DECREASE).max(floor));
+                }
+                self.open_ticks = 0;
+            }
+        }
+        self.reason = congestion;
+        self.last_delay_ms = delay_ms;
+    }
+
+    pub fn report(&self, at_ms: u64) -> AdmissionReport {
+        let limited = self.limit.is_some() && self.config.enabled;
+        AdmissionReport {
+            at_ms,
+            bulk: if limited { "limited" } else { "open" }.into(),
+            bulk_rate: if limited {
+                self.limit.unwrap_or(-1.0)
+            } else {
+                -1.0
+            },
+            retry_after_ms: RETRY_AFTER.as_millis() as u64,
+            reason: self.reason.as_str().into(),
+        }
+    }
+}
+
+/// The latest health report of each role instance, reduced to a [`PipelineReading`].
+#[derive(Debug, Default)]
+pub struct PipelineView {
+    reports: HashMap<String, (Instant, HealthReport)>,
+}
+
+impl PipelineView {
+    pub fn record(&mut self, report: HealthReport, now: Instant) {
+        self.reports.insert(report.instance.clone(), (now, report));
+    }
+
+    /// The reading over the fresh reports; `None` when no role reported within the TTL.
+    pub fn reading(&mut self, now: Instant) -> Option<PipelineReading> {
+        self.reports
+            .retain(|_, (at, _)| now.duration_since(*at) <= REPORT_TTL);
+        let mut reading = PipelineReading::default();
+        let mut any = false;
+        for (_, report) in self.reports.values() {
+            for lane in &report.lanes {
+                let bulk_stage = match report.role.as_str() {
+                    "router" => lane.lane == "bulk",
+                    "projector" => lane.lane == "standard" || lane.lane == "high",
+                    _ => false,
+                };
+                if bulk_stage && lane.processed > 0 {
+                    reading.delay_ms = reading.delay_ms.max(lane.p50_ms);
+                    any = true;
+                }
+                if report.role == "projector" {
+                    reading.processed_per_s += report.per_second(lane.processed);
+                    any = true;
+                }
+            }
+        }
+        any.then_some(reading)
+    }
+}
+
+/// What the handlers share: the class budgets and the bulk controller.
+#[derive(Debug)]
+pub struct Admission {
+    critical: std::sync::Arc<Semaphore>,
+    high: std::sync::Arc<Semaphore>,
+    /// Bulk requests being published at once (`max_inflight`).
+    bulk_inflight: std::sync::Arc<Semaphore>,
+    bulk: Mutex<BulkController>,
+    pipeline: Mutex<PipelineView>,
+}
+
+/// Why an event was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its class's in-flight budget is spent.
+    Budget,
+    /// Bulk over the controller's rate.
+    Rate,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Budget => "budget",
+            Self::Rate => "rate",
+        }
+    }
+}
+
+/// Held while an admitted event is published; dropping it returns the budget.
+#[derive(Debug)]
+pub struct Ticket {
+    _permit: Option<OwnedSemaphorePermit>,
+    class: Class,
+    started: Instant,
+}
+
+impl Admission {
+    pub fn new(config: &AdmissionConfig, bulk_inflight: usize) -> Self {
+        Self {
+            critical: std::sync::Arc::new(Semaphore::new(config.critical_inflight.max(1))),
+            high: std::sync::Arc::new(Semaphore::new(config.high_inflight.max(1))),
+            bulk_inflight: std::sync::Arc::new(Semaphore::new(bulk_inflight.max(1))),
+            bulk: Mutex::new(BulkController::new(config.clone(), Instant::now())),
+            pipeline: Mutex::new(PipelineView::default()),
+        }
+    }
+
+    fn bulk(&self) -> std::sync::MutexGuard<'_, BulkController> {
+        self.bulk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admit one event of `class` for `tenant`, or say why not. Counted either way.
+    pub fn admit(&self, class: Class, tenant: &str) -> Result<Ticket, Refusal> {
+        let now = Instant::now();
+        let outcome = match class {
+            Class::Critical | Class::High => {
+                let budget = if class == Class::Critical {
+                    &self.critical
+                } else {
+                    &self.high
+                };
+                budget
+                    .clone()
+                    .try_acquire_owned()
+                    .map(Some)
+                    .map_err(|_| Refusal::Budget)
+            }
+            Class::Bulk => match self.bulk_inflight.clone().try_acquire_owned() {
+                Err(_) => Err(Refusal::Budget),
+                Ok(permit) => {
+                    if self.bulk().try_admit(tenant, now) {
+                        Ok(Some(permit))
+                    } else {
+                        Err(Refusal::Rate)
+                    }
+                }
+            },
+        };
+        match outcome {
+            Ok(permit) => {
+                metrics::counter!("crm_gateway_admitted_total", "class" => class.as_str())
+                    .increment(1);
+                Ok(Ticket {
+                    _permit: permit,
+                    class,
+                    started: now,
+                })
+            }
+            Err(refusal) => {
+                metrics::counter!(
+                    "crm_gateway_refused_total",
+                    "class" => class.as_str(),
+                    "reason" => refusal.as_str()
+                )
+                .increment(1);
+                Err(refusal)
+            }
+        }
+    }
+
+    /// A read request's share of `max_inflight` (reads and bulk share it).
+    pub fn try_read(&self) -> Option<OwnedSemaphorePermit> {
+        self.bulk_inflight.clone().try_acquire_owned().ok()
+    }
+
+    /// The admitted event's publish was acknowledged (or failed): feeds the publish delay.
+    pub fn published(&self, ticket: Ticket) {
+        let took = ticket.started.elapsed();
+        if ticket.class == Class::Bulk {
+            self.bulk().publish_done(took, Instant::now());
+        }
+    }
+
+    pub fn record_health(&self, report: HealthReport) {
+        self.pipeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(report, Instant::now());
+    }
+
+    /// One control step; returns the state to publish.
+    pub fn tick(&self) -> AdmissionReport {
+        let now = Instant::now();
+        let reading = self
+            .pipeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reading(now);
+        let mut bulk = self.bulk();
+        bulk.tick(reading, now);
+        let report = bulk.report(bus::control::unix_ms());
+        metrics::gauge!("crm_gateway_bulk_rate_limit").set(report.bulk_rate);
+        if let Some(reading) = reading {
+            metrics::gauge!("crm_gateway_pipeline_delay_seconds").set(reading.delay_ms / 1000.0);
+        }
+        report
+    }
+}
+
+/// Reads take a slot of `max_inflight`, as bulk events do; none free answers 503.
+pub(crate) async fn reads_budget(
+    axum::extract::State(state): axum::extract::State<crate::GatewayState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if request.method() != axum::http::Method::GET {
+        return next.run(request).await;
+    }
+    match state.admission().try_read() {
+        Some(_permit) => next.run(request).await,
+        None => {
+            metrics::counter!("crm_gateway_shed_total").increment(1);
+            crate::problem::Problem::overloaded().into_response()
+        }
+    }
+}
+
+/// How often the controller steps (the roles report their health once a second).
+const CONTROL_TICK: Duration = Duration::from_secs(1);
+
+/// The admission control loop: reads the roles' health reports, steps the bulk controller
+/// and publishes its state on [`ADMISSION_SUBJECT`], until `stop`.
+pub(crate) async fn run_control(state: crate::GatewayState, stop: bus::CancellationToken) {
+    use futures::StreamExt;
+    let bus = state.bus().clone();
+    let subject = format!("{}.>", bus::control::HEALTH_SUBJECT_PREFIX);
+    let mut health = match bus.client().subscribe(subject).await {
+        Ok(subscription) => Some(subscription),
+        Err(err) => {
+            tracing::warn!(error = %err, "admission control cannot read health reports; bulk is limited on publish delay only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(CONTROL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_state = String::new();
+    loop {
+        let next_report = async {
+            match health.as_mut() {
+                Some(subscription) => subscription.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            message = next_report => match message {
+                Some(message) => {
+                    if let Ok(report) = serde_json::from_slice::<HealthReport>(&message.payload) {
+                        state.admission().record_health(report);
+                    }
+                }
+                None => health = None,
+            },
+            _ = tick.tick() => {
+                let report = state.admission().tick();
+                if report.bulk != last_state {
+                    tracing::info!(bulk = %report.bulk, rate = report.bulk_rate, reason = %report.reason, "bulk admission changed");
+                    last_state.clone_from(&report.bulk);
+                }
+                if let Err(err) = bus.publish_control(ADMISSION_SUBJECT.to_owned(), &report).await {
+                    tracing::debug!(error = %err, "admission report not published");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> (BulkController, Instant) {
+        let now = Instant::now();
+        (BulkController::new(AdmissionConfig::default(), now), now)
+    }
+
+    fn congested(delay_ms: f64, processed: f64) -> Option<PipelineReading> {
+        Some(PipelineReading {
+            delay_ms,
+            processed_per_s: processed,
+        })
+    }
+
+    /// Offer `per_tenant` events to each tenant, spread over one second from `start`, and
+    /// return how many each got in.
+    fn offer(controller: &mut BulkController, start: Instant, tenants: &[(&str, u32)]) -> Vec<u32> {
+        let total: u32 = tenants.iter().map(|(_, n)| n).sum();
+        let mut admitted = vec![0; tenants.len()];
+        let mut sent = vec![0; tenants.len()];
+        for i in 0..total {
+            let at = start + Duration::from_secs_f64(f64::from(i) / f64::from(total));
+            // Round-robin weighted by each tenant's offer.
+            let index = (0..tenants.len())
+                .max_by(|a, b| {
+                    let left =
+                        |k: usize| f64::from(tenants[k].1 - sent[k]) / f64::from(tenants[k].1);
+                    left(*a).total_cmp(&left(*b))
+                })
+                .expect("tenants");
+            sent[index] += 1;
+            if controller.try_admit(tenants[index].0, at) {
+                admitted[index] += 1;
+            }
+        }
+        admitted
+    }
+
+    #[test]
+    fn open_while_the_pipeline_keeps_up() {
+        let (mut c, now) = controller();
+        let got = offer(&mut c, now, &[("a", 5000)]);
+        c.tick(congested(10.0, 5000.0), now + Duration::from_secs(1));
+        assert_eq!(got, vec![5000]);
+        assert_eq!(c.limit(), None);
+        assert_eq!(c.report(0).bulk, "open");
+    }
+
+    #[test]
+    fn a_growing_delay_limits_bulk_under_the_processing_rate_then_lowers_it() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("a", 8000)]);
+        c.tick(congested(600.0, 4000.0), now + Duration::from_secs(1));
+        let first = c.limit().expect("limited");
+        assert!((first - 3600.0).abs() < 1.0, "{first}");
+        assert_eq!(c.reason(), Congestion::PipelineDelay);
+        // Still growing: lower.
+        c.tick(congested(900.0, 4000.0), now + Duration::from_secs(2));
+        assert!((c.limit().expect("limited") - first * DECREASE).abs() < 1.0);
+        // Draining (the delay falls but is above target): hold.
+        let held = c.limit();
+        c.tick(congested(700.0, 4000.0), now + Duration::from_secs(3));
+        assert_eq!(c.limit(), held);
+        let report = c.report(7);
+        assert_eq!(report.bulk, "limited");
+        assert!(report.bulk_rate > 0.0);
+    }
+
+    #[test]
+    fn a_limited_controller_admits_about_its_rate_and_shares_it_fairly() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("flood", 5000), ("small", 200)]);
+        c.tick(congested(600.0, 1000.0), now + Duration::from_secs(1));
+        let limit = c.limit().expect("limited");
+        // One tenant floods at 20× the other; each is entitled to half the rate.
+        let got = offer(
+            &mut c,
+            now + Duration::from_secs(1),
+            &[("flood", 5000), ("small", 200)],
+        );
+        let total = f64::from(got[0] + got[1]);
+        assert!(total <= limit * 1.2 + 2.0, "{got:?} over {limit}");
+        assert!(
+            f64::from(got[1]) >= (limit / 2.0).min(200.0) * 0.8,
+            "the small tenant keeps its share: {got:?} of {limit}"
+        );
+        assert!(f64::from(got[0]) <= limit / 2.0 * 1.2 + 2.0, "{got:?}");
+    }
+
+    #[test]
+    fn a_quiet_pipeline_raises_the_limit_and_opens_again() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("a", 4000)]);
+        c.tick(congested(600.0, 2000.0), now + Duration::from_secs(1));
+        let first = c.limit().expect("limited");
+        let mut at = now + Duration::from_secs(1);
+        c.tick(congested(50.0, 2000.0), at + Duration::from_secs(1));
+        assert!(c.limit().expect("still limited") > first);
+        for _ in 0..(OPEN_AFTER_TICKS + 40) {
+            at += Duration::from_secs(1);
+            c.tick(congested(50.0, 2000.0), at);
+            if c.limit().is_none() {
+                break;
+            }
+        }
+        assert_eq!(c.limit(), None, "opens once the limit is far above demand");
+    }
+
+    #[test]
+    fn a_standing_publish_delay_limits_bulk_a_short_spike_does_not() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("a", 1000)]);
+        // One slow publish among fast ones: the interval's minimum stays low.
+        c.publish_done(Duration::from_millis(500), now);
+        c.publish_done(Duration::from_millis(2), now + Duration::from_millis(50));
+        c.publish_done(Duration::from_millis(3), now + Duration::from_millis(120));
+        c.tick(None, now + Duration::from_secs(1));
+        assert_eq!(c.limit(), None);
+        // Every publish of an interval slow: a standing queue.
+        let at = now + Duration::from_secs(1);
+        for ms in [0, 40, 80, 120] {
+            c.publish_done(Duration::from_millis(60), at + Duration::from_millis(ms));
+        }
+        c.tick(None, at + Duration::from_secs(1));
+        assert!(c.limit().is_some());
+        assert_eq!(c.reason(), Congestion::PublishDelay);
+    }
+
+    #[test]
+    fn the_limit_never_falls_below_the_floor() {
+        let (mut c, now) = controller();
+        let mut at = now;
+        for step in 0..50 {
+            at += Duration::from_secs(1);
+            c.tick(congested(1000.0 + f64::from(step), 10.0), at);
+        }
+        assert_eq!(c.limit(), Some(AdmissionConfig::default().min_bulk_rate));
+    }
+
+    #[test]
+    fn the_pipeline_view_reads_bulk_stages_and_forgets_old_reports() {
+        use bus::control::LaneReport;
+        let lane = |name: &str, processed: u64, p50_ms: f64| LaneReport {
+            lane: name.into(),
+            processed,
+            p50_ms,
+            p99_ms: p50_ms * 2.0,
+            max_ms: p50_ms * 3.0,
+            pending: 0,
+        };
+        let report = |role: &str, instance: &str, lanes| HealthReport {
+            role: role.into(),
+            instance: instance.into(),
+            at_ms: 0,
+            interval_ms: 1000,
+            lanes,
+        };
+        let now = Instant::now();
+        let mut view = PipelineView::default();
+        view.record(
+            report(
+                "router",
+                "r1",
+                vec![lane("bulk", 100, 40.0), lane("priority", 5, 900.0)],
+            ),
+            now,
+        );
+        view.record(
+            report(
+                "projector",
+                "p1",
+                vec![lane("critical", 10, 2.0), lane("standard", 90, 300.0)],
+            ),
+            now,
+        );
+        view.record(
+            report("notifier", "n1", vec![lane("standard", 9, 5000.0)]),
+            now,
+        );
+        let reading = view.reading(now).expect("fresh reports");
+        assert_eq!(
+            reading.delay_ms, 300.0,
+            "priority and notifier do not count"
+        );
+        assert_eq!(reading.processed_per_s, 100.0);
+        assert_eq!(view.reading(now + REPORT_TTL * 2), None);
+    }
+}
