@@ -321,6 +321,37 @@ mod tests {
         assert_eq!((f.higher_events, f.lower_events, f.inversions), (1, 6, 0));
     }
 
+    #[test]
+    fn the_report_shows_the_figures_and_the_slo_reads_the_critical_pair() {
+        let events = [
+            event(Class::Critical, 0, 50),
+            event(Class::Critical, 1, 2),
+            event(Class::Standard, 10, 20),
+        ];
+        let mut report = crate::report::Report {
+            inversions: PAIRS.iter().map(|pair| figure(&events, pair)).collect(),
+            ..crate::report::Report::default()
+        };
+        let md = report.markdown();
+        assert!(
+            md.contains(
+                "| critical vs lower (critical vs high+standard+analytics_only) | 2 / 1 | 1 | 1 | 50.00% | 30.0 | 30.0 |"
+            ),
+            "{md}"
+        );
+        let slo = |share| crate::scenario::Slo {
+            max_critical_inversion_share: Some(share),
+            ..crate::scenario::Slo::default()
+        };
+        report.evaluate(&slo(0.5));
+        assert!(report.passed, "{:?}", report.slos);
+        report.evaluate(&slo(0.49));
+        assert!(!report.passed);
+        report.inversions.clear();
+        report.evaluate(&slo(1.0));
+        assert!(!report.passed, "not measured is not a pass");
+    }
+
     /// The definition, literally: every pair.
     fn brute_force(events: &[Completed], pair: &Pair) -> (u64, u64, Vec<u64>) {
         let (mut inversions, mut overtaken, mut delays) = (0, 0, Vec::new());

@@ -597,6 +597,46 @@ mod tests {
     }
 
     #[test]
+    fn ack_and_commit_times_are_kept_and_a_retry_is_not_another_send() {
+        let run = Arc::new(Run::new(8, 10));
+        run.slots.generate(0, 0, Class::Standard, 0);
+        assert_eq!(run.slots.view(0).map(|v| v.acked_ns), Some(None));
+        run.mark_sent(0, 0);
+        run.mark_refused(0, "overloaded");
+        run.mark_sent(0, 0);
+        run.mark_acked(0);
+        assert_eq!(run.sent.load(Relaxed), 1);
+        assert_eq!(run.retries.load(Relaxed), 1);
+        assert_eq!(run.refusals.load(Relaxed), 1);
+        let view = run.slots.view(0).expect("slot");
+        assert!(
+            view.acked() && !view.shed(),
+            "acked after a refusal is not shed"
+        );
+        assert!(view.acked_ns.is_some());
+        let mut collector = Collector::new(Arc::clone(&run), 1);
+        for at in [7_000, 9_000] {
+            collector.on_notice(&notice(
+                "projector",
+                "standard",
+                run.started_unix_ns + at,
+                vec![tracked_id(8, 0, 1)],
+            ));
+        }
+        assert_eq!(
+            run.slots.view(0).and_then(|v| v.committed_ns),
+            Some(7_000),
+            "the first report is the commit"
+        );
+        run.slots.generate(1, 0, Class::AnalyticsOnly, 0);
+        run.mark_deferred(1);
+        run.mark_deferred(1);
+        assert_eq!(run.deferrals.load(Relaxed), 1);
+        let view = run.slots.view(1).expect("slot");
+        assert!(view.shed() && !view.sent());
+    }
+
+    #[test]
     fn slots_keep_class_phase_and_flags() {
         let slots = Slots::default();
         let far = (CHUNK as u64) * 3 + 17;
