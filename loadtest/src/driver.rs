@@ -593,10 +593,12 @@ impl Sender {
             .send(&self.batch, &mut self.results)
             .await;
         let now = run.now_ns();
-        let batch = std::mem::take(&mut self.batch);
-        let attempts = std::mem::take(&mut self.attempts);
-        let results = std::mem::take(&mut self.results);
-        for ((generated, mut attempt), outcome) in batch.into_iter().zip(attempts).zip(results) {
+        for ((generated, mut attempt), outcome) in self
+            .batch
+            .drain(..)
+            .zip(self.attempts.drain(..))
+            .zip(self.results.drain(..))
+        {
             match settle(&run, &attempt, outcome, now) {
                 Settled::Acked(latency) => self.pending.push((generated.class, latency)),
                 Settled::Failed => {}

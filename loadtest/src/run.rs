@@ -72,13 +72,14 @@ fn spawn_progress(
             let (sent, processed) = (run.sent.load(Relaxed), run.processed.load(Relaxed));
             let seconds = last_at.elapsed().as_secs_f64().max(1e-3);
             let message = format!(
-                "{} | sent {sent} ({:.0}/s) acked {} processed {processed} ({:.0}/s) | p99 {:.1} ms | errors {}",
+                "{} | sent {sent} ({:.0}/s) acked {} processed {processed} ({:.0}/s) | p99 {:.1} ms | errors {} refused {}",
                 phase_name.lock().map(|n| n.clone()).unwrap_or_default(),
                 (sent - last_sent) as f64 / seconds,
                 run.acked.load(Relaxed),
                 (processed - last_processed) as f64 / seconds,
                 run.live_p99_us.load(Relaxed) as f64 / 1000.0,
                 run.errors.load(Relaxed),
+                run.refusals.load(Relaxed),
             );
             (last_sent, last_processed, last_at) = (sent, processed, Instant::now());
             if plain {
