@@ -2,15 +2,25 @@
 //! model (a constant or ramping arrival rate; every event has an intended send time and its
 //! latency is measured from it, so a stall counts for every event that should have been sent
 //! during it) or a closed model (N users: send, wait for the answer, think, repeat).
+//!
+//! An event the platform refuses with `Retry-After` (503/429: shed, never stored) is sent again
+//! with the same id after the delay, a bounded number of times and never past its phase; over
+//! NATS, critical and high events go to the priority ingest subject and bulk is paced to the
+//! admission signal's rate (see [`crate::admission`] and [`crate::retry`]).
 
 use crate::{
+    admission::{self, SharedPacer},
     mix::{Class, Generated, Generator},
+    retry::{HeldBack, Pending},
     scenario::{DriverConfig, DriverKind, Load, Mix, WireEncoding},
     tracker::{Run, histogram, record},
 };
 use bus::{Bus, PublishOptions};
 use hdrhistogram::Histogram;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::{
+    StatusCode,
+    header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER},
+};
 use std::{
     sync::{Arc, atomic::AtomicU64, atomic::Ordering::Relaxed},
     time::Duration,
@@ -27,6 +37,30 @@ pub enum Target {
     Nats(Box<Bus>),
 }
 
+/// What the platform answered for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx or PubAck: stored.
+    Acked,
+    /// 503 or 429 with `Retry-After`: refused before it was stored; send it again (same id)
+    /// after `retry_after`. `kind` is the problem type's last segment (e.g. `overloaded`).
+    Shed { retry_after: Duration, kind: String },
+    /// Anything else: an error (the event may or may not be stored).
+    Failed(String),
+}
+
+/// The delay for a refused batch item when the answer carries no `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One send of an event: which event, when it was meant to go, and which attempt this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    pub index: u64,
+    pub intended_ns: u64,
+    /// 1 for the first send.
+    pub number: u32,
+}
+
 /// Sends events to a target; cheap to share.
 #[derive(Debug)]
 pub struct Driver {
@@ -38,6 +72,12 @@ pub struct Driver {
     batch_url: String,
     auth: Vec<HeaderValue>,
     nats: Option<Bus>,
+    /// NATS: critical and high to `crm.priority.…`.
+    priority_subjects: bool,
+    /// Sends of one event at most (the first included).
+    max_attempts: u32,
+    /// NATS: bulk paced to the admission signal.
+    pacer: Option<SharedPacer>,
 }
 
 #[derive(serde::Deserialize)]
@@ -94,7 +134,32 @@ impl Driver {
             batch_url,
             auth,
             nats,
+            priority_subjects: config.priority_subjects,
+            max_attempts: config.max_attempts.max(1),
+            pacer: None,
         })
+    }
+
+    /// Pace NATS bulk publishes with `pacer` (fed by the admission signal); a no-op for HTTP
+    /// drivers and when the scenario turned `bulk_pacing` off.
+    pub fn with_pacer(mut self, pacer: SharedPacer, config: &DriverConfig) -> Self {
+        if self.kind == DriverKind::Nats && config.bulk_pacing {
+            self.pacer = Some(pacer);
+        }
+        self
+    }
+
+    pub const fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    pub fn pacer(&self) -> Option<SharedPacer> {
+        self.pacer.clone()
+    }
+
+    /// Whether a `class` event waits for the bulk pacer.
+    pub fn paces(&self, class: Class) -> bool {
+        self.pacer.is_some() && !admission::is_priority(class)
     }
 
     /// Events per request.
@@ -114,7 +179,7 @@ impl Driver {
     }
 
     /// Send `batch` (one event unless the driver batches); `results[k]` is item k's outcome.
-    pub async fn send(&self, batch: &[Generated], results: &mut Vec<Result<(), String>>) {
+    pub async fn send(&self, batch: &[Generated], results: &mut Vec<Outcome>) {
         results.clear();
         match self.kind {
             DriverKind::Http => {
@@ -131,7 +196,7 @@ impl Driver {
         }
     }
 
-    async fn send_http(&self, generated: &Generated) -> Result<(), String> {
+    async fn send_http(&self, generated: &Generated) -> Outcome {
         let (content_type, body) = match self.encoding {
             WireEncoding::Json => ("application/json", events::encode_json(&generated.event)),
             WireEncoding::Protobuf => (
@@ -139,7 +204,7 @@ impl Driver {
                 events::encode_proto(&generated.event),
             ),
         };
-        let response = self
+        let response = match self
             .http
             .post(&self.single_url)
             .header(AUTHORIZATION, self.auth(generated.tenant))
@@ -147,18 +212,18 @@ impl Driver {
             .body(body)
             .send()
             .await
-            .map_err(request_error)?;
+        {
+            Ok(response) => response,
+            Err(err) => return Outcome::Failed(request_error(err)),
+        };
         let status = response.status();
-        // Read the body so the connection goes back to the pool.
-        let _ = response.bytes().await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("http {}", status.as_u16()))
-        }
+        let retry_after = retry_after(response.headers());
+        // Read the body so the connection goes back to the pool (and a refusal says why).
+        let body = response.bytes().await.unwrap_or_default();
+        answer_outcome(status, retry_after, &body)
     }
 
-    async fn send_http_batch(&self, batch: &[Generated], results: &mut Vec<Result<(), String>>) {
+    async fn send_http_batch(&self, batch: &[Generated], results: &mut Vec<Outcome>) {
         let Some(first) = batch.first() else {
             return;
         };
@@ -181,44 +246,55 @@ impl Driver {
                 .body(body)
                 .send()
                 .await
-                .map_err(request_error)?;
+                .map_err(|err| Outcome::Failed(request_error(err)))?;
             let status = response.status();
+            let retry_after = retry_after(response.headers());
             if !status.is_success() {
-                return Err(format!("http {}", status.as_u16()));
+                let body = response.bytes().await.unwrap_or_default();
+                return Err(answer_outcome(status, retry_after, &body));
             }
-            response
+            let answer = response
                 .json::<BatchAnswer>()
                 .await
-                .map_err(|err| format!("batch answer: {err}"))
+                .map_err(|err| Outcome::Failed(format!("batch answer: {err}")))?;
+            Ok((answer, retry_after))
         }
         .await;
         match answer {
-            Err(err) => results.extend(batch.iter().map(|_| Err(err.clone()))),
-            Ok(answer) => {
+            Err(outcome) => results.extend(batch.iter().map(|_| outcome.clone())),
+            Ok((answer, retry_after)) => {
                 results.extend(
                     batch
                         .iter()
-                        .map(|_| Err("no result for the item".to_owned())),
+                        .map(|_| Outcome::Failed("no result for the item".to_owned())),
                 );
                 for item in answer.results {
                     if let Some(slot) = results.get_mut(item.index) {
-                        *slot = if (200..300).contains(&item.status) {
-                            Ok(())
-                        } else {
-                            Err(format!("item {}", item.status))
-                        };
+                        *slot = item_outcome(item.status, retry_after);
                     }
                 }
             }
         }
     }
 
-    async fn send_nats(&self, generated: &Generated) -> Result<(), String> {
+    async fn send_nats(&self, generated: &Generated) -> Outcome {
+        match self.publish(generated).await {
+            Ok(()) => Outcome::Acked,
+            Err(kind) => Outcome::Failed(kind),
+        }
+    }
+
+    async fn publish(&self, generated: &Generated) -> Result<(), String> {
         let Some(bus) = &self.nats else {
             return Err("no NATS target".into());
         };
-        let subject = events::ingest_subject(&generated.event.tenant_id, generated.kind)
-            .map_err(|err| err.to_string())?;
+        let tenant = &generated.event.tenant_id;
+        let subject = if self.priority_subjects && admission::is_priority(generated.class) {
+            admission::priority_subject(tenant, generated.kind)
+        } else {
+            events::ingest_subject(tenant, generated.kind)
+        }
+        .map_err(|err| err.to_string())?;
         let payload = events::encode_proto(&generated.event).into();
         let options = PublishOptions::with_msg_id(generated.event.event_id.clone());
         let ack = bus
@@ -229,6 +305,82 @@ impl Driver {
             Err(_) => Err("timeout".into()),
             Ok(Err(err)) => Err(format!("nats {:?}", err.kind())),
             Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+/// A `Retry-After` header in delay-seconds, if there is one.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()
+        .and_then(admission::parse_retry_after)
+}
+
+/// The platform is asking for the event later rather than failing it.
+fn is_refusal(status: u16) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE.as_u16()
+        || status == StatusCode::TOO_MANY_REQUESTS.as_u16()
+}
+
+/// A whole answer: 2xx acked; 503/429 with `Retry-After` shed (the problem type says why);
+/// anything else failed.
+pub fn answer_outcome(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        return Outcome::Acked;
+    }
+    match retry_after {
+        Some(retry_after) if is_refusal(status.as_u16()) => Outcome::Shed {
+            retry_after,
+            kind: admission::problem_kind(body)
+                .unwrap_or_else(|| format!("http {}", status.as_u16())),
+        },
+        _ => Outcome::Failed(format!("http {}", status.as_u16())),
+    }
+}
+
+/// A batch item: 503/429 is shed after the answer's `Retry-After` (or [`DEFAULT_RETRY_AFTER`]:
+/// an item has no headers of its own).
+pub fn item_outcome(status: u16, retry_after: Option<Duration>) -> Outcome {
+    if (200..300).contains(&status) {
+        Outcome::Acked
+    } else if is_refusal(status) {
+        Outcome::Shed {
+            retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            kind: format!("item {status}"),
+        }
+    } else {
+        Outcome::Failed(format!("item {status}"))
+    }
+}
+
+/// How an answer settles an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Acked after this long from its intended send time.
+    Acked(Duration),
+    /// Refused: it may go again after this delay.
+    Refused(Duration),
+    Failed,
+}
+
+/// Account one answer to `attempt`, received at `now_ns`.
+pub fn settle(run: &Run, attempt: &Attempt, outcome: Outcome, now_ns: u64) -> Settled {
+    match outcome {
+        Outcome::Acked => {
+            run.mark_acked(attempt.index);
+            Settled::Acked(Duration::from_nanos(
+                now_ns.saturating_sub(attempt.intended_ns),
+            ))
+        }
+        Outcome::Shed { retry_after, kind } => {
+            run.mark_refused(attempt.index, &kind);
+            Settled::Refused(retry_after)
+        }
+        Outcome::Failed(kind) => {
+            run.mark_error(attempt.index, attempt.intended_ns, &kind);
+            Settled::Failed
         }
     }
 }
@@ -308,14 +460,27 @@ struct Sender {
     phase: usize,
     generator: Generator,
     batch: Vec<Generated>,
-    indices: Vec<(u64, u64)>,
-    results: Vec<Result<(), String>>,
+    attempts: Vec<Attempt>,
+    results: Vec<Outcome>,
     acks: SharedAcks,
     pending: Vec<(Class, Duration)>,
+    held: Arc<HeldBack>,
+    /// Closed model: the sender itself waits out refusals and the pacer (a user is blocked
+    /// anyway); open model: it hands them to the phase's dispatcher and goes on.
+    inline: bool,
+    /// Closed model: refused events of the last send and the delay each asked for.
+    refused: Vec<(Pending, Duration)>,
 }
 
 impl Sender {
-    fn new(context: &PhaseContext, phase: usize, task: u64, acks: &SharedAcks) -> Self {
+    fn new(
+        context: &PhaseContext,
+        phase: usize,
+        task: u64,
+        acks: &SharedAcks,
+        held: &Arc<HeldBack>,
+        inline: bool,
+    ) -> Self {
         let seed = context.seed ^ ((phase as u64) << 40) ^ task.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Self {
             generator: Generator::new(
@@ -327,10 +492,13 @@ impl Sender {
             context: context.clone(),
             phase,
             batch: Vec::with_capacity(context.events_per_send),
-            indices: Vec::with_capacity(context.events_per_send),
+            attempts: Vec::with_capacity(context.events_per_send),
             results: Vec::with_capacity(context.events_per_send),
             acks: Arc::clone(acks),
             pending: Vec::with_capacity(ACK_BUFFER),
+            held: Arc::clone(held),
+            inline,
+            refused: Vec::new(),
         }
     }
 
@@ -352,39 +520,129 @@ impl Sender {
         let generated = self.generator.next_for(index, tenant, id_millis);
         run.slots
             .generate(index, intended_ns, generated.class, self.phase);
-        self.indices.push((index, intended_ns));
+        self.attempts.push(Attempt {
+            index,
+            intended_ns,
+            number: 1,
+        });
         self.batch.push(generated);
+    }
+
+    /// Bulk events the admission signal holds back leave the batch: deferred to the dispatcher
+    /// (open model), or waited for here (closed model); shed when the phase ends first.
+    async fn pace(&mut self) {
+        let driver = Arc::clone(&self.context.driver);
+        if !self.batch.iter().any(|g| driver.paces(g.class)) {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let attempts = std::mem::take(&mut self.attempts);
+        for (generated, attempt) in batch.into_iter().zip(attempts) {
+            let pending = Pending { generated, attempt };
+            let admitted = if !driver.paces(pending.generated.class) {
+                Some(pending)
+            } else if self.inline {
+                self.wait_for_pacer(pending).await
+            } else {
+                let now = self.context.run.now_ns();
+                self.held.admit(&self.context.run, pending, now)
+            };
+            if let Some(pending) = admitted {
+                self.batch.push(pending.generated);
+                self.attempts.push(pending.attempt);
+            }
+        }
+    }
+
+    /// Closed model: wait until the pacer lets `pending` go, or give it up at the deadline.
+    async fn wait_for_pacer(&self, pending: Pending) -> Option<Pending> {
+        let run = &self.context.run;
+        let pacer = self.context.driver.pacer()?;
+        loop {
+            let now = run.now_ns();
+            let allowed = pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_acquire(now);
+            let wait = match allowed {
+                Ok(()) => return Some(pending),
+                Err(wait) => wait,
+            };
+            run.mark_deferred(pending.attempt.index);
+            if now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
+                >= self.held.deadline_ns()
+            {
+                return None;
+            }
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Send the batch and account every item against its intended time.
     async fn send(&mut self) {
+        self.pace().await;
+        if self.batch.is_empty() {
+            return;
+        }
         let run = Arc::clone(&self.context.run);
-        for &(index, intended) in &self.indices {
-            run.mark_sent(index, intended);
+        for attempt in &self.attempts {
+            run.mark_sent(attempt.index, attempt.intended_ns);
         }
         self.context
             .driver
             .send(&self.batch, &mut self.results)
             .await;
         let now = run.now_ns();
-        for ((generated, &(index, intended)), result) in
-            self.batch.iter().zip(&self.indices).zip(&self.results)
+        for ((generated, mut attempt), outcome) in self
+            .batch
+            .drain(..)
+            .zip(self.attempts.drain(..))
+            .zip(self.results.drain(..))
         {
-            match result {
-                Ok(()) => {
-                    run.mark_acked(index);
-                    self.pending.push((
-                        generated.class,
-                        Duration::from_nanos(now.saturating_sub(intended)),
-                    ));
+            match settle(&run, &attempt, outcome, now) {
+                Settled::Acked(latency) => self.pending.push((generated.class, latency)),
+                Settled::Failed => {}
+                Settled::Refused(retry_after) => {
+                    attempt.number += 1;
+                    let pending = Pending { generated, attempt };
+                    if self.inline {
+                        self.refused.push((pending, retry_after));
+                    } else {
+                        self.held.retry_later(pending, retry_after, now);
+                    }
                 }
-                Err(kind) => run.mark_error(index, intended, kind),
             }
         }
-        self.batch.clear();
-        self.indices.clear();
         if self.pending.len() >= ACK_BUFFER {
             self.flush();
+        }
+    }
+
+    /// Closed model: send refused events again once their delay has passed, while attempts
+    /// and the phase last (the user waits, as a client honouring `Retry-After` would).
+    async fn retry_refused(&mut self) {
+        while !self.refused.is_empty() {
+            let now = self.context.run.now_ns();
+            let delay = self
+                .refused
+                .iter()
+                .map(|(_, retry_after)| *retry_after)
+                .max()
+                .unwrap_or_default();
+            let again: Vec<Pending> = std::mem::take(&mut self.refused)
+                .into_iter()
+                .filter(|(pending, _)| self.held.retry_at(&pending.attempt, delay, now).is_some())
+                .map(|(pending, _)| pending)
+                .collect();
+            if again.is_empty() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            for pending in again {
+                self.batch.push(pending.generated);
+                self.attempts.push(pending.attempt);
+            }
+            self.send().await;
         }
     }
 }
@@ -400,15 +658,29 @@ pub async fn run_phase(
     let run = &context.run;
     let mut total = PhaseSent::new();
     total.start_ns = start_ns;
-    let acks: SharedAcks = Arc::new(std::sync::Mutex::new(std::array::from_fn(|_| histogram(3))));
+    let acks: SharedAcks = crate::retry::shared_acks();
+    let end_ns = start_ns.saturating_add(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
+    // Refused and deferred events are sent again until the phase's end at the latest.
+    let held = Arc::new(HeldBack::new(
+        end_ns,
+        context.driver.max_attempts(),
+        context.driver.pacer(),
+    ));
+    let mut dispatcher = None;
     let mut tasks = tokio::task::JoinSet::new();
     match load {
         Load::Open { rate, to_rate } => {
+            dispatcher = Some(tokio::spawn(Arc::clone(&held).dispatch(
+                Arc::clone(run),
+                Arc::clone(&context.driver),
+                Arc::clone(&acks),
+                context.connections,
+            )));
             let count = open_count(rate, to_rate, duration);
             let next = Arc::new(AtomicU64::new(0));
             let per_send = context.events_per_send.max(1) as u64;
             for task in 0..context.connections.max(1) {
-                let mut sender = Sender::new(context, phase, task as u64, &acks);
+                let mut sender = Sender::new(context, phase, task as u64, &acks, &held, false);
                 let next = Arc::clone(&next);
                 tasks.spawn(async move {
                     loop {
@@ -432,11 +704,10 @@ pub async fn run_phase(
             }
         }
         Load::Closed { users, think } => {
-            let end_ns = start_ns + u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
             let per_send = context.events_per_send.max(1);
             let start_at = run.started + Duration::from_nanos(start_ns);
             for user in 0..users {
-                let mut sender = Sender::new(context, phase, user as u64, &acks);
+                let mut sender = Sender::new(context, phase, user as u64, &acks, &held, true);
                 tasks.spawn(async move {
                     tokio::time::sleep_until(start_at.into()).await;
                     loop {
@@ -448,6 +719,7 @@ pub async fn run_phase(
                             sender.generate(now);
                         }
                         sender.send().await;
+                        sender.retry_refused().await;
                         if !think.is_zero() {
                             tokio::time::sleep(think).await;
                         }
@@ -458,6 +730,10 @@ pub async fn run_phase(
         }
     }
     while tasks.join_next().await.is_some() {}
+    held.fresh_done();
+    if let Some(dispatcher) = dispatcher {
+        let _ = dispatcher.await;
+    }
     total.ack = std::mem::replace(
         &mut *acks.lock().unwrap_or_else(|e| e.into_inner()),
         std::array::from_fn(|_| histogram(1)),

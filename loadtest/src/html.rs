@@ -296,21 +296,26 @@ pub fn render(report: &Report) -> String {
             }
         }
     }
-    let throughput: Vec<Line> = [
+    let mut counted = vec![
         ("sent (intended)", PALETTE[7], true, &s.sent),
         ("acked", PALETTE[4], false, &s.acked),
         ("processed", PALETTE[2], false, &s.processed),
         ("analytics", PALETTE[3], false, &s.analytics),
         ("errors", PALETTE[0], false, &s.errors),
-    ]
-    .into_iter()
-    .map(|(name, color, dashed, values)| Line {
-        name: name.into(),
-        color,
-        dashed,
-        points: counts(values),
-    })
-    .collect();
+    ];
+    // Only runs the platform refused events in have that line.
+    if s.shed.iter().any(|n| *n > 0) {
+        counted.push(("refused (Retry-After)", PALETTE[6], true, &s.shed));
+    }
+    let throughput: Vec<Line> = counted
+        .into_iter()
+        .map(|(name, color, dashed, values)| Line {
+            name: name.into(),
+            color,
+            dashed,
+            points: counts(values),
+        })
+        .collect();
     let throttle_points = |f: &dyn Fn(&crate::report::ThrottlePoint) -> f64| {
         report
             .throttle

@@ -2,6 +2,9 @@
 //! verdicts.
 
 use crate::{
+    admission::AdmissionPoint,
+    goodput::ClassGoodput,
+    inversion::InversionFigure,
     procs::{Machine, ProcessSeries},
     scenario::Slo,
     tracker::{ErrorLog, Percentiles},
@@ -49,6 +52,10 @@ pub struct PhaseReport {
     pub sent: u64,
     pub acked: u64,
     pub errors: u64,
+    /// Never acked: refused with `Retry-After` to the last attempt, or held back by the
+    /// admission signal past the phase (not errors, not missing).
+    #[serde(default)]
+    pub shed: u64,
     /// Events of this phase the projector processed.
     pub processed: u64,
     /// Acks per second over the phase.
@@ -60,6 +67,9 @@ pub struct PhaseReport {
     /// Intended send → processed, per lane (`critical`, `high`, `standard`, `all`) and
     /// `analytics` (intended send → counted by analytics).
     pub e2e_latency: BTreeMap<String, Percentiles>,
+    /// Per generated class: acked and processed events per second of the phase, and shed.
+    #[serde(default)]
+    pub goodput: BTreeMap<String, ClassGoodput>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -85,6 +95,28 @@ pub struct Loss {
     pub foreign: u64,
     pub drain_s: f64,
     pub drained: bool,
+    /// Never acked because the platform refused them (503/429 with `Retry-After`) to the last
+    /// attempt, or the admission signal held them back past their phase. Not in `missing`.
+    #[serde(default)]
+    pub shed: u64,
+    /// Of `shed`: never sent at all (deferred by the admission signal).
+    #[serde(default)]
+    pub shed_unsent: u64,
+    /// Refused at least once, acked on a later attempt.
+    #[serde(default)]
+    pub acked_after_refusal: u64,
+    /// Answers refusing an event with `Retry-After`, every attempt counted, and by the problem
+    /// type the platform gave.
+    #[serde(default)]
+    pub refusals: u64,
+    #[serde(default)]
+    pub refusal_kinds: BTreeMap<String, u64>,
+    /// Sends of an event after a refusal.
+    #[serde(default)]
+    pub retries: u64,
+    /// Bulk events the admission signal held back at least once.
+    #[serde(default)]
+    pub deferred: u64,
 }
 
 /// Per-second series (index = second of the run).
@@ -96,6 +128,9 @@ pub struct Series {
     pub errors: Vec<u64>,
     /// By answer time.
     pub acked: Vec<u64>,
+    /// Refusals with `Retry-After`, by answer time (every attempt counted).
+    #[serde(default)]
+    pub shed: Vec<u64>,
     /// Projector completions, all lanes, by completion time.
     pub processed: Vec<u64>,
     pub analytics: Vec<u64>,
@@ -211,6 +246,12 @@ pub struct Report {
     pub loss: Loss,
     /// Generated class → lane the projector reported → events.
     pub routed: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Lower-class events committed before earlier-acked higher-class ones, per pair of classes.
+    #[serde(default)]
+    pub inversions: Vec<InversionFigure>,
+    /// The gateway's bulk admission signals seen during the run.
+    #[serde(default)]
+    pub admission: Vec<AdmissionPoint>,
     pub series: Series,
     pub throttle: Vec<ThrottlePoint>,
     pub processes: Vec<ProcessSeries>,
@@ -355,6 +396,19 @@ impl Report {
                 value.is_some_and(|v| v <= limit),
             ));
         }
+        if let Some(limit) = slo.max_critical_inversion_share {
+            let value = self
+                .inversions
+                .iter()
+                .find(|f| f.pair == crate::inversion::CRITICAL_PAIR)
+                .map(|f| f.overtaken_share);
+            out.push(verdict(
+                "critical events overtaken by a later-acked lower class (share)",
+                format!("≤ {limit}"),
+                value.map_or("not measured".into(), |v| format!("{v:.4}")),
+                value.is_some_and(|v| v <= limit),
+            ));
+        }
         if slo.analytics_complete == Some(true) {
             out.push(verdict(
                 "analytics counted every acked event",
@@ -393,10 +447,13 @@ impl Report {
         let _ = writeln!(md, "## Phases\n");
         let _ = writeln!(
             md,
-            "| phase | load | s | sent | acked | errors | ack/s | processed/s | ack p99 ms | \
+            "| phase | load | s | sent | acked | errors | shed | ack/s | processed/s | ack p99 ms | \
              critical p50 / p99 / p99.9 ms | high p50 / p99 / p99.9 ms | standard p50 / p99 / p99.9 ms | analytics p99 ms |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for phase in self.phases.iter().chain(std::iter::once(&self.totals)) {
             let load = match (phase.offered_per_s, phase.users) {
                 (Some(rate), _) => match phase.offered_to_per_s {
@@ -420,7 +477,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {}{} | {load} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                "| {}{} | {load} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} |",
                 phase.name,
                 if phase.excluded_from_totals {
                     " (excluded)"
@@ -431,6 +488,7 @@ impl Report {
                 phase.sent,
                 phase.acked,
                 phase.errors,
+                phase.shed,
                 phase.ack_per_s,
                 phase.e2e_per_s,
                 phase.ack_latency.p99_ms,
@@ -447,16 +505,17 @@ impl Report {
         let _ = writeln!(md, "\n## Loss accounting\n");
         let _ = writeln!(
             md,
-            "| sent | acked | errors | processed | duplicates | dead-lettered | missing | \
+            "| sent | acked | errors | shed | processed | duplicates | dead-lettered | missing | \
              processed without ack | analytics counted | analytics missing |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | **{}** | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | **{}** | {} | {} | {} |",
             l.sent,
             l.acked,
             l.errors,
+            l.shed,
             l.processed,
             l.duplicates,
             l.dead_lettered,
@@ -484,6 +543,8 @@ impl Report {
             }
         );
         self.routing_markdown(&mut md);
+        crate::goodput::markdown(self, &mut md);
+        crate::inversion::markdown(&self.inversions, &mut md);
         let r = &self.ratios;
         let b = &self.baselines;
         let _ = writeln!(md, "\n## Baselines and ratios (same machine, same run)\n");

@@ -72,13 +72,14 @@ fn spawn_progress(
             let (sent, processed) = (run.sent.load(Relaxed), run.processed.load(Relaxed));
             let seconds = last_at.elapsed().as_secs_f64().max(1e-3);
             let message = format!(
-                "{} | sent {sent} ({:.0}/s) acked {} processed {processed} ({:.0}/s) | p99 {:.1} ms | errors {}",
+                "{} | sent {sent} ({:.0}/s) acked {} processed {processed} ({:.0}/s) | p99 {:.1} ms | errors {} refused {}",
                 phase_name.lock().map(|n| n.clone()).unwrap_or_default(),
                 (sent - last_sent) as f64 / seconds,
                 run.acked.load(Relaxed),
                 (processed - last_processed) as f64 / seconds,
                 run.live_p99_us.load(Relaxed) as f64 / 1000.0,
                 run.errors.load(Relaxed),
+                run.refusals.load(Relaxed),
             );
             (last_sent, last_processed, last_at) = (sent, processed, Instant::now());
             if plain {
@@ -309,6 +310,15 @@ async fn drive(
     .await?;
     let throttle =
         spawn_throttle_listener(bus.client().clone(), Arc::clone(&run), stop.clone()).await?;
+    let pacer = Arc::new(Mutex::new(crate::admission::BulkPacer::new()));
+    let admission = crate::admission::spawn_listener(
+        bus.client().clone(),
+        Arc::clone(&run),
+        Arc::clone(&pacer),
+        stop.clone(),
+    )
+    .await
+    .context("subscribing to the admission signal")?;
     let sampler = spawn_sampler(pids, Arc::clone(&run), stop.clone());
     let phase_name = Arc::new(Mutex::new(String::new()));
     let progress = spawn_progress(Arc::clone(&run), Arc::clone(&phase_name), stop.clone());
@@ -328,7 +338,9 @@ async fn drive(
         .max()
         .unwrap_or(0)
         .max(scenario.driver.connections);
-    let driver = Arc::new(Driver::new(&scenario.driver, target, max_concurrency)?);
+    let driver = Arc::new(
+        Driver::new(&scenario.driver, target, max_concurrency)?.with_pacer(pacer, &scenario.driver),
+    );
     let context = PhaseContext {
         run: Arc::clone(&run),
         driver: Arc::clone(&driver),
@@ -435,6 +447,7 @@ async fn drive(
     stop.cancel();
     let collector = collector.await.context("collector task")?;
     let throttle = throttle.await.context("throttle listener")?;
+    let admission = admission.await.context("admission listener")?;
     let processes = sampler.await.context("sampler")?.finish();
     let _ = progress.await;
 
@@ -499,6 +512,7 @@ async fn drive(
         },
     );
     report.throttle = throttle;
+    report.admission = admission;
     report.processes = processes;
     report.baselines = BaselineReport { raw, sync: None };
     report.stack = match (&options.external, scenario.stack.processes) {
@@ -641,6 +655,7 @@ fn build_report(
             e2e_per_s: e2e as f64 / window,
             ack_latency: Percentiles::of(&ack_all),
             e2e_latency,
+            ..PhaseReport::default()
         });
     }
 
@@ -712,7 +727,7 @@ fn build_report(
         .map(|log| log.clone())
         .unwrap_or_default();
 
-    Report {
+    let mut report = Report {
         scenario: scenario.name.clone(),
         description: scenario.description.trim().to_owned(),
         driver: describe_driver(&scenario.driver),
@@ -724,8 +739,11 @@ fn build_report(
         paper: Paper::default(),
         errors,
         other_roles,
+        inversions: crate::inversion::of_run(run),
         ..Report::default()
-    }
+    };
+    crate::goodput::fill(&mut report, run, scenario);
+    report
 }
 
 fn describe_driver(driver: &DriverConfig) -> String {
@@ -740,8 +758,18 @@ fn describe_driver(driver: &DriverConfig) -> String {
             driver.batch_size, driver.connections
         ),
         DriverKind::Nats => format!(
-            "NATS publish + PubAck (protobuf), {} in flight in the open model",
-            driver.connections
+            "NATS publish + PubAck (protobuf), {} in flight in the open model; {}; {}",
+            driver.connections,
+            if driver.priority_subjects {
+                "critical and high to crm.priority.*"
+            } else {
+                "everything to crm.ingest.*"
+            },
+            if driver.bulk_pacing {
+                "bulk paced to crm.control.admission"
+            } else {
+                "bulk not paced"
+            }
         ),
     }
 }
@@ -751,6 +779,7 @@ fn build_series(run: &Run, collector: &Collector, load_end_ns: u64) -> Series {
     let sent = PerSecond::snapshot(&run.per_second.sent);
     let acked = PerSecond::snapshot(&run.per_second.acked);
     let errors = PerSecond::snapshot(&run.per_second.errors);
+    let refused = PerSecond::snapshot(&run.per_second.refused);
     let last_activity = |v: &[u64]| v.iter().rposition(|n| *n > 0).map_or(0, |i| i + 1);
     let len = [
         last_activity(&sent),
@@ -767,6 +796,7 @@ fn build_series(run: &Run, collector: &Collector, load_end_ns: u64) -> Series {
         sent: pick(&sent),
         acked: pick(&acked),
         errors: pick(&errors),
+        shed: pick(&refused),
         ..Series::default()
     };
     let names = ["critical", "high", "standard", "analytics"];

@@ -87,6 +87,15 @@ pub struct DriverConfig {
     /// A request (or PubAck) not answered within this is an error.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Sends of one event at most, the first included: a 503/429 with `Retry-After` is sent
+    /// again (same id) after the delay while attempts and its phase last (1 = never again).
+    pub max_attempts: u32,
+    /// `nats`: critical and high events to `crm.priority.<tenant>.<type>`, bulk to
+    /// `crm.ingest.…` (false: everything to `crm.ingest.…`).
+    pub priority_subjects: bool,
+    /// `nats`: hold bulk publishes to the rate `crm.control.admission` allows while it says
+    /// `limited`, deferring the rest.
+    pub bulk_pacing: bool,
 }
 
 impl Default for DriverConfig {
@@ -97,6 +106,9 @@ impl Default for DriverConfig {
             connections: 64,
             batch_size: 100,
             timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            priority_subjects: true,
+            bulk_pacing: true,
         }
     }
 }
@@ -297,6 +309,9 @@ pub struct Slo {
     pub max_recovery_s: Option<f64>,
     /// Analytics must have counted every acked event by the end of the drain.
     pub analytics_complete: Option<bool>,
+    /// At most this share of critical events overtaken by a later-acked lower-class event
+    /// (the inversion figure's `critical vs lower` pair).
+    pub max_critical_inversion_share: Option<f64>,
 }
 
 impl Scenario {
@@ -350,6 +365,10 @@ impl Scenario {
         ensure!(
             self.driver.connections >= 1,
             "driver.connections must be ≥ 1"
+        );
+        ensure!(
+            self.driver.max_attempts >= 1,
+            "driver.max_attempts must be ≥ 1 (1: never send a refused event again)"
         );
         ensure!(
             (1..=gateway_batch_limit()).contains(&self.driver.batch_size),
@@ -430,6 +449,25 @@ rate = 100
         let early = MINIMAL.replace("rate = 100", "rate_x_capacity = 2.0");
         let err = format!("{:#}", Scenario::parse(&early).expect_err("refused"));
         assert!(err.contains("measure_capacity"), "{err}");
+    }
+
+    #[test]
+    fn admission_options_default_on_and_attempts_must_be_positive() {
+        let s = Scenario::parse(MINIMAL).expect("parses");
+        assert_eq!(s.driver.max_attempts, 3);
+        assert!(s.driver.priority_subjects && s.driver.bulk_pacing);
+        let off = format!(
+            "{MINIMAL}[driver]\nkind = \"nats\"\npriority_subjects = false\nbulk_pacing = false\nmax_attempts = 1\n"
+        );
+        let s = Scenario::parse(&off).expect("parses");
+        assert!(!s.driver.priority_subjects && !s.driver.bulk_pacing);
+        assert_eq!(s.driver.max_attempts, 1);
+        let zero = format!("{MINIMAL}[driver]\nmax_attempts = 0\n");
+        let err = format!("{:#}", Scenario::parse(&zero).expect_err("refused"));
+        assert!(err.contains("max_attempts"), "{err}");
+        let slo = format!("{MINIMAL}[slo]\nmax_critical_inversion_share = 0.01\n");
+        let s = Scenario::parse(&slo).expect("parses");
+        assert_eq!(s.slo.max_critical_inversion_share, Some(0.01));
     }
 
     #[test]

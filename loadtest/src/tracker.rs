@@ -77,6 +77,10 @@ struct Slot {
     /// Intended send time, ns after the run's start, plus one (0: never generated).
     intended: AtomicU64,
     flags: AtomicU64,
+    /// When the ack came back, ns after the run's start, plus one (0: not acked).
+    acked: AtomicU64,
+    /// When the projector first reported it, ns after the run's start, plus one.
+    committed: AtomicU64,
 }
 
 const CLASS_MASK: u64 = 0b11;
@@ -86,6 +90,11 @@ pub const SENT: u64 = 1 << 8;
 pub const ACKED: u64 = 1 << 9;
 pub const ERROR: u64 = 1 << 10;
 pub const DEAD_LETTERED: u64 = 1 << 11;
+/// The platform refused it at least once with `Retry-After` (503/429): shed unless a retry
+/// was acked.
+pub const REFUSED: u64 = 1 << 12;
+/// Held back at least once by the bulk admission signal (NATS): shed unless later acked.
+pub const DEFERRED: u64 = 1 << 13;
 const PROJECTOR_ONE: u64 = 1 << 32;
 const PROJECTOR_MASK: u64 = 0xff << 32;
 const ANALYTICS_ONE: u64 = 1 << 40;
@@ -112,6 +121,10 @@ pub struct SlotView {
     pub class: Class,
     pub phase: usize,
     pub flags: u64,
+    /// When its ack came back (ns after the start).
+    pub acked_ns: Option<u64>,
+    /// When the projector first reported it (ns after the start).
+    pub committed_ns: Option<u64>,
 }
 
 impl SlotView {
@@ -126,6 +139,13 @@ impl SlotView {
     }
     pub fn dead_lettered(&self) -> bool {
         self.flags & DEAD_LETTERED != 0
+    }
+    pub fn sent(&self) -> bool {
+        self.flags & SENT != 0
+    }
+    /// Refused or held back, and never acked nor failed: the platform did not take it.
+    pub fn shed(&self) -> bool {
+        self.flags & (REFUSED | DEFERRED) != 0 && self.flags & (ACKED | ERROR) == 0
     }
 }
 
@@ -157,8 +177,31 @@ impl Slots {
     }
 
     pub fn mark(&self, index: u64, flag: u64) {
+        self.mark_first(index, flag);
+    }
+
+    /// Set `flag`; whether it was not set before.
+    pub fn mark_first(&self, index: u64, flag: u64) -> bool {
+        self.existing(index)
+            .is_some_and(|slot| slot.flags.fetch_or(flag, Relaxed) & flag == 0)
+    }
+
+    /// Event `index` was acked at `at_ns` (the first ack counts).
+    pub fn mark_acked_at(&self, index: u64, at_ns: u64) {
         if let Some(slot) = self.existing(index) {
-            slot.flags.fetch_or(flag, Relaxed);
+            slot.flags.fetch_or(ACKED, Relaxed);
+            let _ = slot
+                .acked
+                .compare_exchange(0, at_ns.saturating_add(1), Relaxed, Relaxed);
+        }
+    }
+
+    /// The projector first reported event `index` at `at_ns`.
+    pub fn mark_committed_at(&self, index: u64, at_ns: u64) {
+        if let Some(slot) = self.existing(index) {
+            let _ = slot
+                .committed
+                .compare_exchange(0, at_ns.saturating_add(1), Relaxed, Relaxed);
         }
     }
 
@@ -169,11 +212,14 @@ impl Slots {
             return None;
         }
         let flags = slot.flags.load(Relaxed);
+        let time = |cell: &AtomicU64| cell.load(Relaxed).checked_sub(1);
         Some(SlotView {
             intended_ns: intended - 1,
             class: Class::from_index(flags & CLASS_MASK),
             phase: ((flags >> PHASE_SHIFT) & PHASE_MASK) as usize,
             flags,
+            acked_ns: time(&slot.acked),
+            committed_ns: time(&slot.committed),
         })
     }
 
@@ -201,6 +247,8 @@ pub struct PerSecond {
     pub sent: Vec<AtomicU64>,
     pub acked: Vec<AtomicU64>,
     pub errors: Vec<AtomicU64>,
+    /// Refusals with `Retry-After` (by answer time; every attempt counts).
+    pub refused: Vec<AtomicU64>,
 }
 
 impl PerSecond {
@@ -210,6 +258,7 @@ impl PerSecond {
             sent: zeros(),
             acked: zeros(),
             errors: zeros(),
+            refused: zeros(),
         }
     }
 
@@ -247,6 +296,14 @@ pub struct Run {
     pub errors: AtomicU64,
     pub processed: AtomicU64,
     pub analytics_done: AtomicU64,
+    /// Answers that refused an event with `Retry-After` (every attempt counts).
+    pub refusals: AtomicU64,
+    /// Sends of an event after a refusal.
+    pub retries: AtomicU64,
+    /// Bulk events the admission signal held back (each counted once).
+    pub deferrals: AtomicU64,
+    /// Refusals by the problem type the platform gave (`overloaded`, `ingest-full`, …).
+    pub refusal_kinds: Mutex<BTreeMap<String, u64>>,
     pub per_second: PerSecond,
     pub error_log: Mutex<ErrorLog>,
     /// p99 over the last second of every lane, µs (for the progress line).
@@ -271,6 +328,10 @@ impl Run {
             errors: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             analytics_done: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            deferrals: AtomicU64::new(0),
+            refusal_kinds: Mutex::new(BTreeMap::new()),
             per_second: PerSecond::new(seconds),
             error_log: Mutex::new(ErrorLog::default()),
             live_p99_us: AtomicU64::new(0),
@@ -295,16 +356,37 @@ impl Run {
         self.next_index.fetch_add(1, Relaxed)
     }
 
+    /// Event `index` goes out; a retry is counted as one, not as another event sent.
     pub fn mark_sent(&self, index: u64, intended_ns: u64) {
-        self.slots.mark(index, SENT);
-        self.sent.fetch_add(1, Relaxed);
-        PerSecond::add(&self.per_second.sent, second_of(intended_ns), 1);
+        if self.slots.mark_first(index, SENT) {
+            self.sent.fetch_add(1, Relaxed);
+            PerSecond::add(&self.per_second.sent, second_of(intended_ns), 1);
+        } else {
+            self.retries.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn mark_acked(&self, index: u64) {
-        self.slots.mark(index, ACKED);
+        let now = self.now_ns();
+        self.slots.mark_acked_at(index, now);
         self.acked.fetch_add(1, Relaxed);
-        PerSecond::add(&self.per_second.acked, second_of(self.now_ns()), 1);
+        PerSecond::add(&self.per_second.acked, second_of(now), 1);
+    }
+
+    /// The platform refused event `index` with `Retry-After`, saying why (`kind`).
+    pub fn mark_refused(&self, index: u64, kind: &str) {
+        self.slots.mark(index, REFUSED);
+        self.refusals.fetch_add(1, Relaxed);
+        PerSecond::add(&self.per_second.refused, second_of(self.now_ns()), 1);
+        let mut kinds = self.refusal_kinds.lock().unwrap_or_else(|e| e.into_inner());
+        *kinds.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// The admission signal held bulk event `index` back.
+    pub fn mark_deferred(&self, index: u64) {
+        if self.slots.mark_first(index, DEFERRED) {
+            self.deferrals.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn mark_error(&self, index: u64, intended_ns: u64, kind: &str) {
@@ -425,6 +507,7 @@ impl Collector {
                         continue;
                     }
                     run.processed.fetch_add(1, Relaxed);
+                    run.slots.mark_committed_at(index, completed_ns);
                     if let Some(lane) = lane_index {
                         self.routed[view.class as usize][lane] += 1;
                         if let Some(phase) = self.lanes.get_mut(view.phase) {
@@ -511,6 +594,46 @@ mod tests {
         assert_eq!(run.slots.view(1).map(|v| v.projector_reports()), Some(2));
         assert_eq!(run.slots.view(2).map(|v| v.projector_reports()), Some(0));
         assert_eq!(collector.seconds.len(), 2);
+    }
+
+    #[test]
+    fn ack_and_commit_times_are_kept_and_a_retry_is_not_another_send() {
+        let run = Arc::new(Run::new(8, 10));
+        run.slots.generate(0, 0, Class::Standard, 0);
+        assert_eq!(run.slots.view(0).map(|v| v.acked_ns), Some(None));
+        run.mark_sent(0, 0);
+        run.mark_refused(0, "overloaded");
+        run.mark_sent(0, 0);
+        run.mark_acked(0);
+        assert_eq!(run.sent.load(Relaxed), 1);
+        assert_eq!(run.retries.load(Relaxed), 1);
+        assert_eq!(run.refusals.load(Relaxed), 1);
+        let view = run.slots.view(0).expect("slot");
+        assert!(
+            view.acked() && !view.shed(),
+            "acked after a refusal is not shed"
+        );
+        assert!(view.acked_ns.is_some());
+        let mut collector = Collector::new(Arc::clone(&run), 1);
+        for at in [7_000, 9_000] {
+            collector.on_notice(&notice(
+                "projector",
+                "standard",
+                run.started_unix_ns + at,
+                vec![tracked_id(8, 0, 1)],
+            ));
+        }
+        assert_eq!(
+            run.slots.view(0).and_then(|v| v.committed_ns),
+            Some(7_000),
+            "the first report is the commit"
+        );
+        run.slots.generate(1, 0, Class::AnalyticsOnly, 0);
+        run.mark_deferred(1);
+        run.mark_deferred(1);
+        assert_eq!(run.deferrals.load(Relaxed), 1);
+        let view = run.slots.view(1).expect("slot");
+        assert!(view.shed() && !view.sent());
     }
 
     #[test]
