@@ -7,7 +7,7 @@
 use bus::{
     Bus, CancellationToken, Handler, Outcome, WaitPolicy, WorkerConfig, jetstream, run_worker,
 };
-use events::{DlqStage, Encoding, Event};
+use events::{DlqStage, Encoding, Event, Lane};
 use std::sync::Arc;
 use store::{FailureClass, Store, StoreError};
 
@@ -129,7 +129,14 @@ impl Projector {
     }
 }
 
-/// Run the projector until `shutdown`.
+/// Largest batch of the critical lane's worker: a critical event never waits for a big
+/// transaction of its own.
+const CRITICAL_MAX_BATCH: usize = 32;
+
+/// Run the projector until `shutdown`: the critical lane by a worker of its own, on its own NATS
+/// connection, in small transactions that carry no bulk event; the high and standard lanes by the
+/// main worker (high first, standard topping its batches up). A critical event so waits at most
+/// for the one bulk transaction the store is committing, never inside a bulk batch.
 pub async fn run(
     bus: Bus,
     store: Store,
@@ -140,11 +147,29 @@ pub async fn run(
     // The store is what every event needs: while it is down, hold the batch and take no more.
     worker.wait_policy = WaitPolicy::Hold;
     worker.max_batch = config.max_batch;
-    // Priority events share a transaction with bulk ones rather than paying for one each.
-    worker.top_up = true;
     worker.concurrency = config.concurrency;
     worker.lower_lane_share = config.lower_lane_share;
     worker.max_deliveries = config.max_deliveries;
+    let mut critical = worker.clone().lanes(&[Lane::Critical]);
+    critical.max_batch = config.max_batch.min(CRITICAL_MAX_BATCH);
+    critical.concurrency = 1;
+    let mut bulk = worker.lanes(&[Lane::High, Lane::Standard]);
+    // High events share a transaction with standard ones rather than paying for one each.
+    bulk.top_up = true;
+    let critical_bus = bus.connect_another("critical").await?;
     let handler = Arc::new(Projector::new(store, bus.clone()));
-    run_worker(bus, worker, handler, shutdown).await
+    // One worker failing stops the other: the projector must not go on half alive unnoticed.
+    let stop = shutdown.child_token();
+    let watched = |result: Result<(), bus::BusError>| {
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
+    let (critical, bulk) = tokio::join!(
+        async { watched(run_worker(critical_bus, critical, handler.clone(), stop.clone()).await) },
+        async { watched(run_worker(bus, bulk, handler.clone(), stop.clone()).await) },
+    );
+    critical?;
+    bulk
 }
