@@ -26,6 +26,9 @@ pub struct ProjectorConfig {
     pub lower_lane_share: f64,
     /// Deliveries before a failing event is dead-lettered.
     pub max_deliveries: i64,
+    /// The critical lane by a worker of its own (small transactions, own connection); `false`
+    /// reads all three lanes with one worker, critical batches topped up with bulk events.
+    pub critical_worker: bool,
 }
 
 impl Default for ProjectorConfig {
@@ -35,6 +38,7 @@ impl Default for ProjectorConfig {
             concurrency: 1,
             lower_lane_share: 0.05,
             max_deliveries: 10,
+            critical_worker: true,
         }
     }
 }
@@ -150,6 +154,12 @@ pub async fn run(
     worker.concurrency = config.concurrency;
     worker.lower_lane_share = config.lower_lane_share;
     worker.max_deliveries = config.max_deliveries;
+    let handler = Arc::new(Projector::new(store, bus.clone()));
+    if !config.critical_worker {
+        // Priority events share a transaction with bulk ones rather than paying for one each.
+        worker.top_up = true;
+        return run_worker(bus, worker, handler, shutdown).await;
+    }
     let mut critical = worker.clone().lanes(&[Lane::Critical]);
     critical.max_batch = config.max_batch.min(CRITICAL_MAX_BATCH);
     critical.concurrency = 1;
@@ -157,7 +167,6 @@ pub async fn run(
     // High events share a transaction with standard ones rather than paying for one each.
     bulk.top_up = true;
     let critical_bus = bus.connect_another("critical").await?;
-    let handler = Arc::new(Projector::new(store, bus.clone()));
     // One worker failing stops the other: the projector must not go on half alive unnoticed.
     let stop = shutdown.child_token();
     let watched = |result: Result<(), bus::BusError>| {
