@@ -125,7 +125,7 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
 /// Additive increase per control tick, as a share of the current rate (at least
 /// `min_bulk_rate`).
-const INCREASE_SHARE: f64 = 0.05;
+const INCREASE_SHARE: f64 = 0.1;
 /// Multiplicative decrease per control tick while the delay keeps growing.
 const DECREASE: f64 = 0.8;
 /// The first limit is this share of the pipeline's processing rate.
@@ -145,6 +145,8 @@ pub struct PipelineReading {
     pub delay_ms: f64,
     /// Events the projector processed per second (all lanes), 0 when unknown.
     pub processed_per_s: f64,
+    /// Messages waiting in the bulk stages (router bulk source, projector high and standard).
+    pub backlog: u64,
 }
 
 /// Why the controller limits bulk.
@@ -177,7 +179,7 @@ pub struct BulkController {
     config: AdmissionConfig,
     /// `None` while open.
     limit: Option<f64>,
-    last_delay_ms: f64,
+    last_backlog: u64,
     reason: Congestion,
     open_ticks: u32,
     /// Bulk events admitted since the last tick, and when that tick was.
@@ -197,7 +199,7 @@ impl BulkController {
         Self {
             config,
             limit: None,
-            last_delay_ms: 0.0,
+            last_backlog: 0,
             reason: Congestion::None,
             open_ticks: 0,
             admitted: 0,
@@ -322,16 +324,18 @@ impl BulkController {
                 self.open_ticks = 0;
             }
             (_, Some(limit)) => {
-                // The backlog drains at the limit in force: lower it only while the delay
-                // still grows, else the queue would be emptied twice.
-                if delay_ms >= self.last_delay_ms || congestion == Congestion::PublishDelay {
+                // Lower the rate only while the backlog still grows: the delay of what is
+                // processed lags (the oldest events come out last), so a shrinking backlog
+                // with a high delay means the rate in force is already draining it.
+                let backlog = pipeline.map_or(0, |p| p.backlog);
+                if backlog >= self.last_backlog || congestion == Congestion::PublishDelay {
                     self.limit = Some((limit * DECREASE).max(floor));
                 }
                 self.open_ticks = 0;
             }
         }
         self.reason = congestion;
-        self.last_delay_ms = delay_ms;
+        self.last_backlog = pipeline.map_or(0, |p| p.backlog);
     }
 
     pub fn report(&self, at_ms: u64) -> AdmissionReport {
@@ -374,9 +378,12 @@ impl PipelineView {
                     "projector" => lane.lane == "standard" || lane.lane == "high",
                     _ => false,
                 };
-                if bulk_stage && lane.processed > 0 {
-                    reading.delay_ms = reading.delay_ms.max(lane.p50_ms);
+                if bulk_stage {
+                    reading.backlog += lane.pending;
                     any = true;
+                    if lane.processed > 0 {
+                        reading.delay_ms = reading.delay_ms.max(lane.p50_ms);
+                    }
                 }
                 if report.role == "projector" {
                     reading.processed_per_s += report.per_second(lane.processed);
@@ -607,9 +614,14 @@ mod tests {
     }
 
     fn congested(delay_ms: f64, processed: f64) -> Option<PipelineReading> {
+        backlogged(delay_ms, processed, 0)
+    }
+
+    fn backlogged(delay_ms: f64, processed: f64, backlog: u64) -> Option<PipelineReading> {
         Some(PipelineReading {
             delay_ms,
             processed_per_s: processed,
+            backlog,
         })
     }
 
@@ -651,16 +663,17 @@ mod tests {
     fn a_growing_delay_limits_bulk_under_the_processing_rate_then_lowers_it() {
         let (mut c, now) = controller();
         offer(&mut c, now, &[("a", 8000)]);
-        c.tick(congested(600.0, 4000.0), now + Duration::from_secs(1));
+        c.tick(backlogged(600.0, 4000.0, 10_000), now + Duration::from_secs(1));
         let first = c.limit().expect("limited");
         assert!((first - 3600.0).abs() < 1.0, "{first}");
         assert_eq!(c.reason(), Congestion::PipelineDelay);
-        // Still growing: lower.
-        c.tick(congested(900.0, 4000.0), now + Duration::from_secs(2));
+        // The backlog still grows: lower.
+        c.tick(backlogged(900.0, 4000.0, 12_000), now + Duration::from_secs(2));
         assert!((c.limit().expect("limited") - first * DECREASE).abs() < 1.0);
-        // Draining (the delay falls but is above target): hold.
+        // Draining: the delay of what comes out still rises (the oldest come last), but the
+        // backlog shrinks, so the rate in force holds.
         let held = c.limit();
-        c.tick(congested(700.0, 4000.0), now + Duration::from_secs(3));
+        c.tick(backlogged(1500.0, 4000.0, 9_000), now + Duration::from_secs(3));
         assert_eq!(c.limit(), held);
         let report = c.report(7);
         assert_eq!(report.bulk, "limited");
@@ -697,7 +710,7 @@ mod tests {
         let mut at = now + Duration::from_secs(1);
         c.tick(congested(50.0, 2000.0), at + Duration::from_secs(1));
         assert!(c.limit().expect("still limited") > first);
-        for _ in 0..(OPEN_AFTER_TICKS + 40) {
+        for _ in 0..(OPEN_AFTER_TICKS + 60) {
             at += Duration::from_secs(1);
             c.tick(congested(50.0, 2000.0), at);
             if c.limit().is_none() {
@@ -731,9 +744,9 @@ mod tests {
     fn the_limit_never_falls_below_the_floor() {
         let (mut c, now) = controller();
         let mut at = now;
-        for step in 0..50 {
+        for step in 0..50u64 {
             at += Duration::from_secs(1);
-            c.tick(congested(1000.0 + f64::from(step), 10.0), at);
+            c.tick(backlogged(1000.0, 10.0, 1000 + step), at);
         }
         assert_eq!(c.limit(), Some(AdmissionConfig::default().min_bulk_rate));
     }
