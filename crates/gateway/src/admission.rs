@@ -134,6 +134,8 @@ const FIRST_LIMIT_SHARE: f64 = 0.9;
 const OPEN_HEADROOM: f64 = 2.0;
 /// … for this many consecutive ticks.
 const OPEN_AFTER_TICKS: u32 = 10;
+/// How fast the capacity estimate forgets a higher rate, per tick (about 35 s half-life).
+const CAPACITY_DECAY: f64 = 0.98;
 /// A health report older than this no longer counts.
 const REPORT_TTL: Duration = Duration::from_secs(3);
 
@@ -182,6 +184,12 @@ pub struct BulkController {
     last_backlog: u64,
     reason: Congestion,
     open_ticks: u32,
+    /// The most the projector processed per second lately (a max that decays by
+    /// `CAPACITY_DECAY` a tick): where a new limit starts, since what it processes right
+    /// after a limited spell is only what was let in.
+    capacity: f64,
+    /// Bulk events refused since the last tick: while any are, demand is above the limit.
+    refused: u64,
     /// Bulk events admitted since the last tick, and when that tick was.
     admitted: u64,
     last_tick: Instant,
@@ -202,6 +210,8 @@ impl BulkController {
             last_backlog: 0,
             reason: Congestion::None,
             open_ticks: 0,
+            capacity: 0.0,
+            refused: 0,
             admitted: 0,
             last_tick: now,
             admitted_rate: 0.0,
@@ -257,6 +267,7 @@ impl BulkController {
             self.admitted += 1;
             true
         } else {
+            self.refused += 1;
             false
         }
     }
@@ -278,6 +289,9 @@ impl BulkController {
         let elapsed = now.duration_since(self.last_tick).as_secs_f64().max(1e-3);
         self.admitted_rate = self.admitted as f64 / elapsed;
         self.admitted = 0;
+        let refused = std::mem::take(&mut self.refused);
+        let processed = pipeline.map_or(0.0, |p| p.processed_per_s);
+        self.capacity = processed.max(self.capacity * CAPACITY_DECAY);
         self.last_tick = now;
         self.last_seen
             .retain(|_, seen| now.duration_since(*seen) <= ACTIVE_WINDOW);
@@ -298,7 +312,9 @@ impl BulkController {
             (Congestion::None, None) => {}
             (Congestion::None, Some(limit)) => {
                 let raised = limit + (limit * INCREASE_SHARE).max(floor);
-                if raised > OPEN_HEADROOM * self.admitted_rate.max(floor) {
+                // Open only when nobody was refused: refused clients wait out Retry-After, so
+                // what was admitted understates what they want.
+                if refused == 0 && raised > OPEN_HEADROOM * self.admitted_rate.max(floor) {
                     self.open_ticks += 1;
                 } else {
                     self.open_ticks = 0;
@@ -312,11 +328,10 @@ impl BulkController {
                 };
             }
             (_, None) => {
-                // The first limit: a little under what the pipeline gets through, else under
-                // what was admitted.
-                let processed = pipeline.map_or(0.0, |p| p.processed_per_s);
-                let reference = if processed > 0.0 {
-                    processed.min(self.admitted_rate.max(processed * 0.5))
+                // The first limit: a little under what the pipeline has been getting through,
+                // else under what was admitted.
+                let reference = if self.capacity > 0.0 {
+                    self.capacity
                 } else {
                     self.admitted_rate * 0.5
                 };
@@ -663,17 +678,26 @@ mod tests {
     fn a_growing_delay_limits_bulk_under_the_processing_rate_then_lowers_it() {
         let (mut c, now) = controller();
         offer(&mut c, now, &[("a", 8000)]);
-        c.tick(backlogged(600.0, 4000.0, 10_000), now + Duration::from_secs(1));
+        c.tick(
+            backlogged(600.0, 4000.0, 10_000),
+            now + Duration::from_secs(1),
+        );
         let first = c.limit().expect("limited");
         assert!((first - 3600.0).abs() < 1.0, "{first}");
         assert_eq!(c.reason(), Congestion::PipelineDelay);
         // The backlog still grows: lower.
-        c.tick(backlogged(900.0, 4000.0, 12_000), now + Duration::from_secs(2));
+        c.tick(
+            backlogged(900.0, 4000.0, 12_000),
+            now + Duration::from_secs(2),
+        );
         assert!((c.limit().expect("limited") - first * DECREASE).abs() < 1.0);
         // Draining: the delay of what comes out still rises (the oldest come last), but the
         // backlog shrinks, so the rate in force holds.
         let held = c.limit();
-        c.tick(backlogged(1500.0, 4000.0, 9_000), now + Duration::from_secs(3));
+        c.tick(
+            backlogged(1500.0, 4000.0, 9_000),
+            now + Duration::from_secs(3),
+        );
         assert_eq!(c.limit(), held);
         let report = c.report(7);
         assert_eq!(report.bulk, "limited");
@@ -738,6 +762,26 @@ mod tests {
         c.tick(None, at + Duration::from_secs(1));
         assert!(c.limit().is_some());
         assert_eq!(c.reason(), Congestion::PublishDelay);
+    }
+
+    #[test]
+    fn a_limit_starts_from_the_capacity_seen_and_opens_only_when_nobody_is_refused() {
+        let (mut c, now) = controller();
+        let mut at = now;
+        // The pipeline carried 4,000/s while open, then falls behind.
+        at += Duration::from_secs(1);
+        c.tick(backlogged(50.0, 4000.0, 0), at);
+        at += Duration::from_secs(1);
+        c.tick(backlogged(600.0, 3000.0, 5000), at);
+        assert!((c.limit().expect("limited") - 4000.0 * 0.98 * FIRST_LIMIT_SHARE).abs() < 5.0);
+        // The delay falls under target while clients are still refused: it never opens.
+        for _ in 0..(OPEN_AFTER_TICKS + 2) {
+            let got = offer(&mut c, at, &[("a", 20_000)]);
+            assert!(got[0] < 20_000);
+            at += Duration::from_secs(1);
+            c.tick(backlogged(50.0, 3000.0, 0), at);
+            assert!(c.limit().is_some(), "refused clients keep it limited");
+        }
     }
 
     #[test]
