@@ -4,9 +4,10 @@
 //! during it) or a closed model (N users: send, wait for the answer, think, repeat).
 
 use crate::{
-    mix::{Class, Generated, Generator},
+    mix::{Class, Doom, Generated, Generator},
+    retry::Retries,
     scenario::{DriverConfig, DriverKind, Load, Mix, WireEncoding},
-    tracker::{Run, histogram, record},
+    tracker::{INVALID, POISON, Run, histogram, record, tenant_flags},
 };
 use bus::{Bus, PublishOptions};
 use hdrhistogram::Histogram;
@@ -49,7 +50,19 @@ struct BatchAnswer {
 struct BatchItem {
     index: usize,
     status: u16,
+    #[serde(default)]
+    duplicate: Option<bool>,
 }
+
+/// The gateway's answer to one accepted event.
+#[derive(serde::Deserialize)]
+struct Accepted {
+    #[serde(default)]
+    duplicate: bool,
+}
+
+/// One item's outcome: acked (`true` when the answer said `duplicate`), or the error's kind.
+pub type SendResult = Result<bool, String>;
 
 impl Driver {
     pub fn new(config: &DriverConfig, target: Target, pool: usize) -> anyhow::Result<Self> {
@@ -114,7 +127,7 @@ impl Driver {
     }
 
     /// Send `batch` (one event unless the driver batches); `results[k]` is item k's outcome.
-    pub async fn send(&self, batch: &[Generated], results: &mut Vec<Result<(), String>>) {
+    pub async fn send(&self, batch: &[Generated], results: &mut Vec<SendResult>) {
         results.clear();
         match self.kind {
             DriverKind::Http => {
@@ -131,7 +144,7 @@ impl Driver {
         }
     }
 
-    async fn send_http(&self, generated: &Generated) -> Result<(), String> {
+    async fn send_http(&self, generated: &Generated) -> SendResult {
         let (content_type, body) = match self.encoding {
             WireEncoding::Json => ("application/json", events::encode_json(&generated.event)),
             WireEncoding::Protobuf => (
@@ -150,15 +163,18 @@ impl Driver {
             .map_err(request_error)?;
         let status = response.status();
         // Read the body so the connection goes back to the pool.
-        let _ = response.bytes().await;
+        let body = response.bytes().await;
         if status.is_success() {
-            Ok(())
+            Ok(body
+                .ok()
+                .and_then(|body| serde_json::from_slice::<Accepted>(&body).ok())
+                .is_some_and(|answer| answer.duplicate))
         } else {
             Err(format!("http {}", status.as_u16()))
         }
     }
 
-    async fn send_http_batch(&self, batch: &[Generated], results: &mut Vec<Result<(), String>>) {
+    async fn send_http_batch(&self, batch: &[Generated], results: &mut Vec<SendResult>) {
         let Some(first) = batch.first() else {
             return;
         };
@@ -203,7 +219,7 @@ impl Driver {
                 for item in answer.results {
                     if let Some(slot) = results.get_mut(item.index) {
                         *slot = if (200..300).contains(&item.status) {
-                            Ok(())
+                            Ok(item.duplicate.unwrap_or(false))
                         } else {
                             Err(format!("item {}", item.status))
                         };
@@ -213,14 +229,16 @@ impl Driver {
         }
     }
 
-    async fn send_nats(&self, generated: &Generated) -> Result<(), String> {
+    async fn send_nats(&self, generated: &Generated) -> SendResult {
         let Some(bus) = &self.nats else {
             return Err("no NATS target".into());
         };
         let subject = events::ingest_subject(&generated.event.tenant_id, generated.kind)
             .map_err(|err| err.to_string())?;
         let payload = events::encode_proto(&generated.event).into();
-        let options = PublishOptions::with_msg_id(generated.event.event_id.clone());
+        // What the gateway sets: `<tenant>:<idempotency key or event id>`.
+        let options = PublishOptions::with_msg_id(events::ingest_msg_id(&generated.event))
+            .header(bus::headers::EVENT_ID, &generated.event.event_id);
         let ack = bus
             .send(&subject, payload, &options)
             .await
@@ -228,7 +246,7 @@ impl Driver {
         match tokio::time::timeout(self.timeout, bus.await_ack(&subject, ack)).await {
             Err(_) => Err("timeout".into()),
             Ok(Err(err)) => Err(format!("nats {:?}", err.kind())),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(published)) => Ok(published.duplicate),
         }
     }
 }
@@ -274,6 +292,8 @@ pub struct PhaseContext {
     pub events_per_send: usize,
     /// Open model: senders (requests in flight at most).
     pub connections: usize,
+    /// Client retries to schedule as events are acked (`[[retry]]`).
+    pub retries: Option<Arc<Retries>>,
 }
 
 /// What the senders of a phase measured: the answer's latency per class (from the intended
@@ -309,7 +329,7 @@ struct Sender {
     generator: Generator,
     batch: Vec<Generated>,
     indices: Vec<(u64, u64)>,
-    results: Vec<Result<(), String>>,
+    results: Vec<SendResult>,
     acks: SharedAcks,
     pending: Vec<(Class, Duration)>,
 }
@@ -352,6 +372,12 @@ impl Sender {
         let generated = self.generator.next_for(index, tenant, id_millis);
         run.slots
             .generate(index, intended_ns, generated.class, self.phase);
+        run.slots.mark(index, tenant_flags(generated.tenant));
+        match generated.doom {
+            Some(Doom::Invalid) => run.slots.mark(index, INVALID),
+            Some(Doom::Poison) => run.slots.mark(index, POISON),
+            None => {}
+        }
         self.indices.push((index, intended_ns));
         self.batch.push(generated);
     }
@@ -371,8 +397,13 @@ impl Sender {
             self.batch.iter().zip(&self.indices).zip(&self.results)
         {
             match result {
-                Ok(()) => {
-                    run.mark_acked(index);
+                Ok(duplicate) => {
+                    run.mark_acked(index, *duplicate);
+                    if let Some(retries) = &self.context.retries
+                        && !*duplicate
+                    {
+                        retries.offer(index, generated, now);
+                    }
                     self.pending.push((
                         generated.class,
                         Duration::from_nanos(now.saturating_sub(intended)),

@@ -4,11 +4,15 @@
 //! JetStream and synchronous baselines in the same run, and JSON / Markdown / HTML reports with
 //! SLO verdicts.
 
+pub mod chaos;
 pub mod driver;
+pub mod effects;
+pub mod evidence;
 pub mod html;
 pub mod mix;
 pub mod procs;
 pub mod report;
+pub mod retry;
 pub mod run;
 pub mod scenario;
 pub mod stack;

@@ -86,6 +86,21 @@ pub const SENT: u64 = 1 << 8;
 pub const ACKED: u64 = 1 << 9;
 pub const ERROR: u64 = 1 << 10;
 pub const DEAD_LETTERED: u64 = 1 << 11;
+/// Generated invalid (`mix.invalid_share`): must be dead-lettered as `invalid_event`.
+pub const INVALID: u64 = 1 << 12;
+/// Generated for the refused customer (`mix.poison_share`): must be dead-lettered as
+/// `store_rejected`.
+pub const POISON: u64 = 1 << 13;
+/// A client retry of an earlier event (same key, new id).
+pub const RETRY: u64 = 1 << 14;
+/// Its ack said `duplicate: true`: the stream already held its key, nothing new was stored.
+pub const DEDUPLICATED: u64 = 1 << 15;
+/// No projector notice reached the harness, but the store's ledger holds it.
+pub const FOUND_IN_STORE: u64 = 1 << 16;
+/// No analytics notice reached the harness, but the analytics ledger holds it.
+pub const ANALYTICS_IN_STORE: u64 = 1 << 17;
+const TENANT_SHIFT: u32 = 48;
+const TENANT_MASK: u64 = 0xfff;
 const PROJECTOR_ONE: u64 = 1 << 32;
 const PROJECTOR_MASK: u64 = 0xff << 32;
 const ANALYTICS_ONE: u64 = 1 << 40;
@@ -127,6 +142,35 @@ impl SlotView {
     pub fn dead_lettered(&self) -> bool {
         self.flags & DEAD_LETTERED != 0
     }
+    pub fn has(&self, flag: u64) -> bool {
+        self.flags & flag != 0
+    }
+    /// Processed by the projector: its notice, or (when the notice was lost) its ledger row.
+    pub fn processed(&self) -> bool {
+        self.projector_reports() > 0 || self.has(FOUND_IN_STORE)
+    }
+    pub fn counted_by_analytics(&self) -> bool {
+        self.analytics_reports() > 0 || self.has(ANALYTICS_IN_STORE)
+    }
+    /// The 0-based tenant number it was sent for.
+    pub fn tenant(&self) -> u64 {
+        (self.flags >> TENANT_SHIFT) & TENANT_MASK
+    }
+    /// The dead-letter reason it was generated to get, if any.
+    pub fn doomed_reason(&self) -> Option<&'static str> {
+        if self.has(INVALID) {
+            Some(crate::mix::Doom::Invalid.reason())
+        } else if self.has(POISON) {
+            Some(crate::mix::Doom::Poison.reason())
+        } else {
+            None
+        }
+    }
+}
+
+/// The slot flags that record event `tenant`'s number.
+pub fn tenant_flags(tenant: u64) -> u64 {
+    (tenant & TENANT_MASK) << TENANT_SHIFT
 }
 
 impl Slots {
@@ -247,6 +291,10 @@ pub struct Run {
     pub errors: AtomicU64,
     pub processed: AtomicU64,
     pub analytics_done: AtomicU64,
+    /// Acks that said `duplicate: true`.
+    pub deduplicated: AtomicU64,
+    /// Retry index → the index of the event it retries.
+    pub retry_of: Mutex<BTreeMap<u64, u64>>,
     pub per_second: PerSecond,
     pub error_log: Mutex<ErrorLog>,
     /// p99 over the last second of every lane, µs (for the progress line).
@@ -271,6 +319,8 @@ impl Run {
             errors: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             analytics_done: AtomicU64::new(0),
+            deduplicated: AtomicU64::new(0),
+            retry_of: Mutex::new(BTreeMap::new()),
             per_second: PerSecond::new(seconds),
             error_log: Mutex::new(ErrorLog::default()),
             live_p99_us: AtomicU64::new(0),
@@ -301,9 +351,13 @@ impl Run {
         PerSecond::add(&self.per_second.sent, second_of(intended_ns), 1);
     }
 
-    pub fn mark_acked(&self, index: u64) {
-        self.slots.mark(index, ACKED);
+    /// Acked; `duplicate` when the answer said the stream already held the event's key.
+    pub fn mark_acked(&self, index: u64, duplicate: bool) {
+        self.slots.mark(index, if duplicate { ACKED | DEDUPLICATED } else { ACKED });
         self.acked.fetch_add(1, Relaxed);
+        if duplicate {
+            self.deduplicated.fetch_add(1, Relaxed);
+        }
         PerSecond::add(&self.per_second.acked, second_of(self.now_ns()), 1);
     }
 
