@@ -154,7 +154,8 @@ pub fn compare(
     store: &BTreeMap<String, StoreCounts>,
 ) -> EffectsReport {
     let mut report = EffectsReport::default();
-    let tenants: std::collections::BTreeSet<&String> = expected.keys().chain(store.keys()).collect();
+    let tenants: std::collections::BTreeSet<&String> =
+        expected.keys().chain(store.keys()).collect();
     for tenant in tenants {
         let (projection, analytics) = expected.get(tenant).copied().unwrap_or((0, 0));
         let counts = store.get(tenant).copied().unwrap_or_default();

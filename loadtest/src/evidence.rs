@@ -38,11 +38,7 @@ fn sum_of(text: &str, name: &str) -> Option<f64> {
         if !(rest.starts_with('{') || rest.starts_with(' ')) {
             continue;
         }
-        if let Some(value) = rest
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
+        if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
             *found.get_or_insert(0.0) += value;
         }
     }
@@ -96,8 +92,7 @@ pub fn total(totals: &BTreeMap<String, f64>, name: &str) -> f64 {
     totals
         .iter()
         .filter(|(key, _)| key.split(' ').nth(1) == Some(name) && !key.ends_with(" seconds"))
-        .map(|(_, v)| v)
-        .sum()
+        .fold(0.0, |sum, (_, v)| sum + v)
 }
 
 /// Scrape every endpoint once a second until `stop`; hands the evidence back.

@@ -220,9 +220,8 @@ async fn run(cli: Cli) -> Result<bool> {
             render,
         } => {
             let variant = if short { Variant::Short } else { Variant::Full };
-            let out = out.unwrap_or_else(|| {
-                default_out(if short { "chaos-short" } else { "chaos" })
-            });
+            let out =
+                out.unwrap_or_else(|| default_out(if short { "chaos-short" } else { "chaos" }));
             if render {
                 println!("{}", crm_load::chaos::rerender(&out, variant)?);
                 return Ok(true);

@@ -454,7 +454,10 @@ mod tests {
         assert_eq!(a.event.idempotency_key, b.event.idempotency_key);
         assert_ne!(a.event.tenant_id, b.event.tenant_id);
         assert_ne!(a.event.event_id, b.event.event_id);
-        assert_ne!(generator.next(12).event.idempotency_key, a.event.idempotency_key);
+        assert_ne!(
+            generator.next(12).event.idempotency_key,
+            a.event.idempotency_key
+        );
     }
 
     #[test]

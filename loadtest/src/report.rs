@@ -692,7 +692,10 @@ impl Report {
             );
         }
         if !self.retries.is_empty() {
-            let _ = writeln!(md, "\n## Client retries (same idempotency key, new event id)\n");
+            let _ = writeln!(
+                md,
+                "\n## Client retries (same idempotency key, new event id)\n"
+            );
             let _ = writeln!(
                 md,
                 "| group | after s | expected | sent | acked | answered duplicate | stored again | processed | errors |"
@@ -732,7 +735,10 @@ impl Report {
                     s.max_bytes.map_or("none".into(), |m| m.to_string()),
                     s.max_bytes
                         .filter(|m| *m > 0)
-                        .map_or("—".into(), |m| format!("{:.2} %", 100.0 * s.bytes as f64 / m as f64))
+                        .map_or("—".into(), |m| format!(
+                            "{:.2} %",
+                            100.0 * s.bytes as f64 / m as f64
+                        ))
                 );
             }
         }

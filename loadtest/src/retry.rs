@@ -167,7 +167,12 @@ impl Retries {
     }
 
     /// Send retries as they fall due until `load_done` and none is left.
-    pub async fn run(self: Arc<Self>, run: Arc<Run>, driver: Arc<Driver>, load_done: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        run: Arc<Run>,
+        driver: Arc<Driver>,
+        load_done: CancellationToken,
+    ) {
         let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
@@ -214,7 +219,8 @@ impl Retries {
             generated.class,
             view.map_or(0, |v| v.phase),
         );
-        run.slots.mark(index, RETRY | tenant_flags(generated.tenant));
+        run.slots
+            .mark(index, RETRY | tenant_flags(generated.tenant));
         run.retry_of
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -247,7 +253,12 @@ impl Retries {
     /// Each group's counts, with how many of its stored retries the projector processed.
     pub fn report(&self, run: &Run) -> Vec<RetryReport> {
         let mut processed = vec![0u64; self.groups.len()];
-        for &(index, group) in self.sent_by.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for &(index, group) in self
+            .sent_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             if let Some(view) = run.slots.view(index)
                 && view.processed()
             {

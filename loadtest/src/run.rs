@@ -17,7 +17,7 @@ use crate::{
     stack::{Pids, Stack, StackPaths, StopSignal},
     sync_baseline::SyncServer,
     tracker::{
-        ANALYTICS, ANALYTICS_IN_STORE, Collector, DEAD_LETTERED, FOUND_IN_STORE, LANES,
+        ANALYTICS, ANALYTICS_IN_STORE, Collector, DEAD_LETTERED, FOUND_IN_STORE, INVALID, LANES,
         Percentiles, RETRY, Run, histogram,
     },
 };
@@ -312,9 +312,7 @@ async fn drive(
         .fault
         .as_ref()
         .map_or(Duration::ZERO, |f| f.at + f.down_for);
-    let seconds = (scenario.load_duration().max(fault_end)
-        + longest_retry
-        + scenario.drain_timeout)
+    let seconds = (scenario.load_duration().max(fault_end) + longest_retry + scenario.drain_timeout)
         .as_secs() as usize
         + 120;
     let run = Arc::new(Run::new(run_tag, seconds));
@@ -504,7 +502,10 @@ async fn drive(
             match index {
                 Some(index) => {
                     run.slots.mark(index, DEAD_LETTERED);
-                    *dead_letters.by_reason.entry(entry.reason.clone()).or_default() += 1;
+                    *dead_letters
+                        .by_reason
+                        .entry(entry.reason.clone())
+                        .or_default() += 1;
                     dead_letters.reasons.insert(index, entry.reason);
                 }
                 None => dead_letters.foreign += 1,
@@ -577,7 +578,14 @@ async fn drive(
     report.effects = effects;
     report.ingest_high_water = high_water;
     report.streams = streams;
-    report.fault_checks = fault_checks(scenario, &report, &evidence, &retries, &run, fault.is_some());
+    report.fault_checks = fault_checks(
+        scenario,
+        &report,
+        &evidence,
+        &retries,
+        &run,
+        fault.is_some(),
+    );
     report.retries = retries;
     report.evidence = evidence;
     report.throttle = throttle;
@@ -711,7 +719,8 @@ async fn reconcile_with_store(kind: StoreKind, url: &str, run: &Run) -> Result<E
         }
         let entry = expected.entry(tenant_id(view.tenant())).or_default();
         entry.0 += u64::from(view.processed() && !view.dead_lettered());
-        entry.1 += u64::from(view.counted_by_analytics());
+        // Analytics acks an invalid event uncounted (the router dead-letters it).
+        entry.1 += u64::from(view.counted_by_analytics() && !view.has(INVALID));
     }
     expected.retain(|_, (p, a)| *p + *a > 0);
     let store = probe.per_tenant().await?;
@@ -914,7 +923,8 @@ fn build_report(
                     loss.missing_ids.push(run.event_id(index, view.intended_ns));
                 }
             }
-            let analytics_skips = dead || doomed.is_some() || view.has(crate::tracker::DEDUPLICATED);
+            let analytics_skips =
+                dead || doomed.is_some() || view.has(crate::tracker::DEDUPLICATED);
             if !view.counted_by_analytics() && !analytics_skips {
                 loss.analytics_missing += 1;
             }
@@ -1311,6 +1321,7 @@ async fn sync_baseline(scenario: &Scenario, phases: &[PhaseReport]) -> Result<Sy
         seed: scenario.seed ^ 0x5eed,
         events_per_send: 1,
         connections: config.connections,
+        retries: None,
     };
     let sent = run_phase(&context, 0, load, 0, duration).await;
     let elapsed = (sent.end_ns - sent.start_ns) as f64 / 1e9;
@@ -1487,7 +1498,11 @@ mod tests {
         assert_eq!(loss.missing, 1);
         assert_eq!(loss.missing_ids, vec![done(1)]);
         assert_eq!(
-            (loss.acked_processed, loss.acked_dead_lettered, loss.acked_deduplicated),
+            (
+                loss.acked_processed,
+                loss.acked_dead_lettered,
+                loss.acked_deduplicated
+            ),
             (1, 1, 0),
             "acked = processed + dead-lettered + deduplicated retries + missing"
         );

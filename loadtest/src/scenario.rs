@@ -494,10 +494,7 @@ impl Scenario {
             ("invalid_share", mix.invalid_share),
             ("poison_share", mix.poison_share),
         ] {
-            ensure!(
-                (0.0..=1.0).contains(&share),
-                "mix.{name} must be in 0..=1"
-            );
+            ensure!((0.0..=1.0).contains(&share), "mix.{name} must be in 0..=1");
         }
         ensure!(
             mix.invalid_share == 0.0 || self.driver.kind == DriverKind::Nats,
@@ -680,7 +677,12 @@ rate = 100
                 let slo = &scenario.slo;
                 assert_eq!(slo.max_missing, Some(0), "{}", scenario.name);
                 assert_eq!(slo.max_duplicate_effects, Some(0), "{}", scenario.name);
-                assert_eq!(slo.dead_letters_as_expected, Some(true), "{}", scenario.name);
+                assert_eq!(
+                    slo.dead_letters_as_expected,
+                    Some(true),
+                    "{}",
+                    scenario.name
+                );
                 assert_eq!(slo.lanes_empty, Some(true), "{}", scenario.name);
                 assert_eq!(slo.fault_observed, Some(true), "{}", scenario.name);
                 if variant == Variant::Short {
@@ -702,7 +704,10 @@ rate = 100
         );
         let full = Scenario::parse_variant(&text, Variant::Full).expect("full");
         assert_eq!(full.phases[0].name, "main");
-        assert_eq!(full.fault.as_ref().map(|f| f.at), Some(Duration::from_secs(20)));
+        assert_eq!(
+            full.fault.as_ref().map(|f| f.at),
+            Some(Duration::from_secs(20))
+        );
         assert!(!full.stack.streams.contains_key("CRM_INGEST"));
         let short = Scenario::parse_variant(&text, Variant::Short).expect("short");
         assert_eq!(short.phases.len(), 1);
@@ -710,7 +715,11 @@ rate = 100
         let fault = short.fault.expect("fault");
         assert_eq!(
             (fault.kind, fault.at, fault.down_for),
-            (FaultKind::KillNats, Duration::from_secs(2), Duration::from_secs(5)),
+            (
+                FaultKind::KillNats,
+                Duration::from_secs(2),
+                Duration::from_secs(5)
+            ),
             "a table is merged key by key"
         );
         assert!(short.stack.streams.contains_key("CRM_DLQ"));
@@ -728,7 +737,9 @@ rate = 100
                 "processes = \"roles\"",
             ),
             (
-                with("[stack]\nprocesses = \"roles\"\n[fault]\nrole = \"janitor\"\nat = \"1s\"\nrecovery_p99_ms = 1\n"),
+                with(
+                    "[stack]\nprocesses = \"roles\"\n[fault]\nrole = \"janitor\"\nat = \"1s\"\nrecovery_p99_ms = 1\n",
+                ),
                 "fault.role",
             ),
             (
@@ -738,7 +749,9 @@ rate = 100
             (with("[mix]\ninvalid_share = 0.1\n"), "nats"),
             (with("[mix]\npoison_share = 2.0\n"), "poison_share"),
             (
-                with("[[retry]]\nname = \"r\"\nshare = 0.1\nafter = \"1s\"\nwithin_window = true\n"),
+                with(
+                    "[[retry]]\nname = \"r\"\nshare = 0.1\nafter = \"1s\"\nwithin_window = true\n",
+                ),
                 "idempotency_keys",
             ),
         ] {

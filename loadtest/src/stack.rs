@@ -203,7 +203,9 @@ async fn terminate(child: &Child) {
 pub fn write_definitions(dir: &Path, overrides: &toml::Table, to: &Path) -> Result<()> {
     fn copy_tree(from: &Path, to: &Path) -> Result<()> {
         std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        for entry in
+            std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?
+        {
             let path = entry?.path();
             let target = to.join(path.file_name().unwrap_or_default());
             if path.is_dir() {
@@ -543,7 +545,10 @@ impl Stack {
 
     /// Every role process's name and admin address (for /metrics).
     pub fn admin_endpoints(&self) -> Vec<(String, SocketAddr)> {
-        self.roles.iter().map(|r| (r.name.clone(), r.admin)).collect()
+        self.roles
+            .iter()
+            .map(|r| (r.name.clone(), r.admin))
+            .collect()
     }
 
     /// Stop nats-server (SIGTERM and wait for it, or kill -9).
@@ -692,16 +697,20 @@ mod tests {
     fn stream_overrides_edit_a_copy_of_the_definitions() {
         let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats");
         let out = tempfile::tempdir().expect("temp dir");
-        let overrides: toml::Table =
-            toml::from_str("[CRM_LANE_STANDARD]\nmax_bytes = 65536\n[CRM_INGEST]\nduplicate_window = 5000000000\n")
-                .expect("toml");
+        let overrides: toml::Table = toml::from_str(
+            "[CRM_LANE_STANDARD]\nmax_bytes = 65536\n[CRM_INGEST]\nduplicate_window = 5000000000\n",
+        )
+        .expect("toml");
         write_definitions(&committed, &overrides, out.path()).expect("written");
         let read = |dir: &Path, name: &str| -> serde_json::Value {
             let path = dir.join("streams").join(format!("{name}.json"));
             serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json")
         };
         assert_eq!(read(out.path(), "CRM_LANE_STANDARD")["max_bytes"], 65536);
-        assert_eq!(read(out.path(), "CRM_INGEST")["duplicate_window"], 5_000_000_000u64);
+        assert_eq!(
+            read(out.path(), "CRM_INGEST")["duplicate_window"],
+            5_000_000_000u64
+        );
         assert_eq!(
             read(out.path(), "CRM_LANE_STANDARD")["retention"],
             read(&committed, "CRM_LANE_STANDARD")["retention"],

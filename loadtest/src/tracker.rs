@@ -353,7 +353,14 @@ impl Run {
 
     /// Acked; `duplicate` when the answer said the stream already held the event's key.
     pub fn mark_acked(&self, index: u64, duplicate: bool) {
-        self.slots.mark(index, if duplicate { ACKED | DEDUPLICATED } else { ACKED });
+        self.slots.mark(
+            index,
+            if duplicate {
+                ACKED | DEDUPLICATED
+            } else {
+                ACKED
+            },
+        );
         self.acked.fetch_add(1, Relaxed);
         if duplicate {
             self.deduplicated.fetch_add(1, Relaxed);
