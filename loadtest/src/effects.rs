@@ -88,7 +88,7 @@ impl StoreProbe {
     /// Each tenant's effects.
     pub async fn per_tenant(&self) -> Result<BTreeMap<String, StoreCounts>> {
         let mut out: BTreeMap<String, StoreCounts> = BTreeMap::new();
-        let queries: [(&str, fn(&mut StoreCounts) -> &mut i64); 4] = [
+        let queries: [(&str, CountField); 4] = [
             (
                 "SELECT tenant_id, COUNT(*) FROM processed_events GROUP BY tenant_id",
                 |c| &mut c.ledger,
@@ -124,6 +124,9 @@ impl StoreProbe {
         with_pool!(self, pool => pool.close().await);
     }
 }
+
+/// Which count of [`StoreCounts`] a query fills.
+type CountField = fn(&mut StoreCounts) -> &mut i64;
 
 /// One tenant's line: what the harness expects against what the store holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
