@@ -141,7 +141,8 @@ pub fn markdown(rows: &[Row], variant: Variant, machine: &str) -> String {
          one fault, then the drain and the loss accounting. acked = processed + dead-lettered + retries \
          answered `duplicate` + lost. Duplicate effects: the store's ledger and counters against one \
          effect per (tenant, idempotency key) processed. Recovery: from the fault's end until the \
-         critical + high p99 per second is back under target for 3 s.\n",
+         critical + high p99 per second is back under target (100 ms) for 3 s; \"not reached\": not while \
+         the load lasted.\n",
         rows.len()
     );
     let _ = writeln!(
@@ -174,7 +175,11 @@ pub fn markdown(rows: &[Row], variant: Variant, machine: &str) -> String {
             row.duplicate_effects
                 .map_or("not measured".into(), |d| d.to_string()),
             opt(row.down_s),
-            opt(row.recovery_s),
+            match (row.down_s, row.recovery_s) {
+                (_, Some(s)) => format!("{s:.1}"),
+                (Some(_), None) => "not reached".into(),
+                (None, None) => "—".into(),
+            },
             row.lane_messages.map_or("—".into(), |n| n.to_string()),
             if row.passed { "pass" } else { "**FAIL**" }
         );
