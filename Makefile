@@ -93,7 +93,7 @@ chaos-short: tools test-pg-check release-bins ## the fault matrix, short form (â
 	$(TARGET_DIR)/release/crm-load chaos --short --out $(or $(OUT),loadtest/out/chaos-short) \
 	    --crm-bin $(TARGET_DIR)/release/crm $(if $(ONLY),--only $(ONLY))
 
-soak: tools release-bins ## 7.2 M events (an hour of steady's volume): lanes empty and CRM_INGEST within its high water after the drain
+soak: tools release-bins ## an hour of steady (7.2 M events): lanes empty and CRM_INGEST within its high water after the drain
 	$(TARGET_DIR)/release/crm-load run --scenario loadtest/scenarios/soak.toml \
 	    --crm-bin $(TARGET_DIR)/release/crm --out $(or $(OUT),loadtest/results/soak)
 

@@ -647,7 +647,15 @@ async fn inject(
             FaultKind::RestoreStreams => stack.provision(None).await?,
         }
     }
-    eprintln!("fault: {} {role} at {began:.1} s", fault.kind.as_str());
+    eprintln!(
+        "fault: {}{} at {began:.1} s",
+        fault.kind.as_str(),
+        if role.is_empty() {
+            String::new()
+        } else {
+            format!(" {role}")
+        }
+    );
     if fault.kind != FaultKind::RestoreStreams {
         tokio::time::sleep(fault.down_for).await;
         let mut guard = stack.lock().await;
