@@ -16,7 +16,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: help tools run nats test test-pg-check lint fmt proto-check bench loadtest clean
+.PHONY: release-bins help tools run nats test test-pg-check lint fmt proto-check bench loadtest chaos chaos-short soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -78,10 +78,24 @@ bench: tools ## router and projector throughput vs raw JetStream on one throwawa
 
 SCENARIO ?= steady
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
-loadtest: tools ## run a load-test scenario on a throwaway platform (SCENARIO=steady; smoke, paper, overload, …)
-	$(CARGO) build --release --bin crm --bin crm-load
+loadtest: tools release-bins ## run a load-test scenario on a throwaway platform (SCENARIO=steady; smoke, paper, overload, …)
 	$(TARGET_DIR)/release/crm-load run --scenario loadtest/scenarios/$(SCENARIO).toml \
 	    --crm-bin $(TARGET_DIR)/release/crm $(if $(OUT),--out $(OUT))
+
+release-bins:
+	$(CARGO) build --release --bin crm --bin crm-load
+
+CHAOS_OUT ?= loadtest/results/chaos
+chaos: tools test-pg-check release-bins ## the fault matrix, full form (≈ 45 min): every row of loadtest/scenarios/chaos/ under load; report in $(CHAOS_OUT)/report.md
+	$(TARGET_DIR)/release/crm-load chaos --out $(CHAOS_OUT) --crm-bin $(TARGET_DIR)/release/crm $(if $(ONLY),--only $(ONLY))
+
+chaos-short: tools test-pg-check release-bins ## the fault matrix, short form (≈ 6 min; CI): report in loadtest/out/chaos-short/report.md
+	$(TARGET_DIR)/release/crm-load chaos --short --out $(or $(OUT),loadtest/out/chaos-short) \
+	    --crm-bin $(TARGET_DIR)/release/crm $(if $(ONLY),--only $(ONLY))
+
+soak: tools release-bins ## an hour of steady (7.2 M events): lanes empty and CRM_INGEST within its high water after the drain
+	$(TARGET_DIR)/release/crm-load run --scenario loadtest/scenarios/soak.toml \
+	    --crm-bin $(TARGET_DIR)/release/crm --out $(or $(OUT),loadtest/results/soak)
 
 clean: ## remove build output and the dev store
 	$(CARGO) clean

@@ -10,10 +10,11 @@
 
 use crate::{
     admission::{self, SharedPacer},
-    mix::{Class, Generated, Generator},
+    client_retry::Retries,
+    mix::{Class, Doom, Generated, Generator},
     retry::{HeldBack, Pending},
     scenario::{DriverConfig, DriverKind, Load, Mix, WireEncoding},
-    tracker::{Run, histogram, record},
+    tracker::{INVALID, POISON, Run, histogram, record, tenant_flags},
 };
 use bus::{Bus, PublishOptions};
 use hdrhistogram::Histogram;
@@ -40,8 +41,9 @@ pub enum Target {
 /// What the platform answered for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// 2xx or PubAck: stored.
-    Acked,
+    /// 2xx or PubAck: stored; `duplicate` when the answer said the stream already held the
+    /// event's key (nothing new was stored).
+    Acked { duplicate: bool },
     /// 503 or 429 with `Retry-After`: refused before it was stored; send it again (same id)
     /// after `retry_after`. `kind` is the problem type's last segment (e.g. `overloaded`).
     Shed { retry_after: Duration, kind: String },
@@ -89,6 +91,15 @@ struct BatchAnswer {
 struct BatchItem {
     index: usize,
     status: u16,
+    #[serde(default)]
+    duplicate: Option<bool>,
+}
+
+/// The gateway's answer to one accepted event.
+#[derive(serde::Deserialize)]
+struct Accepted {
+    #[serde(default)]
+    duplicate: bool,
 }
 
 impl Driver {
@@ -270,7 +281,8 @@ impl Driver {
                 );
                 for item in answer.results {
                     if let Some(slot) = results.get_mut(item.index) {
-                        *slot = item_outcome(item.status, retry_after);
+                        *slot =
+                            item_outcome(item.status, retry_after, item.duplicate.unwrap_or(false));
                     }
                 }
             }
@@ -279,12 +291,13 @@ impl Driver {
 
     async fn send_nats(&self, generated: &Generated) -> Outcome {
         match self.publish(generated).await {
-            Ok(()) => Outcome::Acked,
+            Ok(duplicate) => Outcome::Acked { duplicate },
             Err(kind) => Outcome::Failed(kind),
         }
     }
 
-    async fn publish(&self, generated: &Generated) -> Result<(), String> {
+    /// Publish and wait for the PubAck; whether it said `duplicate`.
+    async fn publish(&self, generated: &Generated) -> Result<bool, String> {
         let Some(bus) = &self.nats else {
             return Err("no NATS target".into());
         };
@@ -296,7 +309,9 @@ impl Driver {
         }
         .map_err(|err| err.to_string())?;
         let payload = events::encode_proto(&generated.event).into();
-        let options = PublishOptions::with_msg_id(generated.event.event_id.clone());
+        // What the gateway sets: `<tenant>:<idempotency key or event id>`.
+        let options = PublishOptions::with_msg_id(events::ingest_msg_id(&generated.event))
+            .header(bus::headers::EVENT_ID, &generated.event.event_id);
         let ack = bus
             .send(&subject, payload, &options)
             .await
@@ -304,7 +319,7 @@ impl Driver {
         match tokio::time::timeout(self.timeout, bus.await_ack(&subject, ack)).await {
             Err(_) => Err("timeout".into()),
             Ok(Err(err)) => Err(format!("nats {:?}", err.kind())),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(published)) => Ok(published.duplicate),
         }
     }
 }
@@ -324,11 +339,14 @@ fn is_refusal(status: u16) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS.as_u16()
 }
 
-/// A whole answer: 2xx acked; 503/429 with `Retry-After` shed (the problem type says why);
-/// anything else failed.
+/// A whole answer: 2xx acked (a duplicate when the body says `duplicate: true`); 503/429 with
+/// `Retry-After` shed (the problem type says why); anything else failed.
 pub fn answer_outcome(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
     if status.is_success() {
-        return Outcome::Acked;
+        return Outcome::Acked {
+            duplicate: serde_json::from_slice::<Accepted>(body)
+                .is_ok_and(|answer| answer.duplicate),
+        };
     }
     match retry_after {
         Some(retry_after) if is_refusal(status.as_u16()) => Outcome::Shed {
@@ -340,11 +358,11 @@ pub fn answer_outcome(status: StatusCode, retry_after: Option<Duration>, body: &
     }
 }
 
-/// A batch item: 503/429 is shed after the answer's `Retry-After` (or [`DEFAULT_RETRY_AFTER`]:
-/// an item has no headers of its own).
-pub fn item_outcome(status: u16, retry_after: Option<Duration>) -> Outcome {
+/// A batch item: 2xx acked (`duplicate` as the item said); 503/429 is shed after the answer's
+/// `Retry-After` (or [`DEFAULT_RETRY_AFTER`]: an item has no headers of its own).
+pub fn item_outcome(status: u16, retry_after: Option<Duration>, duplicate: bool) -> Outcome {
     if (200..300).contains(&status) {
-        Outcome::Acked
+        Outcome::Acked { duplicate }
     } else if is_refusal(status) {
         Outcome::Shed {
             retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
@@ -368,8 +386,8 @@ pub enum Settled {
 /// Account one answer to `attempt`, received at `now_ns`.
 pub fn settle(run: &Run, attempt: &Attempt, outcome: Outcome, now_ns: u64) -> Settled {
     match outcome {
-        Outcome::Acked => {
-            run.mark_acked(attempt.index);
+        Outcome::Acked { duplicate } => {
+            run.mark_acked(attempt.index, duplicate);
             Settled::Acked(Duration::from_nanos(
                 now_ns.saturating_sub(attempt.intended_ns),
             ))
@@ -426,6 +444,8 @@ pub struct PhaseContext {
     pub events_per_send: usize,
     /// Open model: senders (requests in flight at most).
     pub connections: usize,
+    /// Client retries to schedule as events are acked (`[[retry]]`).
+    pub retries: Option<Arc<Retries>>,
 }
 
 /// What the senders of a phase measured: the answer's latency per class (from the intended
@@ -520,6 +540,12 @@ impl Sender {
         let generated = self.generator.next_for(index, tenant, id_millis);
         run.slots
             .generate(index, intended_ns, generated.class, self.phase);
+        run.slots.mark(index, tenant_flags(generated.tenant));
+        match generated.doom {
+            Some(Doom::Invalid) => run.slots.mark(index, INVALID),
+            Some(Doom::Poison) => run.slots.mark(index, POISON),
+            None => {}
+        }
         self.attempts.push(Attempt {
             index,
             intended_ns,
@@ -599,8 +625,15 @@ impl Sender {
             .zip(self.attempts.drain(..))
             .zip(self.results.drain(..))
         {
+            // Only an event the stream took as new gets a client retry (`[[retry]]`).
+            let stored = outcome == (Outcome::Acked { duplicate: false });
             match settle(&run, &attempt, outcome, now) {
-                Settled::Acked(latency) => self.pending.push((generated.class, latency)),
+                Settled::Acked(latency) => {
+                    if stored && let Some(retries) = &self.context.retries {
+                        retries.offer(attempt.index, &generated, now);
+                    }
+                    self.pending.push((generated.class, latency));
+                }
                 Settled::Failed => {}
                 Settled::Refused(retry_after) => {
                     attempt.number += 1;
@@ -661,11 +694,14 @@ pub async fn run_phase(
     let acks: SharedAcks = crate::retry::shared_acks();
     let end_ns = start_ns.saturating_add(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
     // Refused and deferred events are sent again until the phase's end at the latest.
-    let held = Arc::new(HeldBack::new(
-        end_ns,
-        context.driver.max_attempts(),
-        context.driver.pacer(),
-    ));
+    let held = Arc::new(
+        HeldBack::new(
+            end_ns,
+            context.driver.max_attempts(),
+            context.driver.pacer(),
+        )
+        .with_client_retries(context.retries.clone()),
+    );
     let mut dispatcher = None;
     let mut tasks = tokio::task::JoinSet::new();
     match load {
@@ -748,6 +784,31 @@ pub const CLASSES: [Class; 4] = Class::ALL;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_says_whether_it_was_a_duplicate_and_a_refusal_is_shed() {
+        let ok = StatusCode::ACCEPTED;
+        assert_eq!(
+            answer_outcome(ok, None, br#"{"event_id":"e","duplicate":true}"#),
+            Outcome::Acked { duplicate: true }
+        );
+        assert_eq!(
+            answer_outcome(ok, None, b"{}"),
+            Outcome::Acked { duplicate: false }
+        );
+        assert_eq!(
+            item_outcome(202, None, true),
+            Outcome::Acked { duplicate: true }
+        );
+        assert!(matches!(
+            item_outcome(503, None, false),
+            Outcome::Shed { retry_after, .. } if retry_after == DEFAULT_RETRY_AFTER
+        ));
+        assert_eq!(
+            item_outcome(400, None, false),
+            Outcome::Failed("item 400".into())
+        );
+    }
 
     #[test]
     fn a_constant_rate_spaces_events_evenly() {

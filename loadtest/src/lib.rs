@@ -5,7 +5,11 @@
 //! SLO verdicts.
 
 pub mod admission;
+pub mod chaos;
+pub mod client_retry;
 pub mod driver;
+pub mod effects;
+pub mod evidence;
 pub mod goodput;
 pub mod html;
 pub mod inversion;

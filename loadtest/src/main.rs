@@ -8,8 +8,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use crm_load::{
+    chaos::MatrixOptions,
     run::{External, Options},
-    scenario::Scenario,
+    scenario::{Scenario, Variant},
     stack::StackPaths,
 };
 use std::{path::PathBuf, process::ExitCode};
@@ -60,8 +61,45 @@ enum Command {
         /// The configuration the run's crm.toml starts from.
         #[arg(long, default_value = "crm.toml")]
         config: PathBuf,
+        /// The stream and consumer definitions `[stack.streams]` edits a copy of.
+        #[arg(long, default_value = "nats")]
+        definitions: PathBuf,
+        /// Run the scenario's `[short]` form.
+        #[arg(long)]
+        short: bool,
     },
-    /// Check that scenario files parse (unknown keys are refused with their name).
+    /// The fault matrix: every scenario in --dir on a platform of its own, one report per row
+    /// and report.md with the matrix.
+    Chaos {
+        #[arg(long, default_value = "loadtest/scenarios/chaos")]
+        dir: PathBuf,
+        /// Each row's `[short]` form (CI).
+        #[arg(long)]
+        short: bool,
+        /// Where report.md, matrix.json and each row's report go.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only rows whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        #[arg(long, default_value = "target/release/crm")]
+        crm_bin: PathBuf,
+        #[arg(
+            long,
+            env = "CRM_NATS_SERVER",
+            default_value = ".tools/bin/nats-server"
+        )]
+        nats_server: PathBuf,
+        #[arg(long, default_value = "crm.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "nats")]
+        definitions: PathBuf,
+        /// Only render report.md again from --out's matrix.json.
+        #[arg(long, requires = "out")]
+        render: bool,
+    },
+    /// Check that scenario files parse, and their `[short]` forms (unknown keys are refused with
+    /// their name).
     Check { scenarios: Vec<PathBuf> },
     /// Render a run's summary.md and report.html again from its report.json (ratios and SLO
     /// verdicts recomputed; the SLOs from --scenario when given, else those the report holds).
@@ -91,7 +129,16 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Check { scenarios } => {
             for path in scenarios {
                 let scenario = Scenario::load(&path)?;
-                println!("{}: ok ({} phases)", path.display(), scenario.phases.len());
+                let short = match Scenario::load_variant(&path, Variant::Short) {
+                    Ok(_) => ", short form ok",
+                    Err(err) if format!("{err:#}").contains("no [short] form") => "",
+                    Err(err) => return Err(err),
+                };
+                println!(
+                    "{}: ok ({} phases{short})",
+                    path.display(),
+                    scenario.phases.len()
+                );
             }
             Ok(true)
         }
@@ -118,8 +165,11 @@ async fn run(cli: Cli) -> Result<bool> {
             crm_bin,
             nats_server,
             config,
+            definitions,
+            short,
         } => {
-            let scenario = Scenario::load(&scenario)?;
+            let variant = if short { Variant::Short } else { Variant::Full };
+            let scenario = Scenario::load_variant(&scenario, variant)?;
             let out_dir = out.unwrap_or_else(|| default_out(&scenario.name));
             let external = match (target_url, nats_url, api_key, tenant) {
                 (Some(gateway_url), Some(nats_url), Some(api_key), Some(tenant)) => {
@@ -143,6 +193,7 @@ async fn run(cli: Cli) -> Result<bool> {
                     crm: crm_bin,
                     nats_server,
                     base_config: config,
+                    definitions,
                 },
                 external,
             };
@@ -156,6 +207,50 @@ async fn run(cli: Cli) -> Result<bool> {
                 eprintln!("crm-load: FAILED (see the SLO table)");
             }
             Ok(report.passed)
+        }
+        Command::Chaos {
+            dir,
+            short,
+            out,
+            only,
+            crm_bin,
+            nats_server,
+            config,
+            definitions,
+            render,
+        } => {
+            let variant = if short { Variant::Short } else { Variant::Full };
+            let out =
+                out.unwrap_or_else(|| default_out(if short { "chaos-short" } else { "chaos" }));
+            if render {
+                println!("{}", crm_load::chaos::rerender(&out, variant)?);
+                return Ok(true);
+            }
+            let rows = crm_load::chaos::run_matrix(&MatrixOptions {
+                dir,
+                variant,
+                out: out.clone(),
+                only,
+                paths: StackPaths {
+                    crm: crm_bin,
+                    nats_server,
+                    base_config: config,
+                    definitions,
+                },
+            })
+            .await?;
+            println!("{}", std::fs::read_to_string(out.join("report.md"))?);
+            let failed: Vec<&str> = rows
+                .iter()
+                .filter(|r| !r.passed)
+                .map(|r| r.name.as_str())
+                .collect();
+            if failed.is_empty() {
+                eprintln!("chaos: every row passed ({})", out.display());
+            } else {
+                eprintln!("crm-load chaos: FAILED rows: {}", failed.join(", "));
+            }
+            Ok(failed.is_empty() && !rows.is_empty())
         }
     }
 }

@@ -126,6 +126,28 @@ impl ZipfRank {
     }
 }
 
+/// An event generated to fail, and how the platform must fail it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doom {
+    /// No customer id: the router dead-letters it with reason `invalid_event`.
+    Invalid,
+    /// About the customer the store refuses: dead-lettered with reason `store_rejected`.
+    Poison,
+}
+
+impl Doom {
+    /// The dead-letter reason the platform must give it.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid_event",
+            Self::Poison => "store_rejected",
+        }
+    }
+}
+
+/// The customer a poison event is about: the harness's trigger makes the store refuse it.
+pub const POISON_CUSTOMER: &str = "poison";
+
 /// One generated event and what it is for.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -134,6 +156,7 @@ pub struct Generated {
     pub class: Class,
     /// 0-based tenant number (selects the API key).
     pub tenant: u64,
+    pub doom: Option<Doom>,
 }
 
 /// Events per the scenario's mix. One per sender task (no shared state, no locks).
@@ -146,6 +169,10 @@ pub struct Generator {
     tenant_names: Vec<String>,
     run_tag: u32,
     page_padding: usize,
+    invalid_share: f64,
+    poison_share: f64,
+    idempotency_keys: bool,
+    same_key_across_tenants: bool,
 }
 
 /// A page view's URL before padding.
@@ -168,6 +195,10 @@ impl Generator {
             tenant_names: tenants.to_vec(),
             run_tag,
             page_padding: 0,
+            invalid_share: mix.invalid_share,
+            poison_share: mix.poison_share,
+            idempotency_keys: mix.idempotency_keys,
+            same_key_across_tenants: mix.same_key_across_tenants,
         };
         if mix.payload_bytes > 0 {
             let probe = generator.build(
@@ -194,14 +225,40 @@ impl Generator {
     pub fn next_for(&mut self, index: u64, tenant: Option<u64>, id_millis: u64) -> Generated {
         let class = Class::from_index(self.classes.sample(&mut self.rng) as u64);
         let kind = self.kind_of(class);
-        let tenant = tenant.unwrap_or_else(|| self.tenants.sample(&mut self.rng) - 1);
+        let tenants = self.tenant_names.len().max(1) as u64;
+        let tenant = match tenant {
+            Some(tenant) => tenant,
+            None if self.same_key_across_tenants => index % tenants,
+            None => self.tenants.sample(&mut self.rng) - 1,
+        };
         let customer = self.customers.sample(&mut self.rng);
-        let event = self.build(index, class, kind, tenant, customer, id_millis);
+        let mut event = self.build(index, class, kind, tenant, customer, id_millis);
+        if self.same_key_across_tenants {
+            event.idempotency_key = format!("k-{}", index / tenants);
+        } else if self.idempotency_keys {
+            event.idempotency_key = format!("k-{index}");
+        }
+        // A draw only when something is doomed: the other scenarios' events stay as they were.
+        let draw: f64 = if self.invalid_share + self.poison_share > 0.0 {
+            self.rng.random()
+        } else {
+            1.0
+        };
+        let doom = if draw < self.invalid_share {
+            event.customer_id.clear();
+            Some(Doom::Invalid)
+        } else if draw < self.invalid_share + self.poison_share {
+            event.customer_id = POISON_CUSTOMER.into();
+            Some(Doom::Poison)
+        } else {
+            None
+        };
         Generated {
             event,
             kind,
             class,
             tenant,
+            doom,
         }
     }
 
@@ -351,6 +408,56 @@ mod tests {
             assert_eq!(parse_tracked_id(&id, tag ^ 1), None, "another run's id");
         }
         assert_eq!(parse_tracked_id("not-an-id", 1), None);
+    }
+
+    #[test]
+    fn doomed_events_fail_as_meant_and_keys_follow_the_scheme() {
+        let mix = Mix {
+            invalid_share: 0.1,
+            poison_share: 0.05,
+            idempotency_keys: true,
+            ..Mix::default()
+        };
+        let mut generator = Generator::new(&mix, &tenant_names(&mix), 3, 1);
+        let (mut invalid, mut poison) = (0, 0);
+        for index in 0..10_000 {
+            let generated = generator.next(index);
+            assert_eq!(generated.event.idempotency_key, format!("k-{index}"));
+            match generated.doom {
+                Some(Doom::Invalid) => {
+                    invalid += 1;
+                    let err = events::validate(&generated.event).expect_err("invalid");
+                    assert!(err.to_string().contains("customer_id"), "{err}");
+                }
+                Some(Doom::Poison) => {
+                    poison += 1;
+                    events::validate(&generated.event).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(generated.event.customer_id, POISON_CUSTOMER);
+                }
+                None => {
+                    events::validate(&generated.event).unwrap_or_else(|e| panic!("{e}"));
+                    assert_ne!(generated.event.customer_id, POISON_CUSTOMER);
+                }
+            }
+        }
+        assert!((800..1200).contains(&invalid), "{invalid}");
+        assert!((350..650).contains(&poison), "{poison}");
+
+        let pairs = Mix {
+            tenants: 2,
+            same_key_across_tenants: true,
+            ..Mix::default()
+        };
+        let mut generator = Generator::new(&pairs, &tenant_names(&pairs), 3, 1);
+        let a = generator.next(10);
+        let b = generator.next(11);
+        assert_eq!(a.event.idempotency_key, b.event.idempotency_key);
+        assert_ne!(a.event.tenant_id, b.event.tenant_id);
+        assert_ne!(a.event.event_id, b.event.event_id);
+        assert_ne!(
+            generator.next(12).event.idempotency_key,
+            a.event.idempotency_key
+        );
     }
 
     #[test]

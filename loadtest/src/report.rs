@@ -3,6 +3,9 @@
 
 use crate::{
     admission::AdmissionPoint,
+    client_retry::RetryReport,
+    effects::EffectsReport,
+    evidence::FaultCheck,
     goodput::ClassGoodput,
     inversion::InversionFigure,
     procs::{Machine, ProcessSeries},
@@ -77,11 +80,41 @@ pub struct Loss {
     pub sent: u64,
     pub acked: u64,
     pub errors: u64,
-    /// Distinct events the projector reported processed.
+    /// Distinct events the projector reported processed (or, when its notice was lost, that
+    /// the store's ledger holds).
     pub processed: u64,
-    /// Reports of an event the projector had reported already.
+    /// Reports of an event the projector had reported already: a redelivery the ledger made
+    /// harmless (effects are checked in the store, see `Report::effects`).
     pub duplicates: u64,
     pub dead_lettered: u64,
+    /// This run's dead letters by reason.
+    #[serde(default)]
+    pub dead_letter_reasons: BTreeMap<String, u64>,
+    /// The acked events, each in exactly one bucket: processed, dead-lettered, a retry answered
+    /// `duplicate: true`, or missing (acked = the four added up).
+    #[serde(default)]
+    pub acked_processed: u64,
+    #[serde(default)]
+    pub acked_dead_lettered: u64,
+    #[serde(default)]
+    pub acked_deduplicated: u64,
+    /// Acked events generated to fail (invalid, poison).
+    #[serde(default)]
+    pub doomed: u64,
+    /// Dead letters that are not an event generated to fail with that reason, and events
+    /// generated to fail that were processed instead.
+    #[serde(default)]
+    pub unexpected_dead_letters: u64,
+    #[serde(default)]
+    pub doomed_processed: u64,
+    /// Acks that said `duplicate: true`.
+    #[serde(default)]
+    pub deduplicated: u64,
+    /// Processed events whose projector notice never reached the harness (found in the ledger).
+    #[serde(default)]
+    pub found_in_store: u64,
+    #[serde(default)]
+    pub analytics_found_in_store: u64,
     /// Acked, but neither processed nor dead-lettered by the end of the drain.
     pub missing: u64,
     /// The first of them.
@@ -215,14 +248,31 @@ pub struct OverloadReport {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FaultReport {
+    /// `kill_role`, `restart_nats`, `kill_nats`, `store_down`, `restore_streams`.
+    #[serde(default)]
+    pub kind: String,
+    /// The role killed (`kill_role`), else what the fault acted on.
     pub role: String,
+    /// When the fault began and ended (restarted and ready, store back, streams restored).
     pub killed_at_s: f64,
     pub restarted_at_s: f64,
     pub recovery_target_ms: f64,
     /// From the kill until the priority p99 per second is back under target (and stays so for
     /// three seconds, or to the end of the data).
     pub recovery_s: Option<f64>,
+    /// The same, counted from the fault's end.
+    #[serde(default)]
+    pub recovery_after_end_s: Option<f64>,
     pub worst_priority_p99_ms: f64,
+}
+
+/// A stream after the drain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +310,23 @@ pub struct Report {
     pub paper: Paper,
     pub overload: Option<OverloadReport>,
     pub fault: Option<FaultReport>,
+    /// Effects per tenant, read from the store after the drain (a platform the harness started).
+    #[serde(default)]
+    pub effects: Option<EffectsReport>,
+    /// Each stream after the drain.
+    #[serde(default)]
+    pub streams: Vec<StreamReport>,
+    /// `[retention].high_water` of the run's configuration (CRM_INGEST's trim threshold).
+    #[serde(default)]
+    pub ingest_high_water: Option<f64>,
+    #[serde(default)]
+    pub retries: Vec<RetryReport>,
+    /// The platform's own metrics over the run (see `evidence`).
+    #[serde(default)]
+    pub evidence: BTreeMap<String, f64>,
+    /// That the fault left its mark.
+    #[serde(default)]
+    pub fault_checks: Vec<FaultCheck>,
     pub errors: ErrorLog,
     /// Other roles' latency (e.g. a notifier), `role/lane` → percentiles.
     pub other_roles: BTreeMap<String, Percentiles>,
@@ -417,6 +484,93 @@ impl Report {
                 self.loss.analytics_missing == 0,
             ));
         }
+        if let Some(limit) = slo.max_duplicate_effects {
+            let measured = self.effects.as_ref();
+            out.push(verdict(
+                "duplicate effects in the store",
+                format!("≤ {limit}"),
+                measured.map_or("not measured".into(), |e| e.duplicate_effects.to_string()),
+                measured.is_some_and(|e| e.duplicate_effects <= limit),
+            ));
+            out.push(verdict(
+                "processed events without an effect in the store",
+                "0".into(),
+                measured.map_or("not measured".into(), |e| e.missing_effects.to_string()),
+                measured.is_some_and(|e| e.missing_effects == 0),
+            ));
+        }
+        if slo.dead_letters_as_expected == Some(true) {
+            let l = &self.loss;
+            out.push(verdict(
+                "dead letters exactly the events meant to fail",
+                format!("{} meant to fail, 0 else", l.doomed),
+                format!(
+                    "{} dead-lettered ({} unexpected), {} meant to fail processed",
+                    l.dead_lettered, l.unexpected_dead_letters, l.doomed_processed
+                ),
+                l.unexpected_dead_letters == 0 && l.doomed_processed == 0,
+            ));
+        }
+        if slo.lanes_empty == Some(true) {
+            let lanes: Vec<&StreamReport> = self
+                .streams
+                .iter()
+                .filter(|s| s.name.starts_with("CRM_LANE_"))
+                .collect();
+            let held: u64 = lanes.iter().map(|s| s.messages).sum();
+            out.push(verdict(
+                "lanes empty after the drain",
+                "0 messages".into(),
+                if lanes.is_empty() {
+                    "not measured".into()
+                } else {
+                    format!("{held} messages")
+                },
+                !lanes.is_empty() && held == 0,
+            ));
+        }
+        if slo.ingest_within_high_water == Some(true) {
+            let ingest = self.streams.iter().find(|s| s.name == "CRM_INGEST");
+            let high = self.ingest_high_water.unwrap_or(0.8);
+            let (measured, passed) = match ingest.and_then(|s| s.max_bytes.map(|m| (s, m))) {
+                Some((s, max)) => (
+                    format!(
+                        "{:.1} of {:.1} MiB ({:.1} %)",
+                        s.bytes as f64 / 1048576.0,
+                        max as f64 / 1048576.0,
+                        100.0 * s.bytes as f64 / max as f64
+                    ),
+                    s.bytes as f64 <= high * max as f64,
+                ),
+                None => ("not measured".into(), false),
+            };
+            out.push(verdict(
+                "CRM_INGEST within its high water",
+                format!("≤ {:.0} % of max_bytes", high * 100.0),
+                measured,
+                passed,
+            ));
+        }
+        if slo.fault_observed == Some(true) {
+            let failed: Vec<&str> = self
+                .fault_checks
+                .iter()
+                .filter(|c| !c.passed)
+                .map(|c| c.what.as_str())
+                .collect();
+            out.push(verdict(
+                "the fault left its mark",
+                "every check".into(),
+                if self.fault_checks.is_empty() {
+                    "no check".into()
+                } else if failed.is_empty() {
+                    format!("{} of {}", self.fault_checks.len(), self.fault_checks.len())
+                } else {
+                    format!("not: {}", failed.join("; "))
+                },
+                !self.fault_checks.is_empty() && failed.is_empty(),
+            ));
+        }
         self.passed = out.iter().all(|v| v.passed);
         self.slos = out;
     }
@@ -542,6 +696,131 @@ impl Report {
                 " (drain timeout reached)"
             }
         );
+        if l.acked_processed + l.acked_dead_lettered + l.acked_deduplicated > 0 {
+            let reasons: Vec<String> = l
+                .dead_letter_reasons
+                .iter()
+                .map(|(reason, n)| format!("{n} {reason}"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "\nAcked {} = processed {} + dead-lettered {}{} + retries answered `duplicate` {} + \
+                 missing {}. Meant to fail: {} (processed instead: {}; unexpected dead letters: {}). \
+                 Notices lost but found in the ledger: {} (analytics {}).",
+                l.acked,
+                l.acked_processed,
+                l.acked_dead_lettered,
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", reasons.join(", "))
+                },
+                l.acked_deduplicated,
+                l.missing,
+                l.doomed,
+                l.doomed_processed,
+                l.unexpected_dead_letters,
+                l.found_in_store,
+                l.analytics_found_in_store
+            );
+        }
+        if let Some(effects) = &self.effects {
+            let _ = writeln!(md, "\n## Effects in the store\n");
+            let _ = writeln!(
+                md,
+                "| tenant | processed (distinct keys) | ledger | events applied | analytics counted (distinct keys) | analytics ledger | analytics events |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+            for t in &effects.tenants {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    t.tenant,
+                    t.expected,
+                    t.store.ledger,
+                    t.store.events_applied,
+                    t.analytics_expected,
+                    t.store.analytics_ledger,
+                    t.store.analytics_counted
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\nDuplicate effects **{}**, processed without an effect **{}**.",
+                effects.duplicate_effects, effects.missing_effects
+            );
+        }
+        if !self.retries.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Client retries (same idempotency key, new event id)\n"
+            );
+            let _ = writeln!(
+                md,
+                "| group | after s | expected | sent | acked | answered duplicate | stored again | processed | errors |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+            for r in &self.retries {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.name,
+                    r.after_s,
+                    if r.within_window {
+                        "inside the window: duplicate"
+                    } else {
+                        "after the window: stored, no effect"
+                    },
+                    r.sent,
+                    r.acked,
+                    r.deduplicated,
+                    r.acked - r.deduplicated,
+                    r.processed,
+                    r.errors
+                );
+            }
+        }
+        if !self.streams.is_empty() {
+            let _ = writeln!(md, "\n## Streams after the drain\n");
+            let _ = writeln!(md, "| stream | messages | bytes | max_bytes | used |");
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            for s in &self.streams {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    s.name,
+                    s.messages,
+                    s.bytes,
+                    s.max_bytes.map_or("none".into(), |m| m.to_string()),
+                    s.max_bytes
+                        .filter(|m| *m > 0)
+                        .map_or("—".into(), |m| format!(
+                            "{:.2} %",
+                            100.0 * s.bytes as f64 / m as f64
+                        ))
+                );
+            }
+        }
+        if !self.fault_checks.is_empty() || !self.evidence.is_empty() {
+            let _ = writeln!(md, "\n## What the fault left\n");
+            for c in &self.fault_checks {
+                let _ = writeln!(
+                    md,
+                    "- {}: {} — {}",
+                    c.what,
+                    c.measured,
+                    if c.passed { "yes" } else { "**no**" }
+                );
+            }
+            if !self.evidence.is_empty() {
+                let list: Vec<String> = self
+                    .evidence
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect();
+                let _ = writeln!(md, "\nPlatform metrics over the run: {}.", list.join(", "));
+            }
+        }
         self.routing_markdown(&mut md);
         crate::goodput::markdown(self, &mut md);
         crate::inversion::markdown(&self.inversions, &mut md);
@@ -635,15 +914,24 @@ impl Report {
         }
         if let Some(f) = &self.fault {
             let _ = writeln!(md, "\n## Fault\n");
+            let what = match f.kind.as_str() {
+                "" | "kill_role" => format!("kill -9 of the {}", f.role),
+                "restart_nats" => "nats-server stopped (SIGTERM)".into(),
+                "kill_nats" => "kill -9 of nats-server".into(),
+                "store_down" => "the store cut (its TCP proxy)".into(),
+                "restore_streams" => "streams restored (`crm provision`)".into(),
+                other => other.to_owned(),
+            };
             let _ = writeln!(
                 md,
-                "kill -9 of the {} at {:.1} s, restarted (ready) at {:.1} s. Priority p99 back under {:.0} ms \
-                 **{}** after the kill; worst priority p99 in a second {:.0} ms.",
-                f.role,
+                "{what} at {:.1} s, back (ready) at {:.1} s. Priority p99 back under {:.0} ms \
+                 **{}** after the fault began ({} after it ended); worst priority p99 in a second {:.0} ms.",
                 f.killed_at_s,
                 f.restarted_at_s,
                 f.recovery_target_ms,
                 f.recovery_s.map_or("never".into(), |s| format!("{s:.1} s")),
+                f.recovery_after_end_s
+                    .map_or("never".into(), |s| format!("{s:.1} s")),
                 f.worst_priority_p99_ms
             );
         }

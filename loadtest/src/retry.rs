@@ -7,6 +7,7 @@
 
 use crate::{
     admission::SharedPacer,
+    client_retry::Retries,
     driver::{Attempt, Driver, Outcome, Settled, settle},
     mix::Generated,
     tracker::{Run, histogram, record},
@@ -57,6 +58,8 @@ pub struct HeldBack {
     /// Sends of one event at most (the first included).
     max_attempts: u32,
     pacer: Option<SharedPacer>,
+    /// Client retries (`[[retry]]`) to schedule for the events acked from here.
+    client_retries: Option<Arc<Retries>>,
     queue: Mutex<Queue>,
     wake: Notify,
 }
@@ -71,9 +74,17 @@ impl HeldBack {
             deadline_ns,
             max_attempts: max_attempts.max(1),
             pacer,
+            client_retries: None,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
         }
+    }
+
+    /// Offer the events acked from here to the run's client retries, as the senders do.
+    #[must_use]
+    pub fn with_client_retries(mut self, client_retries: Option<Arc<Retries>>) -> Self {
+        self.client_retries = client_retries;
+        self
     }
 
     pub const fn deadline_ns(&self) -> u64 {
@@ -250,8 +261,12 @@ impl HeldBack {
             .pop()
             .unwrap_or_else(|| Outcome::Failed("no answer".into()));
         let now = run.now_ns();
+        let stored = outcome == (Outcome::Acked { duplicate: false });
         match settle(run, &pending.attempt, outcome, now) {
             Settled::Acked(latency) => {
+                if stored && let Some(retries) = &self.client_retries {
+                    retries.offer(pending.attempt.index, &pending.generated, now);
+                }
                 let mut acks = acks.lock().unwrap_or_else(|e| e.into_inner());
                 record(&mut acks[pending.generated.class as usize], latency);
             }

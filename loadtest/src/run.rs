@@ -3,17 +3,23 @@
 //! run the raw and synchronous baselines, and build the report.
 
 use crate::{
+    client_retry::{Retries, RetryReport},
     driver::{Driver, PhaseContext, PhaseSent, Target, run_phase},
-    mix::{Class, Generator, parse_tracked_id, tenant_names},
+    effects::{EffectsReport, StoreProbe},
+    evidence::{self, FaultCheck},
+    mix::{Class, Generator, parse_tracked_id, tenant_id, tenant_names},
     procs::{Machine, Sampler},
     report::{
         BaselineReport, FaultReport, Loss, OverloadReport, Paper, PhaseReport, Ratios, Report,
-        Series, SyncReport, ThrottlePoint,
+        Series, StreamReport, SyncReport, ThrottlePoint,
     },
-    scenario::{DriverConfig, DriverKind, Load, Processes, Scenario},
-    stack::{Pids, Stack, StackPaths},
+    scenario::{DriverConfig, DriverKind, FaultKind, Load, Processes, Scenario, StoreKind},
+    stack::{Pids, Stack, StackPaths, StopSignal},
     sync_baseline::SyncServer,
-    tracker::{ANALYTICS, Collector, LANES, Percentiles, Run, histogram},
+    tracker::{
+        ANALYTICS, ANALYTICS_IN_STORE, Collector, DEAD_LETTERED, FOUND_IN_STORE, INVALID, LANES,
+        Percentiles, RETRY, Run, histogram,
+    },
 };
 use anyhow::{Context, Result};
 use bus::{
@@ -297,7 +303,19 @@ async fn drive(
         .await
         .context("connecting to NATS")?;
     let run_tag = rand::random::<u32>() & 0x3f_ffff;
-    let seconds = (scenario.load_duration() + scenario.drain_timeout).as_secs() as usize + 120;
+    let longest_retry = scenario
+        .retries
+        .iter()
+        .map(|r| r.after)
+        .max()
+        .unwrap_or_default();
+    let fault_end = scenario
+        .fault
+        .as_ref()
+        .map_or(Duration::ZERO, |f| f.at + f.down_for);
+    let seconds = (scenario.load_duration().max(fault_end) + longest_retry + scenario.drain_timeout)
+        .as_secs() as usize
+        + 120;
     let run = Arc::new(Run::new(run_tag, seconds));
     let stop = CancellationToken::new();
 
@@ -323,6 +341,11 @@ async fn drive(
     let phase_name = Arc::new(Mutex::new(String::new()));
     let progress = spawn_progress(Arc::clone(&run), Arc::clone(&phase_name), stop.clone());
     let dlq_before = dlq_last_sequence(&bus).await;
+    let endpoints = match stack.lock().await.as_ref() {
+        Some(stack) => stack.admin_endpoints(),
+        None => Vec::new(),
+    };
+    let evidence_task = evidence::spawn_poller(endpoints, stop.clone());
 
     let target = match scenario.driver.kind {
         DriverKind::Nats => Target::Nats(Box::new(bus.clone())),
@@ -353,29 +376,17 @@ async fn drive(
         seed: scenario.seed,
         events_per_send: driver.events_per_send(&scenario.driver),
         connections: scenario.driver.connections,
+        retries: (!scenario.retries.is_empty()).then(|| Arc::new(Retries::new(&scenario.retries))),
     };
+    let load_done = CancellationToken::new();
+    let retry_task = context.retries.clone().map(|retries| {
+        tokio::spawn(retries.run(Arc::clone(&run), Arc::clone(&driver), load_done.clone()))
+    });
 
-    // kill -9 and restart a role mid-run.
+    // The fault, at its time from the start.
     let fault_task = scenario.fault.clone().map(|fault| {
         let (stack, run) = (Arc::clone(&stack), Arc::clone(&run));
-        tokio::spawn(async move {
-            tokio::time::sleep_until((run.started + fault.kill_at).into()).await;
-            let killed = run.started.elapsed().as_secs_f64();
-            eprintln!("fault: kill -9 {} at {killed:.1} s", fault.role);
-            if let Some(stack) = stack.lock().await.as_mut() {
-                stack.kill_role(&fault.role).await?;
-            }
-            tokio::time::sleep(fault.restart_after).await;
-            if let Some(stack) = stack.lock().await.as_mut() {
-                stack.restart_role(&fault.role).await?;
-            }
-            let restarted = run.started.elapsed().as_secs_f64();
-            eprintln!(
-                "fault: {} restarted and ready at {restarted:.1} s",
-                fault.role
-            );
-            anyhow::Ok((killed, restarted))
-        })
+        tokio::spawn(async move { inject(&fault, &stack, &run).await })
     });
 
     // The phases, back to back. Open phases keep their schedule even if an earlier phase ran
@@ -419,21 +430,39 @@ async fn drive(
         phase_runs.push(PhaseRun { load, sent });
     }
     let load_end_ns = run.now_ns();
+    load_done.cancel();
     if let Ok(mut name) = phase_name.lock() {
         *name = "draining".into();
     }
 
-    // Drain: until every acked event is processed or dead-lettered, and counted by analytics.
+    // Drain: until every acked event is processed or dead-lettered and counted by analytics, or
+    // (when a notice was lost, or a retry was answered `duplicate`) until every consumer of the
+    // platform has nothing pending for a while — and never before the fault and the retries are
+    // over.
     let drain_started = Instant::now();
     let mut drained = false;
+    let mut quiet_since: Option<Instant> = None;
     while drain_started.elapsed() < scenario.drain_timeout {
-        let acked = run.acked.load(Relaxed);
-        let dead = dlq_last_sequence(&bus).await.saturating_sub(dlq_before);
-        let processed = run.processed.load(Relaxed);
-        let analytics = run.analytics_done.load(Relaxed);
-        if processed + dead >= acked && analytics + dead >= acked {
-            drained = true;
-            break;
+        let busy = retry_task.as_ref().is_some_and(|t| !t.is_finished())
+            || fault_task.as_ref().is_some_and(|t| !t.is_finished());
+        if !busy {
+            let acked = run.acked.load(Relaxed);
+            let dead = dlq_last_sequence(&bus).await.saturating_sub(dlq_before);
+            let processed = run.processed.load(Relaxed);
+            let analytics = run.analytics_done.load(Relaxed);
+            if processed + dead >= acked && analytics + dead >= acked {
+                drained = true;
+                break;
+            }
+            if quiescent(&bus).await {
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= QUIET_FOR {
+                    drained = true;
+                    break;
+                }
+            } else {
+                quiet_since = None;
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -444,16 +473,29 @@ async fn drive(
         Some(task) => Some(task.await.context("fault task")??),
         None => None,
     };
+    if let Some(task) = retry_task {
+        task.abort();
+        let _ = task.await;
+    }
+    // Lanes hold an event until every consumer acked it (the notifier may trail the projector):
+    // give the platform a moment to settle before the streams are read.
+    if stack.lock().await.is_some() {
+        let deadline = Instant::now() + SETTLE_FOR;
+        while Instant::now() < deadline && !quiescent(&bus).await {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     stop.cancel();
     let collector = collector.await.context("collector task")?;
     let throttle = throttle.await.context("throttle listener")?;
     let admission = admission.await.context("admission listener")?;
     let processes = sampler.await.context("sampler")?.finish();
+    let evidence = evidence_task.await.context("metrics poller")?.totals();
     let _ = progress.await;
 
-    // Dead letters of this run, by event id.
+    // Dead letters of this run, by event id and reason.
     let dlq_after = dlq_last_sequence(&bus).await;
-    let mut dead_lettered = 0;
+    let mut dead_letters = DeadLetters::default();
     if dlq_after > dlq_before {
         for entry in bus
             .dlq_list(
@@ -467,14 +509,49 @@ async fn drive(
                 .as_deref()
                 .and_then(events::Encoding::from_content_type)
                 .unwrap_or(events::Encoding::Protobuf);
-            if let Ok(event) = events::decode(&entry.payload, encoding)
-                && let Some(index) = parse_tracked_id(&event.event_id, run.run_tag)
-            {
-                run.slots.mark(index, crate::tracker::DEAD_LETTERED);
-                dead_lettered += 1;
+            let index = events::decode(&entry.payload, encoding)
+                .ok()
+                .and_then(|event| parse_tracked_id(&event.event_id, run.run_tag));
+            match index {
+                Some(index) => {
+                    run.slots.mark(index, DEAD_LETTERED);
+                    *dead_letters
+                        .by_reason
+                        .entry(entry.reason.clone())
+                        .or_default() += 1;
+                    dead_letters.reasons.insert(index, entry.reason);
+                }
+                None => dead_letters.foreign += 1,
             }
         }
     }
+
+    // The store: events whose notice was lost, and every tenant's effects.
+    let (effects, high_water) = match stack.lock().await.as_ref() {
+        Some(stack) => (
+            Some(reconcile_with_store(stack.store.kind, &stack.store.direct_url, &run).await?),
+            Some(stack.high_water),
+        ),
+        None => (None, None),
+    };
+    let mut streams = Vec::new();
+    if let Ok(definitions) = bus::Definitions::embedded() {
+        for name in definitions.stream_names() {
+            if let Ok(usage) = bus.stream_usage(&name).await {
+                streams.push(StreamReport {
+                    name,
+                    messages: usage.messages,
+                    bytes: usage.bytes,
+                    max_bytes: usage.max_bytes,
+                });
+            }
+        }
+    }
+    let retries = context
+        .retries
+        .as_ref()
+        .map(|r| r.report(&run))
+        .unwrap_or_default();
 
     // Raw baseline on the same server.
     let raw = if scenario.baselines.raw_events > 0 {
@@ -505,26 +582,290 @@ async fn drive(
         &collector,
         &phase_runs,
         Accounting {
-            dead_lettered,
+            dead_letters: &dead_letters,
             drain_s,
             drained,
             load_end_ns,
         },
     );
+    report.effects = effects;
+    report.ingest_high_water = high_water;
+    report.streams = streams;
+    report.fault_checks = fault_checks(
+        scenario,
+        &report,
+        &evidence,
+        &retries,
+        &run,
+        fault.is_some(),
+    );
+    report.retries = retries;
+    report.evidence = evidence;
     report.throttle = throttle;
     report.admission = admission;
     report.processes = processes;
     report.baselines = BaselineReport { raw, sync: None };
+    let store = match scenario.stack.store {
+        StoreKind::Sqlite => "SQLite",
+        StoreKind::Postgres => "PostgreSQL (through the harness's proxy)",
+    };
     report.stack = match (&options.external, scenario.stack.processes) {
         (Some(e), _) => format!("external ({})", e.gateway_url),
-        (None, Processes::All) => "crm all (one process), SQLite".into(),
-        (None, Processes::Roles) => "one process per role, SQLite".into(),
+        (None, Processes::All) => format!("crm all (one process), {store}"),
+        (None, Processes::Roles) => format!("one process per role, {store}"),
     };
     report.overload = overload_report(scenario, &report, capacity);
     if let (Some(fault), Some((killed, restarted))) = (&scenario.fault, fault) {
         report.fault = Some(fault_report(fault, &report.series, killed, restarted));
     }
     Ok(report)
+}
+
+/// How long every consumer must have had nothing pending for the drain to end on quiet alone.
+const QUIET_FOR: Duration = Duration::from_secs(2);
+/// How long, after the drain, the harness waits for the platform to settle before reading the
+/// streams.
+const SETTLE_FOR: Duration = Duration::from_secs(30);
+
+/// Every consumer of the platform's definitions has nothing pending and nothing unacked.
+async fn quiescent(bus: &Bus) -> bool {
+    let Ok(definitions) = bus::Definitions::embedded() else {
+        return false;
+    };
+    for consumer in &definitions.consumers {
+        match bus.consumer_info(&consumer.stream, &consumer.durable).await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Do the fault at its time; (when it began, when it ended) in seconds after the start.
+async fn inject(
+    fault: &crate::scenario::Fault,
+    stack: &tokio::sync::Mutex<Option<Stack>>,
+    run: &Run,
+) -> Result<(f64, f64)> {
+    tokio::time::sleep_until((run.started + fault.at).into()).await;
+    let began = run.started.elapsed().as_secs_f64();
+    let role = fault.role.clone().unwrap_or_default();
+    {
+        let mut guard = stack.lock().await;
+        let stack = guard.as_mut().context("the platform is gone")?;
+        match fault.kind {
+            FaultKind::KillRole => stack.kill_role(&role).await?,
+            FaultKind::RestartNats => stack.stop_nats(StopSignal::Term).await?,
+            FaultKind::KillNats => stack.stop_nats(StopSignal::Kill).await?,
+            FaultKind::StoreDown => stack.set_store_up(false)?,
+            FaultKind::RestoreStreams => stack.provision(None).await?,
+        }
+    }
+    eprintln!(
+        "fault: {}{} at {began:.1} s",
+        fault.kind.as_str(),
+        if role.is_empty() {
+            String::new()
+        } else {
+            format!(" {role}")
+        }
+    );
+    if fault.kind != FaultKind::RestoreStreams {
+        tokio::time::sleep(fault.down_for).await;
+        let mut guard = stack.lock().await;
+        let stack = guard.as_mut().context("the platform is gone")?;
+        match fault.kind {
+            FaultKind::KillRole => stack.restart_role(&role).await?,
+            FaultKind::RestartNats | FaultKind::KillNats => stack.start_nats().await?,
+            FaultKind::StoreDown => stack.set_store_up(true)?,
+            FaultKind::RestoreStreams => {}
+        }
+    }
+    let ended = run.started.elapsed().as_secs_f64();
+    eprintln!("fault: over (ready again) at {ended:.1} s");
+    Ok((began, ended))
+}
+
+/// This run's dead letters.
+#[derive(Debug, Default)]
+struct DeadLetters {
+    /// Event index → reason.
+    reasons: std::collections::HashMap<u64, String>,
+    by_reason: BTreeMap<String, u64>,
+    /// Dead letters that are not this run's events.
+    foreign: u64,
+}
+
+/// Look up, in the store, the events the harness has no notice for (a notice is best effort),
+/// mark those found, and compare every tenant's effects with what was processed.
+async fn reconcile_with_store(kind: StoreKind, url: &str, run: &Run) -> Result<EffectsReport> {
+    let probe = StoreProbe::connect(kind, url).await?;
+    let total = run.next_index.load(Relaxed);
+    let (mut projection, mut analytics) = (Vec::new(), Vec::new());
+    for index in 0..total {
+        let Some(view) = run.slots.view(index) else {
+            continue;
+        };
+        if view.flags & crate::tracker::SENT == 0 || view.dead_lettered() {
+            continue;
+        }
+        if view.projector_reports() == 0 {
+            projection.push(index);
+        }
+        if view.analytics_reports() == 0 {
+            analytics.push(index);
+        }
+    }
+    for (indices, flag, in_analytics) in [
+        (projection, FOUND_IN_STORE, false),
+        (analytics, ANALYTICS_IN_STORE, true),
+    ] {
+        let ids: Vec<String> = indices
+            .iter()
+            .filter_map(|&i| run.slots.view(i).map(|v| run.event_id(i, v.intended_ns)))
+            .collect();
+        let found = probe.in_ledger(&ids, in_analytics).await?;
+        for (index, id) in indices.iter().zip(&ids) {
+            if found.contains(id) {
+                run.slots.mark(*index, flag);
+            }
+        }
+    }
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for index in 0..total {
+        let Some(view) = run.slots.view(index) else {
+            continue;
+        };
+        if view.has(RETRY) {
+            continue;
+        }
+        let entry = expected.entry(tenant_id(view.tenant())).or_default();
+        entry.0 += u64::from(view.processed() && !view.dead_lettered());
+        // Analytics acks an invalid event uncounted (the router dead-letters it).
+        entry.1 += u64::from(view.counted_by_analytics() && !view.has(INVALID));
+    }
+    expected.retain(|_, (p, a)| *p + *a > 0);
+    let store = probe.per_tenant().await?;
+    probe.close().await;
+    Ok(crate::effects::compare(&expected, &store))
+}
+
+/// The checks that the scenario's fault happened: each fault or stress leaves its own mark.
+fn fault_checks(
+    scenario: &Scenario,
+    report: &Report,
+    evidence: &BTreeMap<String, f64>,
+    retries: &[RetryReport],
+    run: &Run,
+    fault_done: bool,
+) -> Vec<FaultCheck> {
+    let mut checks = Vec::new();
+    let mut check = |what: &str, measured: String, passed: bool| {
+        checks.push(FaultCheck {
+            what: what.into(),
+            measured,
+            passed,
+        })
+    };
+    for name in scenario.stack.streams.keys() {
+        if name.starts_with("CRM_LANE_") {
+            let n = evidence::total(evidence, "crm_router_lane_refusals_total");
+            check(
+                &format!("{name} refused the router"),
+                format!("{n} lane refusals"),
+                n > 0.0,
+            );
+        } else if name == "CRM_DLQ" {
+            let n = evidence::total(evidence, "crm_dlq_write_failures_total");
+            check(
+                "CRM_DLQ refused dead letters",
+                format!("{n} dead-letter write failures"),
+                n > 0.0,
+            );
+        }
+    }
+    if let Some(fault) = &scenario.fault {
+        check(
+            &format!("{} done and undone", fault.kind.as_str()),
+            if fault_done { "yes" } else { "no" }.into(),
+            fault_done,
+        );
+        if fault.kind == FaultKind::StoreDown {
+            let waited = evidence
+                .get("projector crm_worker_waiting seconds")
+                .or_else(|| evidence.get("all crm_worker_waiting seconds"))
+                .copied()
+                .unwrap_or(0.0);
+            check(
+                "the projector held its batch for the store",
+                format!("{waited} s waiting"),
+                waited > 0.0,
+            );
+        }
+    }
+    let l = &report.loss;
+    for (share, reason) in [
+        (scenario.mix.invalid_share, "invalid_event"),
+        (scenario.mix.poison_share, "store_rejected"),
+    ] {
+        if share > 0.0 {
+            let n = l.dead_letter_reasons.get(reason).copied().unwrap_or(0);
+            check(
+                &format!("events dead-lettered as {reason}"),
+                n.to_string(),
+                n > 0,
+            );
+        }
+    }
+    if scenario.mix.same_key_across_tenants {
+        let tenants = scenario.mix.tenants.max(1);
+        let total = run.next_index.load(Relaxed);
+        let mut keys = 0u64;
+        let mut applied_by_all = 0u64;
+        for first in (0..total).step_by(tenants as usize) {
+            if first + tenants > total {
+                break;
+            }
+            keys += 1;
+            let all = (first..first + tenants).all(|i| {
+                run.slots
+                    .view(i)
+                    .is_some_and(|v| v.processed() && !v.has(RETRY))
+            });
+            applied_by_all += u64::from(all);
+        }
+        check(
+            "idempotency keys processed for every tenant that used them",
+            format!("{applied_by_all} of {keys} keys"),
+            applied_by_all > 0,
+        );
+        check(
+            "no ack answered duplicate",
+            l.deduplicated.to_string(),
+            l.deduplicated == 0,
+        );
+    }
+    for r in retries {
+        check(
+            &format!(
+                "retries {} {}",
+                r.name,
+                if r.within_window {
+                    "answered duplicate (inside the window)"
+                } else {
+                    "stored again (after the window)"
+                }
+            ),
+            format!(
+                "{} acked: {} duplicate, {} stored",
+                r.acked,
+                r.deduplicated,
+                r.acked - r.deduplicated
+            ),
+            r.as_expected(),
+        );
+    }
+    checks
 }
 
 /// An external platform has one tenant, the one its key is for.
@@ -536,8 +877,8 @@ fn mix_for(options: &Options) -> crate::scenario::Mix {
     mix
 }
 
-struct Accounting {
-    dead_lettered: u64,
+struct Accounting<'a> {
+    dead_letters: &'a DeadLetters,
     drain_s: f64,
     drained: bool,
     load_end_ns: u64,
@@ -554,8 +895,12 @@ fn build_report(
     let total = run.next_index.load(Relaxed);
     let phases = scenario.phases.len();
     let mut per_phase = vec![(0u64, 0u64, 0u64, 0u64); phases];
+    let dead_letters = accounting.dead_letters;
     let mut loss = Loss {
-        dead_lettered: accounting.dead_lettered,
+        dead_lettered: dead_letters.reasons.len() as u64,
+        dead_letter_reasons: dead_letters.by_reason.clone(),
+        unexpected_dead_letters: dead_letters.foreign,
+        deduplicated: run.deduplicated.load(Relaxed),
         duplicates: collector.duplicates,
         analytics_duplicates: collector.analytics_duplicates,
         foreign: collector.foreign,
@@ -569,19 +914,40 @@ fn build_report(
         };
         let counts = &mut per_phase[view.phase.min(phases - 1)];
         let sent = view.flags & crate::tracker::SENT != 0;
-        let processed = view.projector_reports() > 0;
+        let processed = view.processed();
+        let dead = view.dead_lettered();
+        let retry = view.has(RETRY);
+        let doomed = view.doomed_reason();
         loss.sent += u64::from(sent);
         counts.0 += u64::from(sent);
+        if dead {
+            let reason = dead_letters.reasons.get(&index).map(String::as_str);
+            if doomed.is_none() || reason != doomed {
+                loss.unexpected_dead_letters += 1;
+            }
+        } else if doomed.is_some() && processed {
+            loss.doomed_processed += 1;
+        }
         if view.acked() {
             loss.acked += 1;
             counts.1 += 1;
-            if !processed && !view.dead_lettered() {
+            loss.doomed += u64::from(doomed.is_some());
+            if processed {
+                loss.acked_processed += 1;
+            } else if dead {
+                loss.acked_dead_lettered += 1;
+            } else if retry && view.has(crate::tracker::DEDUPLICATED) {
+                // A retry the stream recognised: its original carries the effect.
+                loss.acked_deduplicated += 1;
+            } else {
                 loss.missing += 1;
                 if loss.missing_ids.len() < 20 {
                     loss.missing_ids.push(run.event_id(index, view.intended_ns));
                 }
             }
-            if view.analytics_reports() == 0 && !view.dead_lettered() {
+            let analytics_skips =
+                dead || doomed.is_some() || view.has(crate::tracker::DEDUPLICATED);
+            if !view.counted_by_analytics() && !analytics_skips {
                 loss.analytics_missing += 1;
             }
         } else if processed {
@@ -594,9 +960,11 @@ fn build_report(
         if processed {
             loss.processed += 1;
             counts.3 += 1;
+            loss.found_in_store += u64::from(view.projector_reports() == 0);
         }
-        if view.analytics_reports() > 0 {
+        if view.counted_by_analytics() {
             loss.analytics_counted += 1;
+            loss.analytics_found_in_store += u64::from(view.analytics_reports() == 0);
         }
     }
 
@@ -899,8 +1267,21 @@ fn fault_report(
     killed: f64,
     restarted: f64,
 ) -> FaultReport {
+    let round = |s: f64| (s * 10.0).round() / 10.0;
     FaultReport {
-        role: fault.role.clone(),
+        kind: fault.kind.as_str().to_owned(),
+        role: fault.role.clone().unwrap_or_else(|| match fault.kind {
+            FaultKind::RestartNats | FaultKind::KillNats => "nats-server".into(),
+            FaultKind::StoreDown => "store".into(),
+            FaultKind::RestoreStreams | FaultKind::KillRole => "streams".into(),
+        }),
+        recovery_after_end_s: recovery_after(
+            &series.priority_p99_ms,
+            restarted,
+            restarted,
+            fault.recovery_p99_ms,
+        )
+        .map(round),
         killed_at_s: (killed * 10.0).round() / 10.0,
         restarted_at_s: (restarted * 10.0).round() / 10.0,
         recovery_target_ms: fault.recovery_p99_ms,
@@ -978,6 +1359,7 @@ async fn sync_baseline(scenario: &Scenario, phases: &[PhaseReport]) -> Result<Sy
         seed: scenario.seed ^ 0x5eed,
         events_per_send: 1,
         connections: config.connections,
+        retries: None,
     };
     let sent = run_phase(&context, 0, load, 0, duration).await;
     let elapsed = (sent.end_ns - sent.start_ns) as f64 / 1e9;
@@ -1128,13 +1510,18 @@ mod tests {
                 end_ns: 1_000_000_000,
             },
         }];
+        let dead_letters = DeadLetters {
+            reasons: [(3, "max_deliveries".to_owned())].into(),
+            by_reason: [("max_deliveries".to_owned(), 1)].into(),
+            foreign: 0,
+        };
         let mut report = build_report(
             &scenario,
             &run,
             &collector,
             &phase_runs,
             Accounting {
-                dead_lettered: 1,
+                dead_letters: &dead_letters,
                 drain_s: 1.0,
                 drained: false,
                 load_end_ns: 1_000_000_000,
@@ -1148,6 +1535,19 @@ mod tests {
         assert_eq!((loss.duplicates, loss.dead_lettered), (1, 1));
         assert_eq!(loss.missing, 1);
         assert_eq!(loss.missing_ids, vec![done(1)]);
+        assert_eq!(
+            (
+                loss.acked_processed,
+                loss.acked_dead_lettered,
+                loss.acked_deduplicated
+            ),
+            (1, 1, 0),
+            "acked = processed + dead-lettered + deduplicated retries + missing"
+        );
+        assert_eq!(
+            loss.unexpected_dead_letters, 1,
+            "a dead letter of an event not meant to fail"
+        );
         assert_eq!(loss.processed_without_ack, 1);
         assert_eq!(report.phases[0].e2e_latency["critical"].count, 2);
         report.evaluate(&scenario.slo);

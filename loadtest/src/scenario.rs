@@ -29,6 +29,10 @@ pub struct Scenario {
     #[serde(default)]
     pub stack: StackConfig,
     pub fault: Option<Fault>,
+    /// Client retries: a share of acked events sent again later with the same idempotency key
+    /// and a new event id.
+    #[serde(default, rename = "retry")]
+    pub retries: Vec<Retry>,
     #[serde(default)]
     pub baselines: Baselines,
     #[serde(default)]
@@ -41,6 +45,14 @@ fn default_drain() -> Duration {
 
 fn default_seed() -> u64 {
     1
+}
+
+/// A scenario as written, or its `[short]` form (CI's chaos matrix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    #[default]
+    Full,
+    Short,
 }
 
 /// Which way events enter the platform.
@@ -204,6 +216,18 @@ pub struct Mix {
     pub customer_zipf_s: f64,
     /// Pad page views' URL so each event is about this many bytes (0 = natural size).
     pub payload_bytes: usize,
+    /// Share (0..1) of events sent invalid (no customer id): they pass no validation, so the
+    /// router dead-letters them with reason `invalid_event`. Only the NATS driver can send them
+    /// (the gateway refuses them with a 400).
+    pub invalid_share: f64,
+    /// Share (0..1) of events about the customer `poison`, whom a database trigger the harness
+    /// installs refuses: valid events the store rejects, dead-lettered with `store_rejected`.
+    pub poison_share: f64,
+    /// Every event carries an idempotency key (`k-<n>`), which retries (`[[retry]]`) reuse.
+    pub idempotency_keys: bool,
+    /// Tenant `n mod tenants`, idempotency key `k-<n div tenants>`: each key is used once by every
+    /// tenant, back to back (idempotency must be per tenant).
+    pub same_key_across_tenants: bool,
 }
 
 impl Default for Mix {
@@ -218,6 +242,10 @@ impl Default for Mix {
             customers_per_tenant: 10_000,
             customer_zipf_s: 1.0,
             payload_bytes: 0,
+            invalid_share: 0.0,
+            poison_share: 0.0,
+            idempotency_keys: false,
+            same_key_across_tenants: false,
         }
     }
 }
@@ -234,6 +262,21 @@ pub struct StackConfig {
     pub config: toml::Table,
     /// `CRM_LOG` for the platform's processes.
     pub log: String,
+    /// The store: SQLite in the run's temp dir, or a throwaway PostgreSQL database reached
+    /// through a TCP proxy the harness owns (so a fault can cut it).
+    pub store: StoreKind,
+    /// Stream definition overrides, by stream name, in the server's JSON field names (e.g.
+    /// `[stack.streams.CRM_LANE_STANDARD] max_bytes = 65536`): the harness provisions an edited
+    /// copy of `nats/` with `crm provision --definitions`.
+    pub streams: toml::Table,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -251,22 +294,79 @@ impl Default for StackConfig {
             sync_interval: "default".into(),
             config: toml::Table::new(),
             log: "warn".into(),
+            store: StoreKind::Sqlite,
+            streams: toml::Table::new(),
         }
     }
 }
 
-/// kill -9 a role mid-run and restart it (needs `processes = "roles"`).
+/// The roles a fault can kill (each runs as its own process with `processes = "roles"`).
+pub const ROLES: [&str; 5] = ["gateway", "router", "projector", "analytics", "notifier"];
+
+/// What a fault does at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// kill -9 `role`, start it again after `down_for`.
+    #[default]
+    KillRole,
+    /// SIGTERM nats-server, start it again after `down_for` on the same port and store.
+    RestartNats,
+    /// kill -9 nats-server, start it again after `down_for` on the same port and store.
+    KillNats,
+    /// Cut the store's TCP proxy (open connections closed, new ones dropped) for `down_for`
+    /// (needs `stack.store = "postgres"`).
+    StoreDown,
+    /// `crm provision` with the committed definitions: the operator undoes
+    /// `[stack.streams]` (e.g. makes room in a DLQ that filled).
+    RestoreStreams,
+}
+
+impl FaultKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::KillRole => "kill_role",
+            Self::RestartNats => "restart_nats",
+            Self::KillNats => "kill_nats",
+            Self::StoreDown => "store_down",
+            Self::RestoreStreams => "restore_streams",
+        }
+    }
+}
+
+/// One fault mid-run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
-    pub role: String,
+    #[serde(default)]
+    pub kind: FaultKind,
+    /// `kill_role`: which role.
+    #[serde(default)]
+    pub role: Option<String>,
     /// When, from the start of the load.
     #[serde(with = "humantime_serde")]
-    pub kill_at: Duration,
-    #[serde(with = "humantime_serde")]
-    pub restart_after: Duration,
+    pub at: Duration,
+    /// How long the process stays down or the store cut (`restore_streams`: unused).
+    #[serde(with = "humantime_serde", default)]
+    pub down_for: Duration,
     /// Recovered when the priority lanes' (critical + high) p99 per second is back under this.
     pub recovery_p99_ms: f64,
+}
+
+/// A group of client retries: `share` of the acked events are sent again `after` their ack, with
+/// the same tenant, idempotency key and payload and a new event id. Within the ingest stream's
+/// duplicate window the retry is answered `duplicate: true`; after it the retry is stored and
+/// routed again, and the store's ledger (tenant, key) must keep it from having a second effect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    pub name: String,
+    pub share: f64,
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    /// Whether the retry is expected to fall inside the duplicate window (answered
+    /// `duplicate: true`) or after it (stored again).
+    pub within_window: bool,
 }
 
 /// Baselines run against the same nats-server in the same run.
@@ -312,19 +412,53 @@ pub struct Slo {
     /// At most this share of critical events overtaken by a later-acked lower-class event
     /// (the inversion figure's `critical vs lower` pair).
     pub max_critical_inversion_share: Option<f64>,
+    /// Effects in the store beyond one per (tenant, idempotency key) processed (needs the store
+    /// check, i.e. a platform the harness started).
+    pub max_duplicate_effects: Option<u64>,
+    /// Dead letters are exactly the events meant to fail (`invalid_share` → `invalid_event`,
+    /// `poison_share` → `store_rejected`) and nothing else.
+    pub dead_letters_as_expected: Option<bool>,
+    /// The lane streams hold no message after the drain (they are interest streams).
+    pub lanes_empty: Option<bool>,
+    /// CRM_INGEST holds no more than `[retention].high_water` of its max_bytes after the drain.
+    pub ingest_within_high_water: Option<bool>,
+    /// The fault left its mark (lane refusals, DLQ write failures, the projector waiting for the
+    /// store, retries stored again after the window, …): a row whose fault did not happen
+    /// cannot pass.
+    pub fault_observed: Option<bool>,
 }
 
 impl Scenario {
     pub fn parse(text: &str) -> Result<Self> {
-        let scenario: Scenario = toml::from_str(text)?;
-        scenario.validate()?;
-        Ok(scenario)
+        Self::parse_variant(text, Variant::Full)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_variant(path, Variant::Full)
+    }
+
+    /// The scenario in `path`, or its short form: the file's `[short]` table merged over it
+    /// (tables key by key, anything else replaced, `[[phase]]` lists included).
+    pub fn load_variant(path: &Path, variant: Variant) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("scenario {}", path.display()))
+        Self::parse_variant(&text, variant).with_context(|| format!("scenario {}", path.display()))
+    }
+
+    pub fn parse_variant(text: &str, variant: Variant) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        let short = match table.remove("short") {
+            None => None,
+            Some(toml::Value::Table(short)) => Some(short),
+            Some(_) => bail!("[short] must be a table"),
+        };
+        if variant == Variant::Short {
+            let short = short.context("this scenario has no [short] form")?;
+            crate::stack::merge_toml(&mut table, &short);
+        }
+        let scenario: Scenario = toml::Value::Table(table).try_into()?;
+        scenario.validate()?;
+        Ok(scenario)
     }
 
     fn validate(&self) -> Result<()> {
@@ -375,14 +509,74 @@ impl Scenario {
             "driver.batch_size must be 1..={}",
             gateway_batch_limit()
         );
-        if let Some(fault) = &self.fault {
+        for (name, share) in [
+            ("invalid_share", mix.invalid_share),
+            ("poison_share", mix.poison_share),
+        ] {
+            ensure!((0.0..=1.0).contains(&share), "mix.{name} must be in 0..=1");
+        }
+        ensure!(
+            mix.invalid_share == 0.0 || self.driver.kind == DriverKind::Nats,
+            "mix.invalid_share needs driver.kind = \"nats\" (the gateway refuses invalid events)"
+        );
+        ensure!(
+            mix.tenants <= MAX_TENANTS,
+            "mix.tenants must be ≤ {MAX_TENANTS}"
+        );
+        ensure!(
+            !(mix.same_key_across_tenants && mix.idempotency_keys),
+            "mix: same_key_across_tenants and idempotency_keys are two key schemes; set one"
+        );
+        ensure!(
+            !mix.same_key_across_tenants || mix.tenants >= 2,
+            "mix.same_key_across_tenants needs at least 2 tenants"
+        );
+        let mut retry_share = 0.0;
+        for retry in &self.retries {
             ensure!(
-                self.stack.processes == Processes::Roles,
-                "[fault] needs stack.processes = \"roles\" (a role of its own to kill)"
+                retry.share > 0.0 && retry.share <= 1.0,
+                "retry {:?}: share must be in (0, 1]",
+                retry.name
             );
+            retry_share += retry.share;
+        }
+        ensure!(
+            retry_share <= 1.0,
+            "the [[retry]] groups' shares add up to more than 1"
+        );
+        ensure!(
+            self.retries.is_empty() || mix.idempotency_keys,
+            "[[retry]] needs mix.idempotency_keys = true (a retry reuses its event's key)"
+        );
+        for name in self.stack.streams.keys() {
             ensure!(
-                ["gateway", "router", "projector", "analytics"].contains(&fault.role.as_str()),
-                "fault.role: one of gateway, router, projector, analytics"
+                self.stack.streams[name].is_table(),
+                "stack.streams.{name} must be a table of the stream's JSON fields"
+            );
+        }
+        if let Some(fault) = &self.fault {
+            match fault.kind {
+                FaultKind::KillRole => {
+                    ensure!(
+                        self.stack.processes == Processes::Roles,
+                        "a kill_role [fault] needs stack.processes = \"roles\" (a role of its own to kill)"
+                    );
+                    let role = fault.role.as_deref().unwrap_or_default();
+                    ensure!(
+                        ROLES.contains(&role),
+                        "fault.role: one of {}",
+                        ROLES.join(", ")
+                    );
+                }
+                FaultKind::StoreDown => ensure!(
+                    self.stack.store == StoreKind::Postgres,
+                    "a store_down [fault] needs stack.store = \"postgres\" (the harness cuts its proxy)"
+                ),
+                FaultKind::RestartNats | FaultKind::KillNats | FaultKind::RestoreStreams => {}
+            }
+            ensure!(
+                fault.kind == FaultKind::KillRole || fault.role.is_none(),
+                "fault.role is for kind = \"kill_role\""
             );
         }
         Ok(())
@@ -393,6 +587,9 @@ impl Scenario {
         self.phases.iter().map(|p| p.duration).sum()
     }
 }
+
+/// Tenants a run can address (the tracker keeps each event's tenant in 12 bits).
+pub const MAX_TENANTS: u64 = 4096;
 
 const fn gateway_batch_limit() -> usize {
     gateway::MAX_BATCH_EVENTS
@@ -496,8 +693,108 @@ rate = 100
                 "paper",
                 "ramp",
                 "smoke",
+                "soak",
                 "steady"
             ]
         );
+    }
+
+    #[test]
+    fn every_chaos_row_parses_in_both_forms_and_holds_the_matrix_invariants() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/chaos");
+        let files = crate::chaos::row_files(&dir).expect("rows");
+        assert!(files.len() >= 15, "{files:?}");
+        for path in files {
+            for variant in [Variant::Full, Variant::Short] {
+                let scenario = Scenario::load_variant(&path, variant)
+                    .unwrap_or_else(|e| panic!("{variant:?}: {e:#}"));
+                assert_eq!(
+                    Some(scenario.name.as_str()),
+                    path.file_stem().and_then(|s| s.to_str())
+                );
+                let slo = &scenario.slo;
+                assert_eq!(slo.max_missing, Some(0), "{}", scenario.name);
+                assert_eq!(slo.max_duplicate_effects, Some(0), "{}", scenario.name);
+                assert_eq!(
+                    slo.dead_letters_as_expected,
+                    Some(true),
+                    "{}",
+                    scenario.name
+                );
+                assert_eq!(slo.lanes_empty, Some(true), "{}", scenario.name);
+                assert_eq!(slo.fault_observed, Some(true), "{}", scenario.name);
+                if variant == Variant::Short {
+                    let load = scenario.load_duration().as_secs();
+                    assert!((10..=25).contains(&load), "{}: {load} s", scenario.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_short_form_is_merged_over_the_scenario() {
+        let text = format!(
+            "{MINIMAL}[stack.streams.CRM_DLQ]\nmax_bytes = 1\n\
+             [fault]\nkind = \"kill_nats\"\nat = \"20s\"\ndown_for = \"5s\"\nrecovery_p99_ms = 100\n\
+             [short]\nphase = [{{ name = \"s\", duration = \"1s\", rate = 5 }}]\n\
+             fault = {{ at = \"2s\" }}\n\
+             [short.stack.streams.CRM_INGEST]\nduplicate_window = 5\n"
+        );
+        let full = Scenario::parse_variant(&text, Variant::Full).expect("full");
+        assert_eq!(full.phases[0].name, "main");
+        assert_eq!(
+            full.fault.as_ref().map(|f| f.at),
+            Some(Duration::from_secs(20))
+        );
+        assert!(!full.stack.streams.contains_key("CRM_INGEST"));
+        let short = Scenario::parse_variant(&text, Variant::Short).expect("short");
+        assert_eq!(short.phases.len(), 1);
+        assert_eq!(short.phases[0].name, "s");
+        let fault = short.fault.expect("fault");
+        assert_eq!(
+            (fault.kind, fault.at, fault.down_for),
+            (
+                FaultKind::KillNats,
+                Duration::from_secs(2),
+                Duration::from_secs(5)
+            ),
+            "a table is merged key by key"
+        );
+        assert!(short.stack.streams.contains_key("CRM_DLQ"));
+        assert!(short.stack.streams.contains_key("CRM_INGEST"));
+        let err = Scenario::parse_variant(MINIMAL, Variant::Short).expect_err("no short form");
+        assert!(format!("{err:#}").contains("no [short] form"), "{err:#}");
+    }
+
+    #[test]
+    fn faults_and_shares_are_checked_against_the_stack() {
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        for (text, expected) in [
+            (
+                with("[fault]\nrole = \"projector\"\nat = \"1s\"\nrecovery_p99_ms = 1\n"),
+                "processes = \"roles\"",
+            ),
+            (
+                with(
+                    "[stack]\nprocesses = \"roles\"\n[fault]\nrole = \"janitor\"\nat = \"1s\"\nrecovery_p99_ms = 1\n",
+                ),
+                "fault.role",
+            ),
+            (
+                with("[fault]\nkind = \"store_down\"\nat = \"1s\"\nrecovery_p99_ms = 1\n"),
+                "postgres",
+            ),
+            (with("[mix]\ninvalid_share = 0.1\n"), "nats"),
+            (with("[mix]\npoison_share = 2.0\n"), "poison_share"),
+            (
+                with(
+                    "[[retry]]\nname = \"r\"\nshare = 0.1\nafter = \"1s\"\nwithin_window = true\n",
+                ),
+                "idempotency_keys",
+            ),
+        ] {
+            let err = format!("{:#}", Scenario::parse(&text).expect_err(expected));
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 }

@@ -95,6 +95,21 @@ pub const DEAD_LETTERED: u64 = 1 << 11;
 pub const REFUSED: u64 = 1 << 12;
 /// Held back at least once by the bulk admission signal (NATS): shed unless later acked.
 pub const DEFERRED: u64 = 1 << 13;
+/// Generated invalid (`mix.invalid_share`): must be dead-lettered as `invalid_event`.
+pub const INVALID: u64 = 1 << 14;
+/// Generated for the refused customer (`mix.poison_share`): must be dead-lettered as
+/// `store_rejected`.
+pub const POISON: u64 = 1 << 15;
+/// A client retry of an earlier event (same key, new id).
+pub const RETRY: u64 = 1 << 16;
+/// Its ack said `duplicate: true`: the stream already held its key, nothing new was stored.
+pub const DEDUPLICATED: u64 = 1 << 17;
+/// No projector notice reached the harness, but the store's ledger holds it.
+pub const FOUND_IN_STORE: u64 = 1 << 18;
+/// No analytics notice reached the harness, but the analytics ledger holds it.
+pub const ANALYTICS_IN_STORE: u64 = 1 << 19;
+const TENANT_SHIFT: u32 = 48;
+const TENANT_MASK: u64 = 0xfff;
 const PROJECTOR_ONE: u64 = 1 << 32;
 const PROJECTOR_MASK: u64 = 0xff << 32;
 const ANALYTICS_ONE: u64 = 1 << 40;
@@ -147,6 +162,35 @@ impl SlotView {
     pub fn shed(&self) -> bool {
         self.flags & (REFUSED | DEFERRED) != 0 && self.flags & (ACKED | ERROR) == 0
     }
+    pub fn has(&self, flag: u64) -> bool {
+        self.flags & flag != 0
+    }
+    /// Processed by the projector: its notice, or (when the notice was lost) its ledger row.
+    pub fn processed(&self) -> bool {
+        self.projector_reports() > 0 || self.has(FOUND_IN_STORE)
+    }
+    pub fn counted_by_analytics(&self) -> bool {
+        self.analytics_reports() > 0 || self.has(ANALYTICS_IN_STORE)
+    }
+    /// The 0-based tenant number it was sent for.
+    pub fn tenant(&self) -> u64 {
+        (self.flags >> TENANT_SHIFT) & TENANT_MASK
+    }
+    /// The dead-letter reason it was generated to get, if any.
+    pub fn doomed_reason(&self) -> Option<&'static str> {
+        if self.has(INVALID) {
+            Some(crate::mix::Doom::Invalid.reason())
+        } else if self.has(POISON) {
+            Some(crate::mix::Doom::Poison.reason())
+        } else {
+            None
+        }
+    }
+}
+
+/// The slot flags that record event `tenant`'s number.
+pub fn tenant_flags(tenant: u64) -> u64 {
+    (tenant & TENANT_MASK) << TENANT_SHIFT
 }
 
 impl Slots {
@@ -304,6 +348,10 @@ pub struct Run {
     pub deferrals: AtomicU64,
     /// Refusals by the problem type the platform gave (`overloaded`, `ingest-full`, …).
     pub refusal_kinds: Mutex<BTreeMap<String, u64>>,
+    /// Acks that said `duplicate: true`.
+    pub deduplicated: AtomicU64,
+    /// Retry index → the index of the event it retries.
+    pub retry_of: Mutex<BTreeMap<u64, u64>>,
     pub per_second: PerSecond,
     pub error_log: Mutex<ErrorLog>,
     /// p99 over the last second of every lane, µs (for the progress line).
@@ -332,6 +380,8 @@ impl Run {
             retries: AtomicU64::new(0),
             deferrals: AtomicU64::new(0),
             refusal_kinds: Mutex::new(BTreeMap::new()),
+            deduplicated: AtomicU64::new(0),
+            retry_of: Mutex::new(BTreeMap::new()),
             per_second: PerSecond::new(seconds),
             error_log: Mutex::new(ErrorLog::default()),
             live_p99_us: AtomicU64::new(0),
@@ -366,8 +416,13 @@ impl Run {
         }
     }
 
-    pub fn mark_acked(&self, index: u64) {
+    /// Acked; `duplicate` when the answer said the stream already held the event's key.
+    pub fn mark_acked(&self, index: u64, duplicate: bool) {
         let now = self.now_ns();
+        if duplicate {
+            self.slots.mark(index, DEDUPLICATED);
+            self.deduplicated.fetch_add(1, Relaxed);
+        }
         self.slots.mark_acked_at(index, now);
         self.acked.fetch_add(1, Relaxed);
         PerSecond::add(&self.per_second.acked, second_of(now), 1);
@@ -604,7 +659,7 @@ mod tests {
         run.mark_sent(0, 0);
         run.mark_refused(0, "overloaded");
         run.mark_sent(0, 0);
-        run.mark_acked(0);
+        run.mark_acked(0, false);
         assert_eq!(run.sent.load(Relaxed), 1);
         assert_eq!(run.retries.load(Relaxed), 1);
         assert_eq!(run.refusals.load(Relaxed), 1);

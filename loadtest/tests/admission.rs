@@ -111,6 +111,7 @@ async fn drive_http(load: Load) -> (Arc<Run>, Arc<Seen>) {
         seed: 3,
         events_per_send: 1,
         connections: 8,
+        retries: None,
     };
     run_phase(&context, 0, load, 0, Duration::from_secs(1)).await;
     (run, seen)
@@ -306,6 +307,7 @@ impl NatsTarget {
             seed: 5,
             events_per_send: 1,
             connections: 16,
+            retries: None,
         };
         let start = self.run.now_ns();
         run_phase(

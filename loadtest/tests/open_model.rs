@@ -112,6 +112,7 @@ async fn a_stall_counts_for_every_event_due_during_it() {
         seed: 1,
         events_per_send: 1,
         connections: 16,
+        retries: None,
     };
     let sent = run_phase(
         &context,
