@@ -520,20 +520,6 @@ impl Bus {
                     &request(Value::Object(def.config.clone()), "create"),
                 )
                 .await?;
-            if api_error_code(&created) == Some(JS_INSUFFICIENT_RESOURCES) {
-                let max_bytes = def.config.get("max_bytes").and_then(Value::as_i64);
-                return Err(BusError::new(
-                    BusErrorKind::Rejected,
-                    format!(
-                        "creating {what}: the server's JetStream store has no room to reserve its \
-                         max_bytes ({}) beside the streams it already holds (code 10047). Raise \
-                         `jetstream {{ max_file_store }}` in the server's config (nats/dev.conf \
-                         sets 8GB; unset, it is 75 % of the free disk) or lower max_bytes with \
-                         `crm provision --definitions <dir>`",
-                        max_bytes.map_or("unlimited".to_owned(), |b| format!("{b} bytes"))
-                    ),
-                ));
-            }
             check_api(&created, &format!("creating {what}"))?;
             return Ok(change(Action::Created));
         }
