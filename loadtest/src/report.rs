@@ -5,7 +5,7 @@ use crate::{
     admission::AdmissionPoint,
     client_retry::RetryReport,
     effects::EffectsReport,
-    evidence::FaultCheck,
+    evidence::{FaultCheck, StageRow},
     goodput::ClassGoodput,
     inversion::InversionFigure,
     procs::{Machine, ProcessSeries},
@@ -324,6 +324,9 @@ pub struct Report {
     /// The platform's own metrics over the run (see `evidence`).
     #[serde(default)]
     pub evidence: BTreeMap<String, f64>,
+    /// Where the time went, from the roles' stage histograms (see `evidence::StageRow`).
+    #[serde(default)]
+    pub stages: Vec<StageRow>,
     /// That the fault left its mark.
     #[serde(default)]
     pub fault_checks: Vec<FaultCheck>,
@@ -947,6 +950,44 @@ impl Report {
                     md,
                     "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
                     p.name, p.cpu_mean, p.cpu_max, p.rss_mean_mib, p.rss_max_mib
+                );
+            }
+        }
+        if !self.stages.is_empty() {
+            let _ = writeln!(md, "\n## Where the time goes\n");
+            let _ = writeln!(
+                md,
+                "The platform's own histograms over the run (warm-up and drain included): per \
+                 batch for worker stages (slot_wait: every batch slot busy; fetch_wait: idle, \
+                 waiting for a message; settle: acks and notices after the handler), per \
+                 transaction for the store (acquire: the queue for the write connection). \
+                 p50 and p99 are bucket upper bounds.\n"
+            );
+            let _ = writeln!(md, "| process | metric | labels | count | mean | p50 ≤ | p99 ≤ |");
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+            let unit = |metric: &str| if metric.ends_with("_seconds") { " ms" } else { "" };
+            let bound = |v: Option<f64>, u: &str| {
+                v.map_or("–".into(), |v| {
+                    if v.is_infinite() {
+                        format!("∞{u}")
+                    } else {
+                        let text = format!("{v:.3}");
+                        format!("{}{u}", text.trim_end_matches('0').trim_end_matches('.'))
+                    }
+                })
+            };
+            for row in &self.stages {
+                let u = unit(&row.metric);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.0} | {:.2}{u} | {} | {} |",
+                    row.process,
+                    row.metric,
+                    row.labels,
+                    row.count,
+                    row.mean,
+                    bound(row.p50, u),
+                    bound(row.p99, u)
                 );
             }
         }

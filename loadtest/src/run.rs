@@ -490,7 +490,9 @@ async fn drive(
     let throttle = throttle.await.context("throttle listener")?;
     let admission = admission.await.context("admission listener")?;
     let processes = sampler.await.context("sampler")?.finish();
-    let evidence = evidence_task.await.context("metrics poller")?.totals();
+    let evidence = evidence_task.await.context("metrics poller")?;
+    let stages = evidence.stages();
+    let evidence = evidence.totals();
     let _ = progress.await;
 
     // Dead letters of this run, by event id and reason.
@@ -601,6 +603,7 @@ async fn drive(
     );
     report.retries = retries;
     report.evidence = evidence;
+    report.stages = stages;
     report.throttle = throttle;
     report.admission = admission;
     report.processes = processes;

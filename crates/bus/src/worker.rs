@@ -452,6 +452,7 @@ pub async fn run_worker<H: Handler>(
             sources = open_all(&bus, &config).await?;
             continue;
         }
+        let slot_wait = std::time::Instant::now();
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             permit = slots.clone().acquire_owned() => match permit {
@@ -463,6 +464,7 @@ pub async fn run_worker<H: Handler>(
             continue;
         }
         let reverse = share_every > 0 && taken % share_every == share_every - 1;
+        let fetch_wait = std::time::Instant::now();
         let (index, item) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -491,6 +493,8 @@ pub async fn run_worker<H: Handler>(
         };
         taken += 1;
         let label = sources[index].0.label;
+        stage(config.role, label, "slot_wait", fetch_wait.duration_since(slot_wait));
+        stage(config.role, label, "fetch_wait", fetch_wait.elapsed());
         let mut batch = vec![first];
         let mut batch_labels = vec![label];
         let below = if config.top_up {
@@ -519,6 +523,8 @@ pub async fn run_worker<H: Handler>(
                 recorder.set_pending(source.label, info.pending);
             }
         }
+        metrics::histogram!("crm_worker_batch_size", "role" => config.role, "lane" => label)
+            .record(batch.len() as f64);
         let (runtime, handler) = (runtime.clone(), handler.clone());
         tasks.spawn(async move {
             runtime
@@ -536,6 +542,15 @@ pub async fn run_worker<H: Handler>(
     while tasks.join_next().await.is_some() {}
     tracing::info!(role = config.role, "worker stopped");
     Ok(())
+}
+
+/// One sample of `crm_worker_stage_seconds`: where a consumer's time goes.
+pub fn stage(role: &'static str, lane: &'static str, stage: &'static str, took: Duration) {
+    metrics::histogram!(
+        "crm_worker_stage_seconds",
+        "role" => role, "lane" => lane, "stage" => stage
+    )
+    .record(took.as_secs_f64());
 }
 
 /// Run `work` while sending in-progress acks for `messages` every `interval`.
@@ -595,6 +610,7 @@ impl Runtime {
                     "handler returned the wrong number of outcomes; retrying the batch"
                 );
             }
+            let settling = std::time::Instant::now();
             let mut waiting = Vec::new();
             let mut waiting_labels = Vec::new();
             let mut wait_error = String::new();
@@ -625,6 +641,7 @@ impl Runtime {
                     .collect();
                 record_done(bus, config, recorder, source, &of_source, None).await;
             }
+            stage(config.role, label, "settle", settling.elapsed());
             if waiting.is_empty() {
                 if held_since.is_some() {
                     holding.leave(config.role);

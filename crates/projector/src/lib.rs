@@ -140,7 +140,8 @@ const CRITICAL_MAX_BATCH: usize = 32;
 /// Run the projector until `shutdown`: the critical lane by a worker of its own, on its own NATS
 /// connection, in small transactions that carry no bulk event; the high and standard lanes by the
 /// main worker (high first, standard topping its batches up). A critical event so waits at most
-/// for the one bulk transaction the store is committing, never inside a bulk batch.
+/// for the one bulk transaction the store is writing (its transaction goes first in the SQLite
+/// writer's queue), never inside a bulk batch.
 pub async fn run(
     bus: Bus,
     store: Store,
@@ -167,6 +168,12 @@ pub async fn run(
     // High events share a transaction with standard ones rather than paying for one each.
     bulk.top_up = true;
     let critical_bus = bus.connect_another("critical").await?;
+    // On SQLite (one writer) a critical transaction takes the writer before any queued bulk or
+    // analytics one: it waits at most for the transaction being written.
+    let critical_handler = Arc::new(Projector::new(
+        handler.store.with_write_priority(store::WritePriority::Priority),
+        handler.bus.clone(),
+    ));
     // One worker failing stops the other: the projector must not go on half alive unnoticed.
     let stop = shutdown.child_token();
     let watched = |result: Result<(), bus::BusError>| {
@@ -176,7 +183,7 @@ pub async fn run(
         result
     };
     let (critical, bulk) = tokio::join!(
-        async { watched(run_worker(critical_bus, critical, handler.clone(), stop.clone()).await) },
+        async { watched(run_worker(critical_bus, critical, critical_handler, stop.clone()).await) },
         async { watched(run_worker(bus, bulk, handler.clone(), stop.clone()).await) },
     );
     critical?;

@@ -7,12 +7,10 @@
 
 use crate::{
     Applied, Store, StoreError,
-    apply::{
-        ROWS_PER_STATEMENT, claim_in_ledger, now_ns, update_deal_amount, upsert_deal_state,
-        write_deal,
-    },
+    apply::{ROWS_PER_STATEMENT, claim_in_ledger, now_ns, write_deals},
+    registers::Plan,
     with_pool, with_read_pool,
-    writes::{Write, channel_label, occurred_at_ns, severity_label, writes},
+    writes::{channel_label, occurred_at_ns, severity_label},
 };
 use events::{Event, EventType, pb::event::Payload};
 use serde::Serialize;
@@ -112,7 +110,10 @@ impl Store {
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
         with_pool!(self, pool => {
+            let acquire = std::time::Instant::now();
+            let _writer = self.enter_writer().await;
             let mut tx = pool.begin().await.map_err(failed)?;
+            let writing = crate::stage("analytics", "acquire", acquire);
             let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row
                     .push_bind(&event.tenant_id)
@@ -164,19 +165,14 @@ impl Store {
                 sqlx::query(ADD_CONSENT).bind(tenant).bind(channel).bind(granted).bind(n)
                     .execute(&mut *tx).await.map_err(failed)?;
             }
-            deals.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
+            let mut plan = Plan::default();
             for index in deals {
-                let event = &events[index];
-                let (tenant, customer, id) = (&event.tenant_id, &event.customer_id, &event.event_id);
-                let at = occurred_at_ns(event);
-                for write in writes(event) {
-                    if let Write::Deal { deal_id, stage, status, amount } = write {
-                        write_deal!(&mut *tx, failed, "analytics_deals", (tenant, customer, id, at),
-                            deal_id, stage, status, amount);
-                    }
-                }
+                plan.add(&events[index]);
             }
+            write_deals!(tx, failed, "analytics_deals", plan);
+            let commit = crate::stage("analytics", "write", writing);
             tx.commit().await.map_err(failed)?;
+            crate::stage("analytics", "commit", commit);
         });
         Ok(outcomes)
     }

@@ -1,10 +1,13 @@
 //! Applying a batch of events: the ledger, the registers and the aggregates, in one transaction.
 
 use crate::{
-    Store, StoreError, with_pool,
-    writes::{Write, occurred_at_ns, writes},
+    Store, StoreError,
+    registers::{Key, Lost, Plan, SettledFields, Version, settle_fields},
+    with_pool,
+    writes::occurred_at_ns,
 };
 use events::{Event, EventType, pb::event::Payload};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// What became of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,81 +46,126 @@ const CUSTOMERS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id) DO UP
     events_applied = c.events_applied + excluded.events_applied, \
     last_event_at_ns = CASE WHEN excluded.last_event_at_ns > c.last_event_at_ns \
         THEN excluded.last_event_at_ns ELSE c.last_event_at_ns END";
-const UPSERT_FIELD: &str = "INSERT INTO profile_fields AS p \
-    (tenant_id, customer_id, field, value, occurred_at_ns, event_id) VALUES ($1, $2, $3, $4, $5, $6) \
-    ON CONFLICT (tenant_id, customer_id, field) DO UPDATE SET value = excluded.value, \
-    occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
-    WHERE (excluded.occurred_at_ns, excluded.event_id) > (p.occurred_at_ns, p.event_id)";
+const UPSERT_FIELDS: &str = "INSERT INTO profile_fields AS p \
+    (tenant_id, customer_id, field, value, occurred_at_ns, event_id) ";
+const FIELDS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, field) DO UPDATE SET \
+    value = excluded.value, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
+    WHERE (excluded.occurred_at_ns, excluded.event_id) > (p.occurred_at_ns, p.event_id) \
+    RETURNING tenant_id, customer_id, field";
+const SELECT_FIELDS: &str = "SELECT tenant_id, customer_id, field, value, occurred_at_ns, event_id \
+    FROM profile_fields WHERE (tenant_id, customer_id, field) IN (";
 const SELECT_FIELD: &str = "SELECT value, occurred_at_ns, event_id FROM profile_fields \
     WHERE tenant_id = $1 AND customer_id = $2 AND field = $3";
-const INSERT_CONFLICT: &str = "INSERT INTO profile_conflicts (tenant_id, customer_id, field, \
+const INSERT_CONFLICTS: &str = "INSERT INTO profile_conflicts (tenant_id, customer_id, field, \
     losing_value, losing_event_id, losing_occurred_at_ns, winning_event_id, winning_occurred_at_ns, \
-    recorded_at_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-const UPSERT_CONSENT: &str = "INSERT INTO consents AS c \
-    (tenant_id, customer_id, channel, granted, occurred_at_ns, event_id) VALUES ($1, $2, $3, $4, $5, $6) \
-    ON CONFLICT (tenant_id, customer_id, channel) DO UPDATE SET granted = excluded.granted, \
-    occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
+    recorded_at_ns) ";
+const UPSERT_CONSENTS: &str = "INSERT INTO consents AS c \
+    (tenant_id, customer_id, channel, granted, occurred_at_ns, event_id) ";
+const CONSENTS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, channel) DO UPDATE SET \
+    granted = excluded.granted, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (c.occurred_at_ns, c.event_id)";
-/// The deal state register of table `$table` (`deals`, `analytics_deals`): binds tenant,
-/// customer, deal, stage, status, occurred_at_ns, event_id.
-macro_rules! upsert_deal_state {
+const UPSERT_TICKETS: &str = "INSERT INTO tickets AS t \
+    (tenant_id, customer_id, ticket_id, severity, status, occurred_at_ns, event_id) ";
+const TICKETS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, ticket_id) DO UPDATE SET \
+    severity = excluded.severity, status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, \
+    event_id = excluded.event_id \
+    WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
+/// The deal state registers of table `$table` (`deals`, `analytics_deals`).
+macro_rules! upsert_deal_states {
     ($table:literal) => {
-        concat!("INSERT INTO ", $table, " AS d \
-        (tenant_id, customer_id, deal_id, stage, status, occurred_at_ns, event_id) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7) \
-        ON CONFLICT (tenant_id, customer_id, deal_id) DO UPDATE SET stage = excluded.stage, \
-        status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
-        WHERE (excluded.occurred_at_ns, excluded.event_id) > (d.occurred_at_ns, d.event_id)")
+        (
+            concat!("INSERT INTO ", $table, " AS d \
+            (tenant_id, customer_id, deal_id, stage, status, occurred_at_ns, event_id) "),
+            " ON CONFLICT (tenant_id, customer_id, deal_id) DO UPDATE SET stage = excluded.stage, \
+            status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, \
+            event_id = excluded.event_id \
+            WHERE (excluded.occurred_at_ns, excluded.event_id) > (d.occurred_at_ns, d.event_id)",
+        )
     };
 }
-/// The deal amount register of `$table`; runs after the state upsert of the same event, so the
-/// row exists. Binds tenant, customer, deal, amount_minor, currency, occurred_at_ns, event_id.
-macro_rules! update_deal_amount {
+/// The deal amount registers of `$table`; run after the state upserts of the same batch, so
+/// every row exists and only the conflict branch runs (the inserted columns are placeholders
+/// the NOT NULL constraints ask for).
+macro_rules! upsert_deal_amounts {
     ($table:literal) => {
-        concat!("UPDATE ", $table, " SET amount_minor = $4, currency = $5, \
-        amount_occurred_at_ns = $6, amount_event_id = $7 \
-        WHERE tenant_id = $1 AND customer_id = $2 AND deal_id = $3 AND (amount_occurred_at_ns IS NULL \
-        OR ($6, $7) > (amount_occurred_at_ns, amount_event_id))")
+        (
+            concat!(
+                "INSERT INTO ",
+                $table,
+                " AS d \
+            (tenant_id, customer_id, deal_id, stage, status, occurred_at_ns, event_id, \
+            amount_minor, currency, amount_occurred_at_ns, amount_event_id) "
+            ),
+            " ON CONFLICT (tenant_id, customer_id, deal_id) DO UPDATE SET \
+            amount_minor = excluded.amount_minor, currency = excluded.currency, \
+            amount_occurred_at_ns = excluded.amount_occurred_at_ns, \
+            amount_event_id = excluded.amount_event_id \
+            WHERE d.amount_occurred_at_ns IS NULL OR \
+            (excluded.amount_occurred_at_ns, excluded.amount_event_id) > \
+            (d.amount_occurred_at_ns, d.amount_event_id)",
+        )
     };
 }
-/// Writes one deal's state register and, when the event carries one, its amount register, in
-/// table `$table`, inside the open transaction `$conn`.
-macro_rules! write_deal {
-    ($conn:expr, $failed:expr, $table:literal, ($tenant:expr, $customer:expr, $id:expr, $at:expr),
-     $deal_id:expr, $stage:expr, $status:expr, $amount:expr) => {{
-        sqlx::query(upsert_deal_state!($table))
-            .bind($tenant)
-            .bind($customer)
-            .bind(&$deal_id)
-            .bind(&$stage)
-            .bind($status)
-            .bind($at)
-            .bind($id)
-            .execute($conn)
-            .await
-            .map_err($failed)?;
-        if let Some((minor_units, currency)) = $amount {
-            sqlx::query(update_deal_amount!($table))
-                .bind($tenant)
-                .bind($customer)
-                .bind(&$deal_id)
-                .bind(minor_units)
-                .bind(&currency)
-                .bind($at)
-                .bind($id)
-                .execute($conn)
+/// Runs `$rows` (a slice) as multi-row statements `head VALUES … tail` (`$statement` is the
+/// pair) inside the open
+/// transaction `$tx`, [`ROWS_PER_STATEMENT`] rows each; `|$row, $item| $bind` binds one row.
+macro_rules! execute_rows {
+    ($tx:expr, $failed:expr, $statement:expr, $rows:expr, |$row:ident, $item:pat_param| $bind:expr) => {{
+        let (head, tail): (&str, &str) = $statement;
+        for chunk in $rows.chunks($crate::apply::ROWS_PER_STATEMENT) {
+            let mut statement = sqlx::QueryBuilder::new(head);
+            statement.push_values(chunk, |mut $row, $item| {
+                $bind;
+            });
+            statement.push(tail);
+            statement
+                .build()
+                .execute(&mut *$tx)
                 .await
                 .map_err($failed)?;
         }
     }};
 }
-pub(crate) use {update_deal_amount, upsert_deal_state, write_deal};
-const UPSERT_TICKET: &str = "INSERT INTO tickets AS t \
-    (tenant_id, customer_id, ticket_id, severity, status, occurred_at_ns, event_id) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7) \
-    ON CONFLICT (tenant_id, customer_id, ticket_id) DO UPDATE SET severity = excluded.severity, \
-    status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
-    WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
+/// Writes the deal registers of `$plan` ([`crate::registers::Plan`]) to table `$table`.
+macro_rules! write_deals {
+    ($tx:expr, $failed:expr, $table:literal, $plan:expr) => {{
+        let states: Vec<_> = $plan.deal_states.iter().collect();
+        $crate::apply::execute_rows!(
+            $tx,
+            $failed,
+            $crate::apply::upsert_deal_states!($table),
+            states,
+            |row, ((tenant, customer, deal), version)| row
+                .push_bind(tenant)
+                .push_bind(customer)
+                .push_bind(deal)
+                .push_bind(&version.value.0)
+                .push_bind(version.value.1)
+                .push_bind(version.at)
+                .push_bind(&version.id)
+        );
+        let amounts: Vec<_> = $plan.deal_amounts.iter().collect();
+        $crate::apply::execute_rows!(
+            $tx,
+            $failed,
+            $crate::apply::upsert_deal_amounts!($table),
+            amounts,
+            |row, ((tenant, customer, deal), version)| row
+                .push_bind(tenant)
+                .push_bind(customer)
+                .push_bind(deal)
+                .push_bind("")
+                .push_bind("open")
+                .push_bind(version.at)
+                .push_bind(&version.id)
+                .push_bind(version.value.0)
+                .push_bind(&version.value.1)
+                .push_bind(version.at)
+                .push_bind(&version.id)
+        );
+    }};
+}
+pub(crate) use {execute_rows, upsert_deal_amounts, upsert_deal_states, write_deals};
 
 /// Inserts the ledger rows of the events at `order` (indices into `events`) with a few multi-row
 /// `INSERT … ON CONFLICT DO NOTHING RETURNING tenant_id, dedupe_key` statements and evaluates to
@@ -191,7 +239,10 @@ impl Store {
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
         with_pool!(self, pool => {
+            let acquire = std::time::Instant::now();
+            let _writer = self.enter_writer().await;
             let mut tx = pool.begin().await.map_err(failed)?;
+            let writing = crate::stage("apply", "acquire", acquire);
             let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row
                     .push_bind(&event.tenant_id)
@@ -233,62 +284,82 @@ impl Store {
                 upsert.push(CUSTOMERS_ON_CONFLICT);
                 upsert.build().execute(&mut *tx).await.map_err(failed)?;
             }
-            for index in applied {
-                let event = &events[index];
-                let (tenant, customer, id) = (&event.tenant_id, &event.customer_id, &event.event_id);
-                let at = occurred_at_ns(event);
-                let mut deals_changed = false;
-                let mut tier_changed = false;
-                for write in writes(event) {
-                    match write {
-                        Write::Field { field, value } => {
-                            let won = sqlx::query(UPSERT_FIELD)
-                                .bind(tenant).bind(customer).bind(field).bind(&value).bind(at).bind(id)
-                                .execute(&mut *tx).await.map_err(failed)?
-                                .rows_affected();
-                            if won > 0 {
-                                tier_changed |= field == "tier";
-                                continue;
-                            }
-                            let (current, current_at, current_id): (String, i64, String) =
-                                sqlx::query_as(SELECT_FIELD)
-                                    .bind(tenant).bind(customer).bind(field)
-                                    .fetch_one(&mut *tx).await.map_err(failed)?;
-                            if current != value {
-                                tracing::debug!(%tenant, %customer, field, losing = %id, winning = %current_id, "profile field write lost");
-                                sqlx::query(INSERT_CONFLICT)
-                                    .bind(tenant).bind(customer).bind(field).bind(&value).bind(id).bind(at)
-                                    .bind(&current_id).bind(current_at).bind(processed_at_ns)
-                                    .execute(&mut *tx).await.map_err(failed)?;
-                                result.conflicts += 1;
-                            }
-                        }
-                        Write::Consent { channel, granted } => {
-                            sqlx::query(UPSERT_CONSENT)
-                                .bind(tenant).bind(customer).bind(&channel).bind(granted).bind(at).bind(id)
-                                .execute(&mut *tx).await.map_err(failed)?;
-                        }
-                        Write::Deal { deal_id, stage, status, amount } => {
-                            write_deal!(&mut *tx, failed, "deals", (tenant, customer, id, at),
-                                deal_id, stage, status, amount);
-                            deals_changed = true;
-                        }
-                        Write::Ticket { ticket_id, severity, status } => {
-                            sqlx::query(UPSERT_TICKET)
-                                .bind(tenant).bind(customer).bind(&ticket_id).bind(&severity).bind(status)
-                                .bind(at).bind(id)
-                                .execute(&mut *tx).await.map_err(failed)?;
-                        }
+            // Register writes: reduced in memory, one multi-row statement per table.
+            let mut plan = Plan::default();
+            for &index in &applied {
+                plan.add(&events[index]);
+            }
+            let mut context_changed: BTreeSet<(String, String)> = plan.deal_customers.clone();
+            if !plan.fields.is_empty() {
+                let mut stored = BTreeMap::new();
+                for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
+                    let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
+                    select.push_values(chunk, |mut row, (tenant, customer, field)| {
+                        row.push_bind(tenant).push_bind(customer).push_bind(field);
+                    });
+                    select.push(")");
+                    let rows: Vec<(String, String, String, String, i64, String)> =
+                        select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                    for (tenant, customer, field, value, at, id) in rows {
+                        stored.insert((tenant, customer, field), Version { value, at, id });
                     }
                 }
-                // Lifetime value is derived from the deal registers when read: nothing to update.
-                if (deals_changed || tier_changed)
-                    && result.context_changed.last().is_none_or(|(t, c)| (t, c) != (tenant, customer))
-                {
-                    result.context_changed.push((tenant.clone(), customer.clone()));
+                let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
+                let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
+                for chunk in winners.chunks(ROWS_PER_STATEMENT) {
+                    let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
+                    upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
+                        row.push_bind(tenant).push_bind(customer).push_bind(field)
+                            .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
+                    });
+                    upsert.push(FIELDS_ON_CONFLICT);
+                    let rows: Vec<Key> =
+                        upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                    won.extend(rows);
                 }
+                for (key, version) in &winners {
+                    if won.contains(key) {
+                        if key.2 == "tier" {
+                            context_changed.insert((key.0.clone(), key.1.clone()));
+                        }
+                        continue;
+                    }
+                    // A concurrent transaction (PostgreSQL) stored a newer version after the
+                    // read: this write lost to it.
+                    let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
+                        .bind(&key.0).bind(&key.1).bind(&key.2)
+                        .fetch_one(&mut *tx).await.map_err(failed)?;
+                    if value != version.value {
+                        lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                    }
+                }
+                for lost in &lost {
+                    tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
+                        losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                }
+                execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
+                    .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
+                    .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
+                    .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
+                result.conflicts = lost.len() as u64;
             }
+            let consents: Vec<_> = plan.consents.iter().collect();
+            execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
+                |row, ((tenant, customer, channel), version)| row
+                    .push_bind(tenant).push_bind(customer).push_bind(channel)
+                    .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
+            let tickets: Vec<_> = plan.tickets.iter().collect();
+            execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
+                |row, ((tenant, customer, ticket), version)| row
+                    .push_bind(tenant).push_bind(customer).push_bind(ticket)
+                    .push_bind(&version.value.0).push_bind(version.value.1)
+                    .push_bind(version.at).push_bind(&version.id));
+            write_deals!(tx, failed, "deals", plan);
+            // Lifetime value is derived from the deal registers when read: nothing to update.
+            result.context_changed = context_changed.into_iter().collect();
+            let commit = crate::stage("apply", "write", writing);
             tx.commit().await.map_err(failed)?;
+            crate::stage("apply", "commit", commit);
         });
         metrics::counter!("crm_projector_conflicts_total").increment(result.conflicts);
         Ok(result)

@@ -11,15 +11,18 @@ mod analytics;
 mod apply;
 mod cache;
 mod error;
+mod gate;
 mod model;
 mod prune;
 mod read;
+mod registers;
 mod writes;
 
 pub use analytics::{AnalyticsSummary, ConsentCounts, MinuteCount, MoneyTotal, StageValue};
 pub use apply::{Applied, BatchResult};
 pub use cache::ContextCache;
 pub use error::{FailureClass, StoreError};
+pub use gate::WritePriority;
 pub use model::{
     Conflict, Consent, CurrencyAmount, CustomerContext, Deal, FieldVersion, Profile, Ticket,
 };
@@ -95,6 +98,10 @@ pub struct Store {
     pool: Pool,
     /// Plain reads (WAL lets them run beside the writer).
     read: Pool,
+    /// SQLite: the writer's queue, priority transactions first (see [`gate`]).
+    gate: Option<std::sync::Arc<gate::WriteGate>>,
+    /// Where this handle's write transactions queue.
+    priority: WritePriority,
 }
 
 /// Runs `$body` with `$pool` bound to whichever write pool the store has. The SQL is the same
@@ -143,6 +150,19 @@ async fn open_sqlite(
         .await
         .map_err(OpenError::Connect)?;
     Ok((write, read))
+}
+
+/// Record how long a transaction spent in `stage` since `since` (`crm_store_stage_seconds`);
+/// returns now, where the next stage starts.
+pub(crate) fn stage(
+    op: &'static str,
+    stage: &'static str,
+    since: std::time::Instant,
+) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    metrics::histogram!("crm_store_stage_seconds", "op" => op, "stage" => stage)
+        .record(now.duration_since(since).as_secs_f64());
+    now
 }
 
 /// `url` without a password, for messages.
@@ -236,7 +256,30 @@ impl Store {
                 .map_err(connect_error)?;
             (Pool::Postgres(write), Pool::Postgres(read))
         };
-        Ok(Self { pool, read })
+        let gate = matches!(pool, Pool::Sqlite(_)).then(Default::default);
+        Ok(Self {
+            pool,
+            read,
+            gate,
+            priority: WritePriority::Bulk,
+        })
+    }
+
+    /// The same store whose write transactions queue as `priority`: on SQLite a
+    /// [`WritePriority::Priority`] transaction takes the writer before every queued bulk one.
+    pub fn with_write_priority(&self, priority: WritePriority) -> Self {
+        Self {
+            priority,
+            ..self.clone()
+        }
+    }
+
+    /// Wait for this handle's turn at the writer (SQLite); `None` where writers run side by side.
+    pub(crate) async fn enter_writer(&self) -> Option<gate::Pass> {
+        match &self.gate {
+            Some(gate) => Some(gate.enter(self.priority).await),
+            None => None,
+        }
     }
 
     /// Which backend this is: `sqlite` or `postgres`.

@@ -115,7 +115,7 @@ mod tests {
         ::metrics::counter!(ROUTER_ROUTED_TOTAL, "lane" => "critical", "reason" => "payment_failed")
             .increment(3);
         ::metrics::histogram!(LANE_E2E_LATENCY_SECONDS, "lane" => "critical").record(0.003);
-        ::metrics::histogram!(ROUTER_BATCH_SIZE).record(40.0);
+        ::metrics::histogram!(WORKER_BATCH_SIZE, "role" => "router", "lane" => "bulk").record(40.0);
         let router = admin_router(handle, Readiness::default());
 
         let (status, content_type, body) = get(&router, "/metrics").await;
@@ -129,7 +129,7 @@ mod tests {
             "crm_lane_e2e_latency_seconds_bucket{lane=\"critical\",le=\"0.0025\"} 0",
             "crm_lane_e2e_latency_seconds_bucket{lane=\"critical\",le=\"0.005\"} 1",
             "crm_lane_e2e_latency_seconds_bucket{lane=\"critical\",le=\"0.0001\"} 0",
-            "crm_router_batch_size_bucket{le=\"50\"} 1",
+            "crm_worker_batch_size_bucket{role=\"router\",lane=\"bulk\",le=\"50\"} 1",
         ] {
             assert!(body.contains(expected), "{expected:?} not in\n{body}");
         }

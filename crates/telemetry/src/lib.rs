@@ -25,7 +25,7 @@ pub const SECONDS_BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
-/// Buckets for [`metrics::ROUTER_BATCH_SIZE`].
+/// Buckets for [`metrics::WORKER_BATCH_SIZE`].
 pub const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
 ];
@@ -58,7 +58,7 @@ fn install() -> Result<PrometheusHandle, RecorderError> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
         .map_err(build)?
         .set_buckets_for_metric(
-            Matcher::Full(metrics::ROUTER_BATCH_SIZE.into()),
+            Matcher::Full(metrics::WORKER_BATCH_SIZE.into()),
             &BATCH_SIZE_BUCKETS,
         )
         .map_err(build)?

@@ -16,9 +16,11 @@ pub const GATEWAY_BULK_RATE_LIMIT: &str = "crm_gateway_bulk_rate_limit";
 pub const GATEWAY_PIPELINE_DELAY_SECONDS: &str = "crm_gateway_pipeline_delay_seconds";
 pub const LANE_E2E_LATENCY_SECONDS: &str = "crm_lane_e2e_latency_seconds";
 pub const ROUTER_ROUTED_TOTAL: &str = "crm_router_routed_total";
-pub const ROUTER_BATCH_SIZE: &str = "crm_router_batch_size";
 pub const WORKER_PROCESSED_TOTAL: &str = "crm_worker_processed_total";
 pub const WORKER_BATCH_DURATION_SECONDS: &str = "crm_worker_batch_duration_seconds";
+pub const WORKER_BATCH_SIZE: &str = "crm_worker_batch_size";
+pub const WORKER_STAGE_SECONDS: &str = "crm_worker_stage_seconds";
+pub const STORE_STAGE_SECONDS: &str = "crm_store_stage_seconds";
 pub const WORKER_WAITING: &str = "crm_worker_waiting";
 pub const DLQ_WRITE_FAILURES_TOTAL: &str = "crm_dlq_write_failures_total";
 pub const ROUTER_LANE_REFUSALS_TOTAL: &str = "crm_router_lane_refusals_total";
@@ -116,13 +118,22 @@ pub const ALL: &[MetricDef] = &[
         "Time from entry into the platform to the end of processing, by worker role and lane"),
     def(ROUTER_ROUTED_TOTAL, Counter, COUNT, &["lane", "reason"],
         "Events routed, by lane and the reason label of the deciding rule"),
-    def(ROUTER_BATCH_SIZE, Histogram, COUNT, &[],
-        "Messages the router fetched per pull batch"),
     def(WORKER_PROCESSED_TOTAL, Counter, COUNT, &["role", "lane", "outcome"],
         "Messages settled by the consumer runtime, by role, source (a lane, express, bulk, \
          analytics) and outcome (done, retry, wait, dead_lettered, dead_letter_failed)"),
     def(WORKER_BATCH_DURATION_SECONDS, Histogram, SECONDS, &["role", "lane"],
         "Handler time per batch, by role and lane"),
+    def(WORKER_BATCH_SIZE, Histogram, COUNT, &["role", "lane"],
+        "Messages per batch handed to the handler, by role and the batch's source (a batch \
+         topped up from lower sources counts under its first source)"),
+    def(WORKER_STAGE_SECONDS, Histogram, SECONDS, &["role", "lane", "stage"],
+        "Where a consumer's time goes, per batch: slot_wait (every batch slot busy), fetch_wait \
+         (a slot free, no message yet: idle), settle (acks, dead letters and processed notices \
+         after the handler); by role and the batch's source"),
+    def(STORE_STAGE_SECONDS, Histogram, SECONDS, &["op", "stage"],
+        "Where a store transaction's time goes: acquire (waiting for the write connection and \
+         BEGIN; on SQLite one writer, so this is the queue behind other transactions), write \
+         (the statements), commit (COMMIT, the fsync); op is apply (projector) or analytics"),
     def(WORKER_WAITING, Gauge, None, &["role"],
         "1 while the role holds a batch for a dependency that is down (the store) and takes no \
          new work, else 0"),
@@ -242,7 +253,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 44);
+        assert_eq!(ALL.len(), 46);
     }
 
     #[test]

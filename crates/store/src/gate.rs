@@ -1,0 +1,155 @@
+//! The SQLite writer's queue, in priority order.
+//!
+//! SQLite has one writer, so every write transaction (the projector's critical and bulk
+//! workers, both analytics workers) queues for the one write connection. The pool's own queue is
+//! first come, first served: a critical batch would wait behind every bulk and analytics
+//! transaction already queued. The gate lets a priority transaction go next, so it waits at
+//! most for the one transaction that holds the writer. PostgreSQL has no such gate: its writers
+//! run side by side.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+use tokio::sync::oneshot;
+
+/// Whose write transaction this is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WritePriority {
+    /// Goes ahead of every queued [`WritePriority::Bulk`] transaction.
+    Priority,
+    #[default]
+    Bulk,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    held: bool,
+    priority: VecDeque<oneshot::Sender<Pass>>,
+    bulk: VecDeque<oneshot::Sender<Pass>>,
+}
+
+/// One writer at a time; priority waiters first, each class in arrival order.
+#[derive(Debug, Default)]
+pub(crate) struct WriteGate {
+    queue: Mutex<Queue>,
+}
+
+/// The right to write, held for one transaction; dropping it hands it to the next waiter.
+#[derive(Debug)]
+pub(crate) struct Pass {
+    gate: Arc<WriteGate>,
+}
+
+impl WriteGate {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for the writer. Cancel-safe: a waiter dropped before its turn leaves the queue
+    /// (its sender fails), and one dropped with the pass in hand hands it on.
+    pub(crate) async fn enter(self: &Arc<Self>, priority: WritePriority) -> Pass {
+        let receiver = {
+            let mut queue = self.queue();
+            if !queue.held {
+                queue.held = true;
+                return Pass { gate: self.clone() };
+            }
+            let (sender, receiver) = oneshot::channel();
+            match priority {
+                WritePriority::Priority => queue.priority.push_back(sender),
+                WritePriority::Bulk => queue.bulk.push_back(sender),
+            }
+            receiver
+        };
+        match receiver.await {
+            Ok(pass) => pass,
+            // Senders are only dropped after a send: unreachable, but never hang on it.
+            Err(_) => Box::pin(self.enter(priority)).await,
+        }
+    }
+
+    /// How many transactions wait (for tests).
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        let queue = self.queue();
+        queue.priority.len() + queue.bulk.len()
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let gate = self.gate.clone();
+        let mut queue = gate.queue();
+        loop {
+            let Some(next) = queue
+                .priority
+                .pop_front()
+                .or_else(|| queue.bulk.pop_front())
+            else {
+                queue.held = false;
+                return;
+            };
+            match next.send(Pass { gate: gate.clone() }) {
+                Ok(()) => return,
+                // That waiter is gone: forget the pass we made for it (its drop would re-enter
+                // this lock) and try the next one.
+                Err(pass) => std::mem::forget(pass),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_priority_waiter_goes_before_bulk_waiters_that_came_first() {
+        let gate = Arc::new(WriteGate::default());
+        let held = gate.enter(WritePriority::Bulk).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, priority) in [
+            ("bulk-1", WritePriority::Bulk),
+            ("bulk-2", WritePriority::Bulk),
+            ("critical", WritePriority::Priority),
+        ] {
+            let (waiter, order) = (gate.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _pass = waiter.enter(priority).await;
+                order.lock().unwrap().push(name);
+            }));
+            // Queue them in this order.
+            while gate.waiting() < tasks.len() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        drop(held);
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(*order.lock().unwrap(), ["critical", "bulk-1", "bulk-2"]);
+        // Free again: the next one enters at once.
+        let _again = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
+            .await
+            .expect("the gate was released");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_does_not_keep_the_writer() {
+        let gate = Arc::new(WriteGate::default());
+        let held = gate.enter(WritePriority::Bulk).await;
+        let gone = tokio::time::timeout(
+            Duration::from_millis(10),
+            gate.enter(WritePriority::Priority),
+        )
+        .await;
+        assert!(gone.is_err(), "the writer was held");
+        drop(held);
+        let _next = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
+            .await
+            .expect("handed past the waiter that left");
+    }
+}
