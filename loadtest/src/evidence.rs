@@ -305,7 +305,11 @@ mod tests {
         assert_eq!(rows.len(), 1, "{rows:?}");
         let row = &rows[0];
         assert_eq!(
-            (row.process.as_str(), row.metric.as_str(), row.labels.as_str()),
+            (
+                row.process.as_str(),
+                row.metric.as_str(),
+                row.labels.as_str()
+            ),
             ("all", "store_stage_seconds", "op=apply,stage=acquire")
         );
         assert_eq!(row.count, 100.0);

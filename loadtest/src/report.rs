@@ -963,9 +963,18 @@ impl Report {
                  transaction for the store (acquire: the queue for the write connection). \
                  p50 and p99 are bucket upper bounds.\n"
             );
-            let _ = writeln!(md, "| process | metric | labels | count | mean | p50 ≤ | p99 ≤ |");
+            let _ = writeln!(
+                md,
+                "| process | metric | labels | count | mean | p50 ≤ | p99 ≤ |"
+            );
             let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-            let unit = |metric: &str| if metric.ends_with("_seconds") { " ms" } else { "" };
+            let unit = |metric: &str| {
+                if metric.ends_with("_seconds") {
+                    " ms"
+                } else {
+                    ""
+                }
+            };
             let bound = |v: Option<f64>, u: &str| {
                 v.map_or("–".into(), |v| {
                     if v.is_infinite() {

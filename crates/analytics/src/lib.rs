@@ -154,13 +154,14 @@ pub async fn run(
     let runtime = Runtime::new(bus.clone(), settling, shutdown.clone());
     tracing::info!("analytics started");
     loop {
-        // Wait for the pacer to permit at least one event (forever while paused, until the next
-        // decision).
-        let wait = shared
-            .pacer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .wait_time(Instant::now());
+        // Wait for the pacer to permit a batch: BATCH_SPAN's worth of the allowed rate (one
+        // event at a time would make a transaction, and a turn at SQLite's one writer, of each),
+        // forever while paused, until the next decision.
+        let wait = {
+            let mut pacer = shared.pacer.lock().unwrap_or_else(|e| e.into_inner());
+            let want = (pacer.rate() * BATCH_SPAN.as_secs_f64()) as usize;
+            pacer.wait_time_for(want.clamp(1, config.max_batch), Instant::now())
+        };
         match wait {
             Some(wait) if wait.is_zero() => {}
             Some(wait) => {
@@ -208,6 +209,9 @@ pub async fn run(
     tracing::info!("analytics stopped");
     Ok(())
 }
+
+/// How much of the allowed rate a paced batch gathers before it is fetched.
+const BATCH_SPAN: Duration = Duration::from_millis(200);
 
 /// Up to `n` messages: returns as soon as `n` are in, or after a short wait with what came (a
 /// request that answered "nothing yet" at once would make an idle consumer spin).

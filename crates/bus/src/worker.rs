@@ -493,7 +493,12 @@ pub async fn run_worker<H: Handler>(
         };
         taken += 1;
         let label = sources[index].0.label;
-        stage(config.role, label, "slot_wait", fetch_wait.duration_since(slot_wait));
+        stage(
+            config.role,
+            label,
+            "slot_wait",
+            fetch_wait.duration_since(slot_wait),
+        );
         stage(config.role, label, "fetch_wait", fetch_wait.elapsed());
         let mut batch = vec![first];
         let mut batch_labels = vec![label];

@@ -171,7 +171,9 @@ pub async fn run(
     // On SQLite (one writer) a critical transaction takes the writer before any queued bulk or
     // analytics one: it waits at most for the transaction being written.
     let critical_handler = Arc::new(Projector::new(
-        handler.store.with_write_priority(store::WritePriority::Priority),
+        handler
+            .store
+            .with_write_priority(store::WritePriority::Priority),
         handler.bus.clone(),
     ));
     // One worker failing stops the other: the projector must not go on half alive unnoticed.

@@ -63,14 +63,23 @@ impl Pacer {
     /// How long until one whole token is available: zero when one is, `None` while paused and
     /// empty (only a rate change can end the wait).
     pub fn wait_time(&mut self, now: Instant) -> Option<Duration> {
+        self.wait_time_for(1, now)
+    }
+
+    /// How long until `n` whole tokens are available (at most `burst`): zero when they are,
+    /// `None` while paused and short of them. A consumer that takes work in batches waits for
+    /// a batch's worth rather than one event: one transaction per event would spend the store's
+    /// writer on commits.
+    pub fn wait_time_for(&mut self, n: usize, now: Instant) -> Option<Duration> {
         self.refill(now);
-        if self.tokens >= 1.0 {
+        let want = (n as f64).clamp(1.0, self.burst);
+        if self.tokens >= want {
             return Some(Duration::ZERO);
         }
         if self.rate <= 0.0 {
             return None;
         }
-        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        Some(Duration::from_secs_f64((want - self.tokens) / self.rate))
     }
 }
 
@@ -79,5 +88,29 @@ fn sanitize(rate: f64) -> f64 {
         rate
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_waited_for_whole() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(100.0, 50.0, start);
+        let full = pacer.available(start);
+        pacer.take(full, start);
+        // 20 tokens at 100/s: 200 ms; never more than the burst.
+        let wait = pacer.wait_time_for(20, start).expect("not paused");
+        assert!((wait.as_secs_f64() - 0.2).abs() < 1e-6, "{wait:?}");
+        let capped = pacer.wait_time_for(1_000, start).expect("not paused");
+        assert!((capped.as_secs_f64() - 0.5).abs() < 1e-6, "{capped:?}");
+        assert_eq!(
+            pacer.wait_time_for(20, start + Duration::from_millis(200)),
+            Some(Duration::ZERO)
+        );
+        pacer.set_rate(0.0, start);
+        assert_eq!(pacer.wait_time_for(20, start), None);
     }
 }
