@@ -119,7 +119,7 @@ mod tests {
             let (waiter, order) = (gate.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let _pass = waiter.enter(priority).await;
-                order.lock().unwrap().push(name);
+                order.lock().expect("order").push(name);
             }));
             // Queue them in this order.
             while gate.waiting() < tasks.len() {
@@ -130,7 +130,10 @@ mod tests {
         for task in tasks {
             task.await.expect("task");
         }
-        assert_eq!(*order.lock().unwrap(), ["critical", "bulk-1", "bulk-2"]);
+        assert_eq!(
+            *order.lock().expect("order"),
+            ["critical", "bulk-1", "bulk-2"]
+        );
         // Free again: the next one enters at once.
         let _again = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
             .await

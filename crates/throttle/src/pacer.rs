@@ -111,6 +111,7 @@ mod tests {
             Some(Duration::ZERO)
         );
         pacer.set_rate(0.0, start);
-        assert_eq!(pacer.wait_time_for(20, start), None);
+        // Paused with 20 in hand: a batch of 21 never comes.
+        assert_eq!(pacer.wait_time_for(21, start), None);
     }
 }
