@@ -289,7 +289,8 @@ impl Store {
             for &index in &applied {
                 plan.add(&events[index]);
             }
-            let mut context_changed: BTreeSet<(String, String)> = plan.deal_customers.clone();
+            let mut context_changed: BTreeSet<(String, String)> =
+                std::mem::take(&mut plan.deal_customers);
             if !plan.fields.is_empty() {
                 let mut stored = BTreeMap::new();
                 for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {

@@ -38,7 +38,8 @@ pub(crate) struct WriteGate {
 /// The right to write, held for one transaction; dropping it hands it to the next waiter.
 #[derive(Debug)]
 pub(crate) struct Pass {
-    gate: Arc<WriteGate>,
+    /// `None` only in a pass that was never handed over (its waiter had left).
+    gate: Option<Arc<WriteGate>>,
 }
 
 impl WriteGate {
@@ -53,7 +54,9 @@ impl WriteGate {
             let mut queue = self.queue();
             if !queue.held {
                 queue.held = true;
-                return Pass { gate: self.clone() };
+                return Pass {
+                    gate: Some(self.clone()),
+                };
             }
             let (sender, receiver) = oneshot::channel();
             match priority {
@@ -79,7 +82,9 @@ impl WriteGate {
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        let gate = self.gate.clone();
+        let Some(gate) = self.gate.take() else {
+            return;
+        };
         let mut queue = gate.queue();
         loop {
             let Some(next) = queue
@@ -90,11 +95,13 @@ impl Drop for Pass {
                 queue.held = false;
                 return;
             };
-            match next.send(Pass { gate: gate.clone() }) {
+            match next.send(Pass {
+                gate: Some(gate.clone()),
+            }) {
                 Ok(()) => return,
-                // That waiter is gone: forget the pass we made for it (its drop would re-enter
-                // this lock) and try the next one.
-                Err(pass) => std::mem::forget(pass),
+                // That waiter is gone: empty the pass made for it (its drop would re-enter this
+                // lock) and try the next one.
+                Err(mut pass) => drop(pass.gate.take()),
             }
         }
     }
