@@ -103,6 +103,11 @@ struct Accepted {
 }
 
 impl Driver {
+    /// The NATS connection of a NATS driver.
+    pub fn nats_bus(&self) -> Option<&Bus> {
+        self.nats.as_ref()
+    }
+
     pub fn new(config: &DriverConfig, target: Target, pool: usize) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(pool)

@@ -14,6 +14,7 @@ pub mod goodput;
 pub mod html;
 pub mod inversion;
 pub mod mix;
+pub mod probe;
 pub mod procs;
 pub mod report;
 pub mod retry;

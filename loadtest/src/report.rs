@@ -67,12 +67,29 @@ pub struct PhaseReport {
     pub e2e_per_s: f64,
     /// Intended send → HTTP answer / PubAck, all classes.
     pub ack_latency: Percentiles,
+    /// Intended send → HTTP answer / PubAck per generated class (`critical`, `high`,
+    /// `standard`, `analytics_only`): with `e2e_latency` it splits a class's time into before
+    /// and after the ack.
+    #[serde(default)]
+    pub ack_latency_by_class: BTreeMap<String, Percentiles>,
     /// Intended send → processed, per lane (`critical`, `high`, `standard`, `all`) and
     /// `analytics` (intended send → counted by analytics).
     pub e2e_latency: BTreeMap<String, Percentiles>,
     /// Per generated class: acked and processed events per second of the phase, and shed.
     #[serde(default)]
     pub goodput: BTreeMap<String, ClassGoodput>,
+    /// The critical probe's events (a client of its own beside the load), when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeReport>,
+}
+
+/// What the critical probe saw in a phase: its sends, their answers (intended send → ack) and
+/// their commits (intended send → projector commit).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub sent: u64,
+    pub ack: Percentiles,
+    pub e2e: Percentiles,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -409,6 +426,15 @@ impl Report {
                 ));
             }
         }
+        if let Some(limit) = slo.probe_critical_p99_ms {
+            let measured = self.totals.probe.as_ref().map(|p| p.e2e.p99_ms);
+            out.push(verdict(
+                "critical p99, own client (probe) (ms)",
+                format!("≤ {limit}"),
+                measured.map_or("not measured".into(), |m| format!("{m:.1}")),
+                measured.is_some_and(|m| m <= limit),
+            ));
+        }
         if let Some(limit) = slo.max_missing {
             out.push(verdict(
                 "missing events",
@@ -605,11 +631,11 @@ impl Report {
         let _ = writeln!(
             md,
             "| phase | load | s | sent | acked | errors | shed | ack/s | processed/s | ack p99 ms | \
-             critical p50 / p99 / p99.9 ms | high p50 / p99 / p99.9 ms | standard p50 / p99 / p99.9 ms | analytics p99 ms |"
+             critical ack p50 / p99 ms | critical p50 / p99 / p99.9 ms | high p50 / p99 / p99.9 ms | standard p50 / p99 / p99.9 ms | analytics p99 ms |"
         );
         let _ = writeln!(
             md,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for phase in self.phases.iter().chain(std::iter::once(&self.totals)) {
             let load = match (phase.offered_per_s, phase.users) {
@@ -634,7 +660,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {}{} | {load} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                "| {}{} | {load} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
                 phase.name,
                 if phase.excluded_from_totals {
                     " (excluded)"
@@ -649,6 +675,14 @@ impl Report {
                 phase.ack_per_s,
                 phase.e2e_per_s,
                 phase.ack_latency.p99_ms,
+                phase
+                    .ack_latency_by_class
+                    .get("critical")
+                    .filter(|p| p.count > 0)
+                    .map_or("—".into(), |p| format!(
+                        "{:.1} / {:.1}",
+                        p.p50_ms, p.p99_ms
+                    )),
                 lane("critical"),
                 lane("high"),
                 lane("standard"),
@@ -657,6 +691,37 @@ impl Report {
                     .get("analytics")
                     .map_or("—".into(), |p| format!("{:.0}", p.p99_ms)),
             );
+        }
+        if self.totals.probe.is_some() {
+            let _ = writeln!(
+                md,
+                "\n## Critical probe (a client of its own)\n\nCritical events sent at a fixed rate \
+                 from a thread, runtime and connection of their own beside the load, as a payment \
+                 service would: what the platform gives a critical producer, without the wait for \
+                 the harness's own busy client that the load's critical events include.\n"
+            );
+            let _ = writeln!(
+                md,
+                "| phase | sent | ack p50 / p99 / max ms | committed p50 / p99 / p99.9 / max ms |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|");
+            for phase in self.phases.iter().chain(std::iter::once(&self.totals)) {
+                if let Some(p) = &phase.probe {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} |",
+                        phase.name,
+                        p.sent,
+                        p.ack.p50_ms,
+                        p.ack.p99_ms,
+                        p.ack.max_ms,
+                        p.e2e.p50_ms,
+                        p.e2e.p99_ms,
+                        p.e2e.p999_ms,
+                        p.e2e.max_ms,
+                    );
+                }
+            }
         }
         let l = &self.loss;
         let _ = writeln!(md, "\n## Loss accounting\n");

@@ -31,7 +31,10 @@ use hdrhistogram::Histogram;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -215,6 +218,8 @@ fn merged(histograms: impl IntoIterator<Item = Histogram<u64>>) -> Histogram<u64
 struct PhaseRun {
     load: Load,
     sent: PhaseSent,
+    /// The critical probe's sends and answers in this phase, when it ran.
+    probe: Option<(u64, Histogram<u64>)>,
 }
 
 /// A scenario run from start to report. The report is also written to `options.out_dir`.
@@ -351,9 +356,10 @@ async fn drive(
         DriverKind::Nats => Target::Nats(Box::new(bus.clone())),
         DriverKind::Http | DriverKind::HttpBatch => Target::Http {
             base_url: target_url.to_owned(),
-            keys: api_keys,
+            keys: api_keys.clone(),
         },
     };
+    let probe_keys = api_keys;
     let max_concurrency = scenario
         .phases
         .iter()
@@ -379,6 +385,29 @@ async fn drive(
         retries: (!scenario.retries.is_empty()).then(|| Arc::new(Retries::new(&scenario.retries))),
     };
     let load_done = CancellationToken::new();
+    let probe_phase = Arc::new(AtomicUsize::new(crate::probe::NO_PHASE));
+    let probe = (scenario.critical_probe.rate > 0.0).then(|| {
+        crate::probe::Probe::spawn(
+            crate::probe::ProbeSetup {
+                rate: scenario.critical_probe.rate,
+                driver: scenario.driver.clone(),
+                target: match context.driver.nats_bus() {
+                    Some(bus) => crate::probe::ProbeTarget::Nats(Box::new(bus.clone())),
+                    None => crate::probe::ProbeTarget::Http {
+                        base_url: target_url.to_owned(),
+                        keys: probe_keys.clone(),
+                    },
+                },
+                mix: context.mix.clone(),
+                tenant_names: Arc::clone(&context.tenant_names),
+                seed: scenario.seed,
+                phases: scenario.phases.len(),
+                phase: Arc::clone(&probe_phase),
+            },
+            Arc::clone(&run),
+            load_done.clone(),
+        )
+    });
     let retry_task = context.retries.clone().map(|retries| {
         tokio::spawn(retries.run(Arc::clone(&run), Arc::clone(&driver), load_done.clone()))
     });
@@ -405,7 +434,9 @@ async fn drive(
             *name = format!("{} ({}/{})", phase.name, index + 1, scenario.phases.len());
         }
         let processed_before = run.processed.load(Relaxed);
+        probe_phase.store(index, Relaxed);
         let sent = run_phase(&context, index, load, start_ns, phase.duration).await;
+        probe_phase.store(crate::probe::NO_PHASE, Relaxed);
         if phase.measure_capacity {
             // Capacity = how fast the platform gets the probe's events through end to end: the
             // probe, then until its backlog is processed. (Completions during the probe alone
@@ -427,10 +458,20 @@ async fn drive(
             // Later phases start after the backlog is gone.
             cursor_ns = cursor_ns.max(run.now_ns());
         }
-        phase_runs.push(PhaseRun { load, sent });
+        phase_runs.push(PhaseRun {
+            load,
+            sent,
+            probe: None,
+        });
     }
     let load_end_ns = run.now_ns();
     load_done.cancel();
+    if let Some(probe) = probe {
+        let measured = probe.finish().context("the critical probe")?;
+        for ((phase_run, sent), ack) in phase_runs.iter_mut().zip(measured.sent).zip(measured.ack) {
+            phase_run.probe = Some((sent, ack));
+        }
+    }
     if let Ok(mut name) = phase_name.lock() {
         *name = "draining".into();
     }
@@ -1025,7 +1066,22 @@ fn build_report(
             ack_per_s: acked as f64 / phase.duration.as_secs_f64(),
             e2e_per_s: e2e as f64 / window,
             ack_latency: Percentiles::of(&ack_all),
+            ack_latency_by_class: Class::ALL
+                .iter()
+                .map(|class| {
+                    let h = &phase_run.sent.ack[*class as usize];
+                    (class.as_str().to_owned(), Percentiles::of(h))
+                })
+                .collect(),
             e2e_latency,
+            probe: phase_run
+                .probe
+                .as_ref()
+                .map(|(sent, ack)| crate::report::ProbeReport {
+                    sent: *sent,
+                    ack: Percentiles::of(ack),
+                    e2e: Percentiles::of(&collector.probe[index]),
+                }),
             ..PhaseReport::default()
         });
     }
@@ -1063,6 +1119,30 @@ fn build_report(
             .iter()
             .flat_map(|i| phase_runs[*i].sent.ack.iter().cloned()),
     ));
+    if counted.iter().any(|i| phase_runs[*i].probe.is_some()) {
+        totals.probe = Some(crate::report::ProbeReport {
+            sent: counted
+                .iter()
+                .filter_map(|i| phase_runs[*i].probe.as_ref().map(|(sent, _)| *sent))
+                .sum(),
+            ack: Percentiles::of(&merged(
+                counted
+                    .iter()
+                    .filter_map(|i| phase_runs[*i].probe.as_ref().map(|(_, ack)| ack.clone())),
+            )),
+            e2e: Percentiles::of(&merged(counted.iter().map(|i| collector.probe[*i].clone()))),
+        });
+    }
+    for class in Class::ALL {
+        totals.ack_latency_by_class.insert(
+            class.as_str().to_owned(),
+            Percentiles::of(&merged(
+                counted
+                    .iter()
+                    .map(|i| phase_runs[*i].sent.ack[class as usize].clone()),
+            )),
+        );
+    }
     let mut e2e_weighted = 0.0;
     for i in &counted {
         let r = &reports[*i];
@@ -1487,7 +1567,7 @@ mod tests {
         }
         // 0: acked, processed twice; 1: acked, never processed; 2: refused but stored and
         // processed; 3: acked and dead-lettered.
-        run.slots.mark(0, ACKED);
+        run.slots.mark(0, ACKED | crate::tracker::PROBE);
         run.slots.mark(1, ACKED);
         run.mark_error(2, 500_000_000, "http 503");
         run.slots.mark(3, ACKED);
@@ -1512,6 +1592,11 @@ mod tests {
                 start_ns: 0,
                 end_ns: 1_000_000_000,
             },
+            probe: Some((1, {
+                let mut ack = histogram(3);
+                crate::tracker::record(&mut ack, Duration::from_millis(3));
+                ack
+            })),
         }];
         let dead_letters = DeadLetters {
             reasons: [(3, "max_deliveries".to_owned())].into(),
@@ -1553,8 +1638,24 @@ mod tests {
         );
         assert_eq!(loss.processed_without_ack, 1);
         assert_eq!(report.phases[0].e2e_latency["critical"].count, 2);
-        report.evaluate(&scenario.slo);
+        let probe = report.totals.probe.clone().expect("the probe ran");
+        assert_eq!(
+            (probe.sent, probe.ack.count, probe.e2e.count),
+            (1, 1, 1),
+            "the probe's event, once (its second report is a duplicate), apart from the rest"
+        );
+        assert!((probe.e2e.p99_ms - 900.0).abs() < 5.0, "{probe:?}");
+        let mut slo = scenario.slo.clone();
+        slo.probe_critical_p99_ms = Some(25.0);
+        report.evaluate(&slo);
         assert!(!report.passed, "an acked event went missing");
+        let probe_verdict = report
+            .slos
+            .iter()
+            .find(|v| v.name.contains("probe"))
+            .expect("the probe's SLO");
+        assert!(!probe_verdict.passed, "900 ms is over 25 ms");
+        assert!(report.markdown().contains("## Critical probe"));
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct Scenario {
     pub baselines: Baselines,
     #[serde(default)]
     pub slo: Slo,
+    /// Critical events from a client of its own beside the load (`crate::probe`).
+    #[serde(default)]
+    pub critical_probe: crate::probe::ProbeConfig,
 }
 
 fn default_drain() -> Duration {
@@ -399,6 +402,9 @@ impl Default for Baselines {
 #[serde(deny_unknown_fields, default)]
 pub struct Slo {
     pub critical_p99_ms: Option<f64>,
+    /// Critical p99 (intended send → projector commit) of the probe's events: a client of its
+    /// own, beside the load (`[critical_probe]`).
+    pub probe_critical_p99_ms: Option<f64>,
     pub high_p99_ms: Option<f64>,
     pub standard_p99_ms: Option<f64>,
     pub max_missing: Option<u64>,

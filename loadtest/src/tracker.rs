@@ -108,6 +108,8 @@ pub const DEDUPLICATED: u64 = 1 << 17;
 pub const FOUND_IN_STORE: u64 = 1 << 18;
 /// No analytics notice reached the harness, but the analytics ledger holds it.
 pub const ANALYTICS_IN_STORE: u64 = 1 << 19;
+/// Sent by the critical probe (a client of its own, see `crate::probe`).
+pub const PROBE: u64 = 1 << 20;
 const TENANT_SHIFT: u32 = 48;
 const TENANT_MASK: u64 = 0xfff;
 const PROJECTOR_ONE: u64 = 1 << 32;
@@ -483,6 +485,8 @@ pub struct Collector {
     pub lanes: Vec<[Histogram<u64>; 3]>,
     /// Per phase: analytics latency.
     pub analytics: Vec<Histogram<u64>>,
+    /// Per phase: projector latency of the critical probe's events (also in `lanes`).
+    pub probe: Vec<Histogram<u64>>,
     /// Other roles (e.g. a notifier), per role and lane, whole run.
     pub others: BTreeMap<(String, String), Histogram<u64>>,
     pub seconds: Vec<SecondStats>,
@@ -504,6 +508,7 @@ impl Collector {
                 .map(|_| std::array::from_fn(|_| histogram(3)))
                 .collect(),
             analytics: (0..phases).map(|_| histogram(3)).collect(),
+            probe: (0..phases).map(|_| histogram(3)).collect(),
             others: BTreeMap::new(),
             seconds: Vec::new(),
             duplicates: 0,
@@ -569,6 +574,11 @@ impl Collector {
                             record(&mut phase[lane], latency);
                         }
                         record(&mut self.second(second).lanes[lane], latency);
+                    }
+                    if view.has(PROBE)
+                        && let Some(histogram) = self.probe.get_mut(view.phase)
+                    {
+                        record(histogram, latency);
                     }
                     record(&mut self.live, latency);
                 }

@@ -32,5 +32,5 @@ pub use tokio_util::sync::CancellationToken;
 pub use usage::{StreamUsage, watch_streams};
 pub use worker::{
     Handler, Holding, Outcome, Runtime, Settlement, Source, WaitPolicy, WorkerConfig, isolate,
-    run_worker, settle, settlement,
+    run_on, run_worker, settle, settlement,
 };

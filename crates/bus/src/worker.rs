@@ -409,6 +409,27 @@ async fn give_back(sources: &mut Vec<(Source, Messages)>) {
     }
 }
 
+/// Run `work` on `runtime` and wait for it here. The priority path's workers (the router's
+/// priority ingest, the projector's critical lane) run on a runtime of their own, so their tasks
+/// never wait for a thread behind bulk tasks; a NATS connection made inside `work` has its I/O
+/// task there too. A panic in `work` comes back as an error.
+pub async fn run_on<T, F>(
+    runtime: &tokio::runtime::Handle,
+    what: &str,
+    work: F,
+) -> Result<T, BusError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, BusError>> + Send + 'static,
+{
+    runtime.spawn(work).await.map_err(|err| {
+        BusError::new(
+            BusErrorKind::Unavailable,
+            format!("{what} stopped abnormally: {err}"),
+        )
+    })?
+}
+
 /// Run `handler` over the sources until `shutdown` fires; then stop fetching, finish and settle
 /// the batches in flight, and return.
 pub async fn run_worker<H: Handler>(

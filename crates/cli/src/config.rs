@@ -20,6 +20,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub cache: CacheConfig,
     pub retention: bus::RetentionConfig,
+    pub runtime: crate::sched::RuntimeConfig,
     #[serde(skip_serializing)]
     pub gateway: gateway::GatewayConfig,
     #[serde(skip_serializing)]

@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod roles;
+pub mod sched;
 pub mod status;

@@ -134,8 +134,7 @@ fn parse_event_type(name: &str) -> Result<EventType, String> {
     })
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The roles log their lifecycle at info; one-shot commands print their answer and only warn.
     let role = matches!(
@@ -148,22 +147,43 @@ async fn main() -> std::process::ExitCode {
             | Command::Notifier
     );
     telemetry::init_tracing_at(if role { "info" } else { "warn" });
-    match run(cli).await {
+    let exit = |err: anyhow::Error| {
+        eprintln!("error: {err:#}");
+        std::process::ExitCode::FAILURE
+    };
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(err) => return exit(err),
+    };
+    // A role that processes events runs its bulk work at a lower priority than its priority
+    // path (see `cli::sched`); the gateway alone is all front door.
+    let bulk_nice = if role && !matches!(cli.command, Command::Gateway) {
+        config.runtime.bulk_nice
+    } else {
+        0
+    };
+    let runtime = match cli::sched::bulk_runtime(bulk_nice) {
+        Ok(runtime) => runtime,
+        Err(err) => return exit(anyhow::Error::new(err).context("starting the runtime")),
+    };
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(err) => exit(err),
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+fn load_config(cli: &Cli) -> Result<Config> {
     let named = std::env::var_os("CRM_CONFIG").is_some()
         || cli.config.as_path() != std::path::Path::new("crm.toml");
     let mut config = Config::load(&cli.config, named)?;
     if let Some(url) = &cli.nats_url {
         config.nats.url.clone_from(url);
     }
+    config.runtime.validate()?;
+    Ok(config)
+}
+
+async fn run(cli: Cli, config: Config) -> Result<()> {
     let connect = |name: &str| {
         let options = config.nats.options(name);
         async move { Bus::connect(&options).await.map_err(anyhow::Error::from) }

@@ -1,6 +1,6 @@
 //! Starting roles: shared connections, admin endpoints, and shutdown on SIGTERM / Ctrl-C.
 
-use crate::config::Config;
+use crate::{config::Config, sched::OwnRuntime};
 use anyhow::{Context, Result};
 use bus::{Bus, CancellationToken, Definitions};
 use futures::future::BoxFuture;
@@ -198,26 +198,9 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<Result<()>>,
     admin: tokio::task::JoinHandle<std::io::Result<()>>,
-    /// Dropped last: its threads stop once the gateway has drained.
-    gateway_runtime: Option<GatewayRuntime>,
-}
-
-/// The gateway's own runtime when it shares the process with other roles; shut down without
-/// blocking, so it may be dropped from async code.
-struct GatewayRuntime(Option<tokio::runtime::Runtime>);
-
-impl std::fmt::Debug for GatewayRuntime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GatewayRuntime")
-    }
-}
-
-impl Drop for GatewayRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
+    /// Dropped last: their threads stop once the gateway and the priority workers have drained.
+    gateway_runtime: Option<OwnRuntime>,
+    priority_runtime: Option<OwnRuntime>,
 }
 
 /// Connect, provision, open the store and start `roles` in the background.
@@ -317,17 +300,23 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     // one task among them, a sliver of the CPU while ingest outruns processing. As threads, the
     // operating system shares the cores between serving and processing.
     let gateway_runtime = if roles.gateway && several {
-        Some(GatewayRuntime(Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("crm-gateway")
-                .enable_all()
-                .build()
-                .context("starting the gateway's runtime")?,
-        )))
+        Some(OwnRuntime::new("crm-gateway", 1).context("starting the gateway's runtime")?)
     } else {
         None
     };
+    // The router's priority ingest and the projector's critical lane run on a runtime of their
+    // own, at the default priority while the main runtime's threads run bulk work lowered (see
+    // `crate::sched`): their tasks never wait for a thread behind bulk tasks.
+    let priority_runtime = if roles.router || roles.projector {
+        Some(OwnRuntime::new("crm-priority", 1).context("starting the priority runtime")?)
+    } else {
+        None
+    };
+    let priority_handle = priority_runtime
+        .as_ref()
+        .and_then(OwnRuntime::handle)
+        .cloned()
+        .unwrap_or_else(tokio::runtime::Handle::current);
     // One rule set for the gateway (content rules: an event's admission class) and the router
     // (its lane, with customer context); a reload reaches both.
     let rules = match &config.router.rules_file {
@@ -359,7 +348,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
             let bus = connect.await?;
             anyhow::Ok(gateway::serve(&gateway_config, bus, gateway_rules, reads, stop).await?)
         };
-        let (addr, server) = match gateway_runtime.as_ref().and_then(|r| r.0.as_ref()) {
+        let (addr, server) = match gateway_runtime.as_ref().and_then(OwnRuntime::handle) {
             Some(runtime) => runtime
                 .spawn(serve)
                 .await
@@ -393,9 +382,10 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
             config.router.clone(),
             shutdown.clone(),
         );
-        tasks.spawn(
-            async move { Ok(router::run(bus, router_config, rules, context, shutdown).await?) },
-        );
+        let priority = priority_handle.clone();
+        tasks.spawn(async move {
+            Ok(router::run_placed(bus, router_config, rules, context, &priority, shutdown).await?)
+        });
     }
     if roles.projector {
         let store = store.clone().context("the projector needs a store")?;
@@ -411,9 +401,10 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
             config.projector.clone(),
             shutdown.clone(),
         );
-        tasks.spawn(
-            async move { Ok(projector::run(bus, store, projector_config, shutdown).await?) },
-        );
+        let priority = priority_handle.clone();
+        tasks.spawn(async move {
+            Ok(projector::run_placed(bus, store, projector_config, &priority, shutdown).await?)
+        });
     }
     if roles.analytics {
         let store = store.clone().context("analytics needs a store")?;
@@ -443,6 +434,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         tasks,
         admin,
         gateway_runtime,
+        priority_runtime,
     })
 }
 
@@ -468,6 +460,7 @@ impl Running {
         }
         let _ = self.admin.await;
         drop(self.gateway_runtime.take());
+        drop(self.priority_runtime.take());
         tracing::info!("stopped");
         result
     }

@@ -141,11 +141,25 @@ const CRITICAL_MAX_BATCH: usize = 32;
 /// connection, in small transactions that carry no bulk event; the high and standard lanes by the
 /// main worker (high first, standard topping its batches up). A critical event so waits at most
 /// for the one bulk transaction the store is writing (its transaction goes first in the SQLite
-/// writer's queue), never inside a bulk batch.
+/// writer's queue), never inside a bulk batch. Both workers run on the current runtime;
+/// [`run_placed`] puts the critical one on a runtime of its own.
 pub async fn run(
     bus: Bus,
     store: Store,
     config: ProjectorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), bus::BusError> {
+    let here = tokio::runtime::Handle::current();
+    run_placed(bus, store, config, &here, shutdown).await
+}
+
+/// [`run`], with the critical lane's worker and its connection on `priority` (threads the bulk
+/// worker's tasks never occupy).
+pub async fn run_placed(
+    bus: Bus,
+    store: Store,
+    config: ProjectorConfig,
+    priority: &tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<(), bus::BusError> {
     let mut worker = WorkerConfig::new("projector", DURABLE, DlqStage::Projector);
@@ -167,15 +181,11 @@ pub async fn run(
     let mut bulk = worker.lanes(&[Lane::High, Lane::Standard]);
     // High events share a transaction with standard ones rather than paying for one each.
     bulk.top_up = true;
-    let critical_bus = bus.connect_another("critical").await?;
     // On SQLite (one writer) a critical transaction takes the writer before any queued bulk or
     // analytics one: it waits at most for the transaction being written.
-    let critical_handler = Arc::new(Projector::new(
-        handler
-            .store
-            .with_write_priority(store::WritePriority::Priority),
-        handler.bus.clone(),
-    ));
+    let critical_store = handler
+        .store
+        .with_write_priority(store::WritePriority::Priority);
     // One worker failing stops the other: the projector must not go on half alive unnoticed.
     let stop = shutdown.child_token();
     let watched = |result: Result<(), bus::BusError>| {
@@ -184,8 +194,19 @@ pub async fn run(
         }
         result
     };
+    let critical_work = {
+        let (bus, stop) = (bus.clone(), stop.clone());
+        async move {
+            // Connected there, so that the connection's I/O task runs on `priority`.
+            let critical_bus = bus.connect_another("critical").await?;
+            let handler = Arc::new(Projector::new(critical_store, critical_bus.clone()));
+            run_worker(critical_bus, critical, handler, stop).await
+        }
+    };
     let (critical, bulk) = tokio::join!(
-        async { watched(run_worker(critical_bus, critical, critical_handler, stop.clone()).await) },
+        async {
+            watched(bus::run_on(priority, "the projector's critical worker", critical_work).await)
+        },
         async { watched(run_worker(bus, bulk, handler.clone(), stop.clone()).await) },
     );
     critical?;

@@ -139,12 +139,27 @@ const PRIORITY_MAX_BATCH: usize = 32;
 /// Run the router until `shutdown`: one worker reads the priority ingest stream over a
 /// connection of its own (so its fetches and lane publishes never queue behind bulk traffic),
 /// another reads CRM_INGEST (express types first). In-flight events are finished (their lane
-/// publish awaited and the ingest message acked) before it returns.
+/// publish awaited and the ingest message acked) before it returns. Both run on the current
+/// runtime; [`run_placed`] puts the priority worker on a runtime of its own.
 pub async fn run(
     bus: Bus,
     config: RouterConfig,
     rules: RulesHandle,
     context: Option<Arc<dyn ContextLookup>>,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    let here = tokio::runtime::Handle::current();
+    run_placed(bus, config, rules, context, &here, shutdown).await
+}
+
+/// [`run`], with the priority worker and its connection on `priority` (threads the bulk
+/// worker's tasks never occupy).
+pub async fn run_placed(
+    bus: Bus,
+    config: RouterConfig,
+    rules: RulesHandle,
+    context: Option<Arc<dyn ContextLookup>>,
+    priority: &tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
     let invalidations = context.as_ref().map(|context| {
@@ -154,16 +169,10 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
-    let priority_bus = bus.connect_another("priority").await?;
-    let priority = Arc::new(Router {
-        bus: priority_bus.clone(),
-        rules: rules.clone(),
-        context: context.clone(),
-    });
     let router = Arc::new(Router {
         bus: bus.clone(),
-        rules,
-        context,
+        rules: rules.clone(),
+        context: context.clone(),
     });
     // One worker failing stops the other: the router must not go on half alive unnoticed.
     let stop = shutdown.child_token();
@@ -173,17 +182,22 @@ pub async fn run(
         }
         result
     };
+    let priority_work = {
+        let (bus, config, stop) = (bus.clone(), priority_worker_config(&config), stop.clone());
+        async move {
+            // Connected there, so that the connection's I/O task runs on the priority runtime.
+            let priority_bus = bus.connect_another("priority").await?;
+            let handler = Arc::new(Router {
+                bus: priority_bus.clone(),
+                rules,
+                context,
+            });
+            bus::run_worker(priority_bus, config, handler, stop).await
+        }
+    };
     let (priority, bulk) = tokio::join!(
         async {
-            watched(
-                bus::run_worker(
-                    priority_bus,
-                    priority_worker_config(&config),
-                    priority,
-                    stop.clone(),
-                )
-                .await,
-            )
+            watched(bus::run_on(priority, "the router's priority worker", priority_work).await)
         },
         async { watched(bus::run_worker(bus, worker_config(&config), router, stop.clone()).await) },
     );
