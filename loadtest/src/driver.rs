@@ -76,6 +76,9 @@ pub struct Driver {
     nats: Option<Bus>,
     /// NATS: critical and high to `crm.priority.…`.
     priority_subjects: bool,
+    /// NATS: the connection of the priority subjects, as README asks of NATS-native producers
+    /// (their PubAcks never wait behind bulk ones on one socket); `None`: the main one.
+    priority_nats: Option<Bus>,
     /// Sends of one event at most (the first included).
     max_attempts: u32,
     /// NATS: bulk paced to the admission signal.
@@ -151,6 +154,7 @@ impl Driver {
             auth,
             nats,
             priority_subjects: config.priority_subjects,
+            priority_nats: None,
             max_attempts: config.max_attempts.max(1),
             pacer: None,
         })
@@ -163,6 +167,18 @@ impl Driver {
             self.pacer = Some(pacer);
         }
         self
+    }
+
+    /// NATS with priority subjects: publish critical and high events over a connection of their
+    /// own, as a well-behaved NATS-native producer does.
+    pub async fn with_priority_connection(mut self) -> anyhow::Result<Self> {
+        if self.kind == DriverKind::Nats
+            && self.priority_subjects
+            && let Some(bus) = &self.nats
+        {
+            self.priority_nats = Some(bus.connect_another("load-priority").await?);
+        }
+        Ok(self)
     }
 
     pub const fn max_attempts(&self) -> u32 {
@@ -307,12 +323,17 @@ impl Driver {
             return Err("no NATS target".into());
         };
         let tenant = &generated.event.tenant_id;
-        let subject = if self.priority_subjects && admission::is_priority(generated.class) {
+        let priority = self.priority_subjects && admission::is_priority(generated.class);
+        let subject = if priority {
             admission::priority_subject(tenant, generated.kind)
         } else {
             events::ingest_subject(tenant, generated.kind)
         }
         .map_err(|err| err.to_string())?;
+        let bus = match &self.priority_nats {
+            Some(priority_bus) if priority => priority_bus,
+            _ => bus,
+        };
         let payload = events::encode_proto(&generated.event).into();
         // What the gateway sets: `<tenant>:<idempotency key or event id>`.
         let options = PublishOptions::with_msg_id(events::ingest_msg_id(&generated.event))

@@ -368,7 +368,11 @@ async fn drive(
         .unwrap_or(0)
         .max(scenario.driver.connections);
     let driver = Arc::new(
-        Driver::new(&scenario.driver, target, max_concurrency)?.with_pacer(pacer, &scenario.driver),
+        Driver::new(&scenario.driver, target, max_concurrency)?
+            .with_pacer(pacer, &scenario.driver)
+            .with_priority_connection()
+            .await
+            .context("connecting for the priority subjects")?,
     );
     let context = PhaseContext {
         run: Arc::clone(&run),
