@@ -157,6 +157,58 @@ mod tests {
         );
     }
 
+    /// The `nice` of each of this process's threads whose name starts with `prefix`.
+    fn nice_of_threads(prefix: &str) -> Vec<(String, i32)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+            let entry = entry.expect("task");
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let Ok(tid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let pid = rustix::process::Pid::from_raw(tid).expect("a thread id");
+            if let Ok(nice) = rustix::process::getpriority_process(Some(pid)) {
+                found.push((format!("{} {tid}", name.trim()), nice));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_stores_threads_keep_the_priority_of_the_thread_that_opened_it() {
+        let before = current_thread_nice().expect("nice");
+        assert!(before <= 16, "the test needs room below nice {before}");
+        let sqlite = test_support::TempSqlite::new();
+        let runtime = bulk_runtime(before + 3).expect("runtime");
+        // As in `main`: the store is opened by the future the main thread blocks on, then used
+        // by tasks on the bulk runtime's lowered threads, many at once (each needs a reader).
+        runtime.block_on(async {
+            let store = store::Store::connect(&sqlite.url()).await.expect("store");
+            for _ in 0..20 {
+                let mut reads = tokio::task::JoinSet::new();
+                for customer in 0..32 {
+                    let store = store.clone();
+                    reads.spawn(async move { store.profile("t", &format!("c{customer}")).await });
+                }
+                while let Some(read) = reads.join_next().await {
+                    read.expect("join").expect("read");
+                }
+            }
+        });
+        let threads = nice_of_threads("sqlx-sqlite");
+        assert!(
+            threads.len() >= 2,
+            "a writer and readers run on threads of their own: {threads:?}"
+        );
+        assert!(
+            threads.iter().all(|(_, nice)| *nice == before),
+            "every store thread runs at the opener's nice {before}: {threads:?}"
+        );
+    }
+
     #[test]
     fn bulk_nice_is_checked() {
         assert!(RuntimeConfig::default().validate().is_ok());

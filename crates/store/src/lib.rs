@@ -130,12 +130,25 @@ enum OpenError {
     Migrate(sqlx::migrate::MigrateError),
 }
 
+/// SQLite readers, every one opened with the store.
+const SQLITE_READERS: u32 = 4;
+
 /// The SQLite writer (one connection) migrated, then the readers (which then see the schema).
+///
+/// sqlx runs each SQLite connection on a thread of its own, and a new thread takes the operating
+/// system priority of the thread that starts it. A pool opens connections lazily, from whichever
+/// task needs one, and recycles them (idle timeout, lifetime); in a process whose bulk threads run
+/// lowered (`[runtime] bulk_nice`), the writer that critical commits go through would sooner or
+/// later be opened by a bulk thread and run at bulk's priority. So every connection is opened
+/// here, from the thread that opens the store, and kept for the life of the process (a
+/// connection that breaks is replaced by the task that finds it broken).
 async fn open_sqlite(
     options: &SqliteConnectOptions,
 ) -> Result<(SqlitePool, SqlitePool), OpenError> {
     let write = SqlitePoolOptions::new()
         .max_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options.clone())
         .await
@@ -145,10 +158,15 @@ async fn open_sqlite(
         .await
         .map_err(OpenError::Migrate)?;
     let read = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options.clone().read_only(true))
-        .await
-        .map_err(OpenError::Connect)?;
+        .max_connections(SQLITE_READERS)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with(options.clone().read_only(true));
+    let mut readers = Vec::with_capacity(SQLITE_READERS as usize);
+    for _ in 0..SQLITE_READERS {
+        readers.push(read.acquire().await.map_err(OpenError::Connect)?);
+    }
+    drop(readers);
     Ok((write, read))
 }
 
