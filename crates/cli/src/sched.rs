@@ -185,7 +185,7 @@ mod tests {
         let runtime = bulk_runtime(before + 3).expect("runtime");
         // As in `main`: the store is opened by the future the main thread blocks on, then used
         // by tasks on the bulk runtime's lowered threads, many at once (each needs a reader).
-        runtime.block_on(async {
+        let store = runtime.block_on(async {
             let store = store::Store::connect(&sqlite.url()).await.expect("store");
             for _ in 0..20 {
                 let mut reads = tokio::task::JoinSet::new();
@@ -197,8 +197,11 @@ mod tests {
                     read.expect("join").expect("read");
                 }
             }
+            store
         });
+        // While the store is open: its connections' threads end with it.
         let threads = nice_of_threads("sqlx-sqlite");
+        runtime.block_on(async move { drop(store) });
         assert!(
             threads.len() >= 2,
             "a writer and readers run on threads of their own: {threads:?}"
