@@ -172,8 +172,8 @@ impl Driver {
     /// NATS with priority subjects: publish critical and high events over a connection of their
     /// own, as a well-behaved NATS-native producer does.
     pub async fn with_priority_connection(mut self) -> anyhow::Result<Self> {
-        if self.kind == DriverKind::Nats
-            && self.priority_subjects
+        // `nats` is set exactly for the NATS driver (checked in `new`).
+        if self.priority_subjects
             && let Some(bus) = &self.nats
         {
             self.priority_nats = Some(bus.connect_another("load-priority").await?);
