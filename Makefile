@@ -5,9 +5,15 @@ SHELL := /bin/bash
 
 NATS_SERVER_VERSION := 2.12.8
 BUF_VERSION := 1.75.0
+# promtool of Debian 12's prometheus package (the Debian revision may move with point releases;
+# the Prometheus version does not).
+PROMETHEUS_VERSION := 2.42.0
 TOOLS := $(CURDIR)/.tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 BUF := $(TOOLS)/bin/buf
+PROMTOOL := $(TOOLS)/bin/promtool
+ALERT_RULES := deploy/prometheus/alerts.yml
+ALERT_TESTS := deploy/prometheus/alerts_test.yml
 PYTHON ?= python3
 # The dev server runs on its own port so it never meets whatever else listens on 4222.
 CRM_NATS_URL ?= nats://127.0.0.1:14222
@@ -16,12 +22,12 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check lint fmt proto-check bench loadtest chaos chaos-short soak clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check bench loadtest chaos chaos-short soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-tools: $(NATS_SERVER) $(BUF) ## install pinned nats-server and buf into .tools/
+tools: $(NATS_SERVER) $(BUF) $(PROMTOOL) ## install pinned nats-server, buf and promtool into .tools/
 
 # Re-installs when the pinned version changes (the stamp file carries the version).
 $(TOOLS)/.nats-server-$(NATS_SERVER_VERSION) $(TOOLS)/.buf-$(BUF_VERSION):
@@ -40,20 +46,45 @@ $(BUF): $(TOOLS)/.buf-$(BUF_VERSION)
 	@[ "$$($(BUF) --version)" = "$(BUF_VERSION)" ] || { echo "buf in .tools is not $(BUF_VERSION)"; exit 1; }
 	@touch $@
 
+# promtool alone, unpacked from Debian's prometheus package: no root needed (unless apt's package
+# lists are missing, then root refreshes them), no prometheus service installed or started.
+$(TOOLS)/.promtool-$(PROMETHEUS_VERSION):
+	@mkdir -p $(TOOLS)/bin
+	@echo "installing promtool $(PROMETHEUS_VERSION) (Debian's prometheus package, unpacked) into .tools/"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	download() { apt-get -qq -o APT::Sandbox::User=root download prometheus; } && \
+	if ! download 2>/dev/null; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "apt-get download prometheus failed: run 'apt-get update' as root"; exit 1; fi; \
+	    apt-get -qq -o APT::Sandbox::User=root update && download; \
+	fi && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && \
+	mv usr/bin/promtool $(PROMTOOL)
+	@rm -f $(TOOLS)/.promtool-* && touch $@
+
+$(PROMTOOL): $(TOOLS)/.promtool-$(PROMETHEUS_VERSION)
+	@$(PROMTOOL) --version | grep -q "version $(PROMETHEUS_VERSION)+" || { echo "promtool in .tools is not $(PROMETHEUS_VERSION)"; exit 1; }
+	@touch $@
+
 test-pg-check:
 	@$(PYTHON) -c "import socket,sys,urllib.parse as u; p=u.urlparse('$(CRM_TEST_POSTGRES_URL)'); \
 	s=socket.socket(); s.settimeout(3); \
 	sys.exit(0) if s.connect_ex((p.hostname or '127.0.0.1', p.port or 5432))==0 else \
 	sys.exit('PostgreSQL is unreachable at $(CRM_TEST_POSTGRES_URL): the store tests need it. Start it (pg_ctlcluster 15 main start) or set CRM_TEST_POSTGRES_URL.')"
 
-test: tools test-pg-check ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
+alerts-test: $(PROMTOOL) ## check the alert rules and run their unit tests (promtool)
+	$(PROMTOOL) check rules $(ALERT_RULES)
+	$(PROMTOOL) test rules $(ALERT_TESTS)
+
+test: tools test-pg-check alerts-test ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
 	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
-lint: tools ## cargo fmt --check, clippy -D warnings, buf lint
+lint: tools ## cargo fmt --check, clippy -D warnings, buf lint, promtool check rules and config
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(BUF) lint
+	$(PROMTOOL) check rules $(ALERT_RULES)
+	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
 
 fmt: ## format the code
 	$(CARGO) fmt --all
