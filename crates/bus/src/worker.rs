@@ -136,6 +136,9 @@ pub struct WorkerConfig {
     pub pull_batch: usize,
     /// Batches processed at once.
     pub concurrency: usize,
+    /// When the stream holds more for the batch's source than has reached the worker, wait up
+    /// to this long for it to fill the batch (zero: take only what is buffered).
+    pub fill_linger: Duration,
     /// Fill a batch that its source cannot fill with what the sources below it have buffered,
     /// in priority order: one transaction then carries a few priority events and many bulk ones,
     /// instead of a transaction for the few.
@@ -179,6 +182,7 @@ impl WorkerConfig {
             max_batch: 256,
             pull_batch: 0,
             concurrency: 1,
+            fill_linger: Duration::from_millis(10),
             top_up: false,
             lower_lane_share: 0.05,
             max_deliveries: 10,
@@ -528,14 +532,41 @@ pub async fn run_worker<H: Handler>(
         } else {
             index + 1
         };
-        for (source, messages) in sources.iter_mut().take(below).skip(index) {
-            while batch.len() < config.max_batch {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => {
-                        batch.push(message);
-                        batch_labels.push(source.label);
+        for (position, (source, messages)) in sources.iter_mut().take(below).skip(index).enumerate()
+        {
+            take_buffered(
+                messages,
+                &mut batch,
+                &mut batch_labels,
+                source.label,
+                config.max_batch,
+            );
+            // The lead source has a backlog in the stream beyond what has reached us: wait for
+            // it (briefly) rather than commit a batch of what one pull happened to bring. A
+            // batch costs a commit, so a backlog taken in part batches drains at a fraction of
+            // the rate; the wait is for messages already stored, about one round trip.
+            if position == 0 && !config.fill_linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + config.fill_linger;
+                while batch.len() < config.max_batch
+                    && batch
+                        .last()
+                        .and_then(|m| m.info().ok())
+                        .is_some_and(|i| i.pending > 0)
+                {
+                    match tokio::time::timeout_at(deadline, messages.next()).await {
+                        Ok(Some(Ok(message))) => {
+                            batch.push(message);
+                            batch_labels.push(source.label);
+                            take_buffered(
+                                messages,
+                                &mut batch,
+                                &mut batch_labels,
+                                source.label,
+                                config.max_batch,
+                            );
+                        }
+                        _ => break,
                     }
-                    _ => break,
                 }
             }
             let last_of_source = batch
@@ -568,6 +599,25 @@ pub async fn run_worker<H: Handler>(
     while tasks.join_next().await.is_some() {}
     tracing::info!(role = config.role, "worker stopped");
     Ok(())
+}
+
+/// Move what `messages` has buffered into the batch, up to `max_batch`, without waiting.
+fn take_buffered(
+    messages: &mut Messages,
+    batch: &mut Vec<jetstream::Message>,
+    labels: &mut Vec<&'static str>,
+    label: &'static str,
+    max_batch: usize,
+) {
+    while batch.len() < max_batch {
+        match messages.next().now_or_never() {
+            Some(Some(Ok(message))) => {
+                batch.push(message);
+                labels.push(label);
+            }
+            _ => break,
+        }
+    }
 }
 
 /// One sample of `crm_worker_stage_seconds`: where a consumer's time goes.

@@ -366,3 +366,44 @@ async fn a_priority_batch_is_topped_up_from_the_lanes_below() {
         .await;
     }
 }
+
+/// Records the size of every batch; takes a few ms per batch, as a store commit does.
+struct BatchSizes {
+    sizes: Mutex<Vec<usize>>,
+}
+
+impl Handler for BatchSizes {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.sizes.lock().expect("lock").push(batch.len());
+        vec![Outcome::Done; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_is_taken_in_full_batches() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    let backlog = 4_000;
+    fill(&bus, Lane::Standard, backlog, "backlog").await;
+    let mut config = config().lanes(&[Lane::Standard]);
+    config.max_batch = 256;
+    let handler = Arc::new(BatchSizes {
+        sizes: Mutex::new(Vec::new()),
+    });
+    let seen = handler.clone();
+    run_until(&bus, config, handler.clone(), move || {
+        let seen = seen.clone();
+        async move { seen.sizes.lock().expect("lock").iter().sum::<usize>() >= backlog }
+    })
+    .await;
+    let sizes = handler.sizes.lock().expect("lock").clone();
+    // While the lane holds more than a batch, every batch is a full one: a batch costs a
+    // commit, so a backlog taken in small batches is drained at a fraction of the rate.
+    let (last, full) = sizes.split_last().expect("batches");
+    assert!(
+        full.iter().all(|&n| n == 256) && *last <= 256,
+        "batch sizes: {sizes:?}"
+    );
+    assert_eq!(sizes.len(), backlog.div_ceil(256), "batch sizes: {sizes:?}");
+}

@@ -130,6 +130,8 @@ fn priority_worker_config(config: &RouterConfig) -> WorkerConfig {
     worker.max_batch = worker.max_batch.min(PRIORITY_MAX_BATCH);
     worker.concurrency = config.max_in_flight.max(1).div_ceil(worker.max_batch);
     worker.lower_lane_share = 0.0;
+    // Many slots take small batches: what is buffered goes at once, the rest to the next slot.
+    worker.fill_linger = Duration::ZERO;
     worker
 }
 
