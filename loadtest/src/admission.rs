@@ -46,6 +46,32 @@ pub struct AdmissionSignal {
     /// Bulk events per second allowed for all bulk producers together; −1 when open.
     pub bulk_rate: f64,
     pub retry_after_ms: u64,
+    /// Why the gateway's controller is where it is.
+    #[serde(default)]
+    pub reason: LimitReason,
+}
+
+/// The gateway's `reason` for its bulk state (an unknown one reads as `other`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitReason {
+    #[default]
+    Healthy,
+    PipelineDelay,
+    PublishDelay,
+    #[serde(other)]
+    Other,
+}
+
+impl LimitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::PipelineDelay => "pipeline_delay",
+            Self::PublishDelay => "publish_delay",
+            Self::Other => "other",
+        }
+    }
 }
 
 /// A `limited` signal holds this long without a newer one (the gateway sends one a second; a
@@ -167,6 +193,8 @@ pub struct AdmissionPoint {
     /// Allowed bulk events/s while limited.
     pub bulk_rate: Option<f64>,
     pub retry_after_ms: u64,
+    #[serde(default)]
+    pub reason: LimitReason,
 }
 
 /// Listen to [`ADMISSION_SUBJECT`] (subscribed before this returns) until `stop`: feed `pacer`
@@ -200,6 +228,7 @@ pub async fn spawn_listener(
                             limited,
                             bulk_rate: limited.then_some(signal.bulk_rate),
                             retry_after_ms: signal.retry_after_ms,
+                            reason: signal.reason,
                         });
                     }
                     None => break,
@@ -250,6 +279,7 @@ mod tests {
             bulk: BulkState::Limited,
             bulk_rate: rate,
             retry_after_ms: 200,
+            reason: LimitReason::PipelineDelay,
         }
     }
 
@@ -258,6 +288,7 @@ mod tests {
         bulk: BulkState::Open,
         bulk_rate: -1.0,
         retry_after_ms: 0,
+        reason: LimitReason::Healthy,
     };
 
     /// Sends allowed when asking every `step_ns` from `from_ns` for `count` steps.

@@ -5,6 +5,7 @@
 //! event was never acked, so it is neither lost nor missing. Also the run's shed accounting.
 
 use crate::{
+    admission::LimitReason,
     mix::Class,
     report::{Loss, PhaseReport, Report},
     scenario::Scenario,
@@ -142,6 +143,7 @@ pub fn markdown(report: &Report, md: &mut String) {
         .filter(|p| !p.goodput.is_empty())
         .collect();
     if rows.is_empty() {
+        admission_markdown(report, md);
         return;
     }
     let _ = writeln!(
@@ -189,20 +191,39 @@ pub fn markdown(report: &Report, md: &mut String) {
             l.shed_unsent
         );
     }
-    let limited = report.admission.iter().filter(|p| p.limited).count();
-    if limited > 0 {
-        let lowest = report
-            .admission
-            .iter()
-            .filter_map(|p| p.bulk_rate)
-            .fold(f64::INFINITY, f64::min);
-        let _ = writeln!(
-            md,
-            "\nAdmission signal: bulk limited in {limited} of {} signals (lowest allowed bulk rate \
-             {lowest:.0}/s).",
-            report.admission.len()
-        );
+    admission_markdown(report, md);
+}
+
+/// How often the gateway limited bulk, how far, and why.
+fn admission_markdown(report: &Report, md: &mut String) {
+    let limited: Vec<_> = report.admission.iter().filter(|p| p.limited).collect();
+    if limited.is_empty() {
+        return;
     }
+    let lowest = limited
+        .iter()
+        .filter_map(|p| p.bulk_rate)
+        .fold(f64::INFINITY, f64::min);
+    let mut why: Vec<(LimitReason, usize)> = Vec::new();
+    for point in &limited {
+        match why.iter_mut().find(|(reason, _)| *reason == point.reason) {
+            Some((_, n)) => *n += 1,
+            None => why.push((point.reason, 1)),
+        }
+    }
+    why.sort_by_key(|&(reason, n)| (std::cmp::Reverse(n), reason.as_str()));
+    let why: Vec<String> = why
+        .iter()
+        .map(|(reason, n)| format!("{} {n}", reason.as_str().replace('_', " ")))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nAdmission signal: bulk limited in {} of {} signals (lowest allowed bulk rate \
+         {lowest:.0}/s; why: {}).",
+        limited.len(),
+        report.admission.len(),
+        why.join(", ")
+    );
 }
 
 #[cfg(test)]
@@ -307,6 +328,35 @@ rate = 10
         let md = report.markdown();
         assert!(
             md.contains("| main | 1.0/s, shed 0 | 0.0/s, shed 0 | 0.5/s, shed 1 | 0.0/s, shed 1 |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_admission_line_says_why_bulk_was_limited() {
+        use crate::admission::{AdmissionPoint, LimitReason};
+        let point = |limited, bulk_rate, reason| AdmissionPoint {
+            limited,
+            bulk_rate,
+            reason,
+            ..AdmissionPoint::default()
+        };
+        let report = Report {
+            admission: vec![
+                point(false, None, LimitReason::Healthy),
+                point(true, Some(900.0), LimitReason::PipelineDelay),
+                point(true, Some(400.0), LimitReason::PipelineDelay),
+                point(true, Some(700.0), LimitReason::PublishDelay),
+            ],
+            ..Report::default()
+        };
+        let mut md = String::new();
+        admission_markdown(&report, &mut md);
+        assert!(
+            md.contains(
+                "bulk limited in 3 of 4 signals (lowest allowed bulk rate 400/s; why: \
+                 pipeline delay 2, publish delay 1)"
+            ),
             "{md}"
         );
     }

@@ -371,6 +371,7 @@ mod tests {
                 bulk: BulkState::Limited,
                 bulk_rate: 10.0,
                 retry_after_ms: 100,
+                reason: crate::admission::LimitReason::PipelineDelay,
             },
             0,
         );

@@ -273,6 +273,7 @@ impl NatsTarget {
             bulk,
             bulk_rate,
             retry_after_ms: 100,
+            reason: crm_load::admission::LimitReason::PipelineDelay,
         };
         self.bus
             .publish_control(admission::ADMISSION_SUBJECT.into(), &signal)
