@@ -6,16 +6,29 @@
 use crate::scenario::StoreKind;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    str::FromStr,
+};
 
 /// Ids per `IN (…)` list.
 const CHUNK: usize = 500;
 
-/// The run's database, opened by the harness.
+/// The run's database, opened by the harness. On SQLite analytics has a file of its own
+/// (`store::sqlite_analytics_path`).
 #[derive(Debug)]
 pub enum StoreProbe {
-    Sqlite(sqlx::SqlitePool),
+    Sqlite {
+        projection: sqlx::SqlitePool,
+        analytics: sqlx::SqlitePool,
+    },
     Postgres(sqlx::PgPool),
+}
+
+/// One of the probe's pools.
+enum ProbePool<'a> {
+    Sqlite(&'a sqlx::SqlitePool),
+    Postgres(&'a sqlx::PgPool),
 }
 
 /// A tenant's effects as the store counts them.
@@ -34,8 +47,8 @@ pub struct StoreCounts {
 macro_rules! with_pool {
     ($probe:expr, $pool:ident => $body:expr) => {
         match $probe {
-            StoreProbe::Sqlite($pool) => $body,
-            StoreProbe::Postgres($pool) => $body,
+            ProbePool::Sqlite($pool) => $body,
+            ProbePool::Postgres($pool) => $body,
         }
     };
 }
@@ -43,17 +56,37 @@ macro_rules! with_pool {
 impl StoreProbe {
     pub async fn connect(kind: StoreKind, url: &str) -> Result<Self> {
         Ok(match kind {
-            StoreKind::Sqlite => Self::Sqlite(
-                sqlx::SqlitePool::connect(url)
-                    .await
-                    .with_context(|| format!("opening {url}"))?,
-            ),
+            StoreKind::Sqlite => {
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .with_context(|| format!("reading {url}"))?;
+                let analytics_file = store::sqlite_analytics_path(options.get_filename());
+                let analytics = options.clone().filename(&analytics_file);
+                Self::Sqlite {
+                    projection: sqlx::SqlitePool::connect_with(options)
+                        .await
+                        .with_context(|| format!("opening {url}"))?,
+                    analytics: sqlx::SqlitePool::connect_with(analytics)
+                        .await
+                        .with_context(|| format!("opening {}", analytics_file.display()))?,
+                }
+            }
             StoreKind::Postgres => Self::Postgres(
                 sqlx::PgPool::connect(url)
                     .await
                     .with_context(|| format!("opening {url}"))?,
             ),
         })
+    }
+
+    /// The pool holding the projection's tables, or (`analytics`) analytics'.
+    fn pool(&self, analytics: bool) -> ProbePool<'_> {
+        match self {
+            Self::Sqlite {
+                projection,
+                analytics: counted,
+            } => ProbePool::Sqlite(if analytics { counted } else { projection }),
+            Self::Postgres(pool) => ProbePool::Postgres(pool),
+        }
     }
 
     /// Which of `ids` the projection's ledger (`analytics`: the analytics ledger) holds.
@@ -65,7 +98,7 @@ impl StoreProbe {
         };
         let mut found = HashSet::new();
         for chunk in ids.chunks(CHUNK) {
-            with_pool!(self, pool => {
+            with_pool!(self.pool(analytics), pool => {
                 let mut query = sqlx::QueryBuilder::new(format!(
                     "SELECT event_id FROM {table} WHERE event_id IN ("
                 ));
@@ -88,26 +121,31 @@ impl StoreProbe {
     /// Each tenant's effects.
     pub async fn per_tenant(&self) -> Result<BTreeMap<String, StoreCounts>> {
         let mut out: BTreeMap<String, StoreCounts> = BTreeMap::new();
-        let queries: [(&str, CountField); 4] = [
+        // (query, whether it reads analytics' tables, the count it fills)
+        let queries: [(&str, bool, CountField); 4] = [
             (
                 "SELECT tenant_id, COUNT(*) FROM processed_events GROUP BY tenant_id",
+                false,
                 |c| &mut c.ledger,
             ),
             (
                 "SELECT tenant_id, CAST(SUM(events_applied) AS BIGINT) FROM customers GROUP BY tenant_id",
+                false,
                 |c| &mut c.events_applied,
             ),
             (
                 "SELECT tenant_id, COUNT(*) FROM analytics_processed GROUP BY tenant_id",
+                true,
                 |c| &mut c.analytics_ledger,
             ),
             (
                 "SELECT tenant_id, CAST(SUM(events) AS BIGINT) FROM analytics_event_counts GROUP BY tenant_id",
+                true,
                 |c| &mut c.analytics_counted,
             ),
         ];
-        for (sql, field) in queries {
-            let rows: Vec<(String, i64)> = with_pool!(self, pool => {
+        for (sql, analytics, field) in queries {
+            let rows: Vec<(String, i64)> = with_pool!(self.pool(analytics), pool => {
                 sqlx::query_as(sql)
                     .fetch_all(pool)
                     .await
@@ -121,7 +159,16 @@ impl StoreProbe {
     }
 
     pub async fn close(self) {
-        with_pool!(self, pool => pool.close().await);
+        match self {
+            Self::Sqlite {
+                projection,
+                analytics,
+            } => {
+                projection.close().await;
+                analytics.close().await;
+            }
+            Self::Postgres(pool) => pool.close().await,
+        }
     }
 }
 

@@ -109,9 +109,10 @@ impl Store {
         // batches on PostgreSQL from deadlocking; stable sorts keep a repeat's first copy.
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
-        with_pool!(self, pool => {
+        let db = self.analytics_db();
+        with_pool!(db, pool => {
             let acquire = std::time::Instant::now();
-            let _writer = self.enter_writer().await;
+            let _writer = db.enter_writer().await;
             let mut tx = pool.begin().await.map_err(failed)?;
             let writing = crate::stage("analytics", "acquire", acquire);
             let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
@@ -184,7 +185,7 @@ impl Store {
             tenant_id: tenant.to_owned(),
             ..AnalyticsSummary::default()
         };
-        with_read_pool!(self, pool => {
+        with_read_pool!(self.analytics_db(), pool => {
             summary.events_counted = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM analytics_processed WHERE tenant_id = $1",
             )
@@ -243,7 +244,7 @@ impl Store {
         event_type: Option<EventType>,
     ) -> Result<Vec<MinuteCount>, StoreError> {
         let failed = self.failed("reading analytics");
-        let rows: Vec<(i64, String, i64)> = with_read_pool!(self, pool => {
+        let rows: Vec<(i64, String, i64)> = with_read_pool!(self.analytics_db(), pool => {
             sqlx::query_as(
                 "SELECT minute_start_s, event_type, events FROM analytics_event_counts \
                  WHERE tenant_id = $1 AND minute_start_s >= $2 AND minute_start_s < $3 \

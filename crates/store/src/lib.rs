@@ -102,6 +102,10 @@ pub struct Store {
     gate: Option<std::sync::Arc<gate::WriteGate>>,
     /// Where this handle's write transactions queue.
     priority: WritePriority,
+    /// SQLite: the analytics tables' own database file ([`sqlite_analytics_path`]), with its own
+    /// writer, so analytics transactions and the projection's never wait for each other. `None`
+    /// where the analytics tables live beside the projection (PostgreSQL, in-memory SQLite).
+    analytics: Option<std::sync::Arc<Store>>,
 }
 
 /// Runs `$body` with `$pool` bound to whichever write pool the store has. The SQL is the same
@@ -170,6 +174,134 @@ async fn open_sqlite(
     Ok((write, read))
 }
 
+impl OpenError {
+    fn into_store_error(self, backend: &'static str, url: &str) -> StoreError {
+        match self {
+            Self::Connect(source) => StoreError::Connect {
+                backend,
+                url: redacted(url),
+                source,
+            },
+            Self::Migrate(source) => StoreError::Migrate { backend, source },
+        }
+    }
+}
+
+/// [`open_sqlite`], tried again while the failure is transient.
+///
+/// SQLite has no advisory lock: when several roles start at once over a new file, one may be
+/// switching it to WAL or applying a migration while another starts to ("database is locked",
+/// or a table that already exists). The loser tries again and then finds the work done. A file
+/// that cannot be opened at all fails at once.
+async fn open_sqlite_retrying(
+    options: &SqliteConnectOptions,
+) -> Result<(SqlitePool, SqlitePool), OpenError> {
+    let mut attempt: u32 = 0;
+    loop {
+        match open_sqlite(options).await {
+            Ok(pools) => return Ok(pools),
+            Err(OpenError::Connect(err))
+                if error::classify("sqlite", &err) != FailureClass::Transient =>
+            {
+                return Err(OpenError::Connect(err));
+            }
+            Err(_) if attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Where analytics keeps its SQLite database beside the projection's at `main`:
+/// `crm.db` → `crm-analytics.db`. SQLite has one writer per database file; with a file of its
+/// own, counting analytics never queues behind a projector commit (nor one behind it). The file
+/// has the same schema; only its `analytics_*` tables are used.
+pub fn sqlite_analytics_path(main: &std::path::Path) -> std::path::PathBuf {
+    let stem = main
+        .file_stem()
+        .map_or_else(|| "crm".into(), |s| s.to_string_lossy().into_owned());
+    let name = match main.extension() {
+        Some(extension) => format!("{stem}-analytics.{}", extension.to_string_lossy()),
+        None => format!("{stem}-analytics"),
+    };
+    main.with_file_name(name)
+}
+
+/// The analytics file's options, from the projection's; `None` for an in-memory database.
+fn sqlite_analytics_options(main: &SqliteConnectOptions) -> Option<SqliteConnectOptions> {
+    let file = main.get_filename();
+    let name = file.to_string_lossy();
+    if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
+        return None;
+    }
+    Some(main.clone().filename(sqlite_analytics_path(file)))
+}
+
+/// The tables analytics writes, moved to its own file by [`adopt_legacy_analytics`].
+const ANALYTICS_TABLES: [&str; 5] = [
+    "analytics_processed",
+    "analytics_event_counts",
+    "analytics_tickets",
+    "analytics_consents",
+    "analytics_deals",
+];
+
+/// A database from before analytics had a file of its own counted into the projection's file:
+/// when the analytics file is still empty and the projection's holds analytics rows, they move
+/// (copied, then deleted from the projection's file), so nothing counted is counted again or
+/// lost. Runs on the analytics writer, before anything else uses it.
+async fn adopt_legacy_analytics(
+    analytics: &SqlitePool,
+    main: &SqliteConnectOptions,
+) -> Result<(), sqlx::Error> {
+    let counted: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM analytics_processed")
+        .fetch_one(analytics)
+        .await?;
+    if counted > 0 {
+        return Ok(());
+    }
+    let mut conn = analytics.acquire().await?;
+    sqlx::query("ATTACH DATABASE $1 AS projection")
+        .bind(main.get_filename().to_string_lossy().into_owned())
+        .execute(&mut *conn)
+        .await?;
+    let moved = async {
+        let legacy: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM projection.analytics_processed")
+            .fetch_one(&mut *conn)
+            .await?;
+        if legacy == 0 {
+            return Ok(0);
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for table in ANALYTICS_TABLES {
+            sqlx::query(&format!(
+                "INSERT INTO main.{table} SELECT * FROM projection.{table}"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!("DELETE FROM projection.{table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok::<i64, sqlx::Error>(legacy)
+    }
+    .await;
+    sqlx::query("DETACH DATABASE projection")
+        .execute(&mut *conn)
+        .await?;
+    let moved = moved?;
+    if moved > 0 {
+        tracing::info!(
+            events = moved,
+            "analytics moved to its own database file beside the projection's"
+        );
+    }
+    Ok(())
+}
+
 /// Record how long a transaction spent in `stage` since `since` (`crm_store_stage_seconds`);
 /// returns now, where the next stage starts.
 pub(crate) fn stage(
@@ -226,35 +358,38 @@ impl Store {
             source,
         };
         let migrate_error = |source| StoreError::Migrate { backend, source };
-        let (pool, read) = if backend == "sqlite" {
+        let (pool, read, analytics) = if backend == "sqlite" {
             let sqlite = SqliteConnectOptions::from_str(url)
                 .map_err(connect_error)?
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(options.sqlite_synchronous.pragma())
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            // SQLite has no advisory lock: when several roles start at once over a new file,
-            // one may be switching it to WAL or applying a migration while another starts to
-            // ("database is locked", or a table that already exists). The loser tries again and
-            // then finds the work done. A file that cannot be opened at all fails at once.
-            let mut attempt: u32 = 0;
-            let (write, read) = loop {
-                match open_sqlite(&sqlite).await {
-                    Ok(pools) => break pools,
-                    Err(OpenError::Connect(err))
-                        if error::classify("sqlite", &err) != FailureClass::Transient =>
-                    {
-                        return Err(connect_error(err));
-                    }
-                    Err(_) if attempt < 10 => {
-                        attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-                    }
-                    Err(OpenError::Connect(err)) => return Err(connect_error(err)),
-                    Err(OpenError::Migrate(err)) => return Err(migrate_error(err)),
+            let (write, read) = open_sqlite_retrying(&sqlite)
+                .await
+                .map_err(|err| err.into_store_error(backend, url))?;
+            let analytics = match sqlite_analytics_options(&sqlite) {
+                Some(options) => {
+                    let (write, read) = open_sqlite_retrying(&options)
+                        .await
+                        .map_err(|err| err.into_store_error(backend, url))?;
+                    adopt_legacy_analytics(&write, &sqlite)
+                        .await
+                        .map_err(|err| StoreError::Migrate {
+                            backend,
+                            source: sqlx::migrate::MigrateError::Execute(err),
+                        })?;
+                    Some(std::sync::Arc::new(Self {
+                        pool: Pool::Sqlite(write),
+                        read: Pool::Sqlite(read),
+                        gate: Some(Default::default()),
+                        priority: WritePriority::Bulk,
+                        analytics: None,
+                    }))
                 }
+                None => None,
             };
-            (Pool::Sqlite(write), Pool::Sqlite(read))
+            (Pool::Sqlite(write), Pool::Sqlite(read), analytics)
         } else {
             let write = PgPoolOptions::new()
                 .max_connections(16)
@@ -272,7 +407,7 @@ impl Store {
                 .connect(url)
                 .await
                 .map_err(connect_error)?;
-            (Pool::Postgres(write), Pool::Postgres(read))
+            (Pool::Postgres(write), Pool::Postgres(read), None)
         };
         let gate = matches!(pool, Pool::Sqlite(_)).then(Default::default);
         Ok(Self {
@@ -280,7 +415,13 @@ impl Store {
             read,
             gate,
             priority: WritePriority::Bulk,
+            analytics,
         })
+    }
+
+    /// The store analytics writes and reads: its own SQLite file, else this one.
+    pub(crate) fn analytics_db(&self) -> &Store {
+        self.analytics.as_deref().unwrap_or(self)
     }
 
     /// The same store whose write transactions queue as `priority`: on SQLite a

@@ -23,9 +23,10 @@ macro_rules! delete_chunk {
         )
     };
 }
-const DELETE_CHUNKS: [&str; 2] = [
-    delete_chunk!("processed_events"),
-    delete_chunk!("analytics_processed"),
+/// Each ledger's delete, and whether it is analytics' (in its own SQLite file).
+const DELETE_CHUNKS: [(&str, bool); 2] = [
+    (delete_chunk!("processed_events"), false),
+    (delete_chunk!("analytics_processed"), true),
 ];
 
 impl Store {
@@ -37,9 +38,10 @@ impl Store {
         let age_ns = i64::try_from(older_than.as_nanos()).unwrap_or(i64::MAX);
         let cutoff_ns = now_ns().saturating_sub(age_ns);
         let mut pruned = 0;
-        for delete in DELETE_CHUNKS {
+        for (delete, analytics) in DELETE_CHUNKS {
+            let db = if analytics { self.analytics_db() } else { self };
             loop {
-                let deleted = with_pool!(self, pool => {
+                let deleted = with_pool!(db, pool => {
                     sqlx::query(delete)
                         .bind(cutoff_ns)
                         .bind(i64::from(PRUNE_CHUNK_ROWS))

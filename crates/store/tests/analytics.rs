@@ -263,3 +263,83 @@ async fn concurrent_overlapping_batches_count_each_event_once(store: Store) {
     assert_eq!(summary.events_counted, 200);
     assert_eq!(summary.events_by_type.values().sum::<i64>(), 200);
 }
+
+/// On SQLite (one writer per database file) analytics counts in a database file of its own, so
+/// its transactions never queue behind the projection's, nor the projection's behind them.
+#[tokio::test]
+async fn on_sqlite_counting_does_not_wait_for_the_projection_writer() {
+    use sqlx::{Connection, Executor};
+    let db = test_support::TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("connect");
+    // Another writer holds the projection's database.
+    let mut other = sqlx::SqliteConnection::connect(&db.url())
+        .await
+        .expect("connect");
+    other.execute("BEGIN IMMEDIATE").await.expect("write lock");
+    let counted = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.apply_analytics(&[sample::event(EventType::PageViewed, TENANT, "c1")]),
+    )
+    .await;
+    other.execute("ROLLBACK").await.expect("rollback");
+    let counted = counted.expect("analytics waited for the projection's writer");
+    assert_eq!(counted.expect("counted"), [Applied::Applied]);
+    assert_eq!(
+        store
+            .analytics_summary(TENANT)
+            .await
+            .expect("summary")
+            .events_counted,
+        1
+    );
+    assert!(
+        std::path::Path::new(&store::sqlite_analytics_path(&db.path())).exists(),
+        "the analytics file sits beside the projection's"
+    );
+}
+
+/// A SQLite database from before analytics had a file of its own keeps what it counted: the
+/// rows move to the analytics file when the store first opens it.
+#[tokio::test]
+async fn what_analytics_counted_in_the_projection_file_moves_to_its_own() {
+    use sqlx::Executor;
+    let db = test_support::TempSqlite::new();
+    let legacy = sqlx::SqlitePool::connect(&db.url()).await.expect("connect");
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&legacy)
+        .await
+        .expect("migrate");
+    legacy
+        .execute(
+            "INSERT INTO analytics_processed (tenant_id, dedupe_key, event_id, processed_at_ns) \
+             VALUES ('acme', 'e1', 'e1', 1), ('acme', 'e2', 'e2', 1); \
+             INSERT INTO analytics_event_counts (tenant_id, minute_start_s, event_type, events) \
+             VALUES ('acme', 60, 'page_viewed', 2);",
+        )
+        .await
+        .expect("counted before the split");
+    legacy.close().await;
+
+    let store = Store::connect(&db.url()).await.expect("connect");
+    let summary = store.analytics_summary("acme").await.expect("summary");
+    assert_eq!(summary.events_counted, 2);
+    assert_eq!(summary.events_by_type["page_viewed"], 2);
+    // Still recognised: the ledger moved with the counts.
+    let mut again = sample::event(EventType::PageViewed, "acme", "c1");
+    again.event_id = "e1".into();
+    assert_eq!(
+        store.apply_analytics(&[again]).await.expect("count"),
+        [Applied::Duplicate]
+    );
+    drop(store);
+    // Opened again: nothing is moved twice.
+    let store = Store::connect(&db.url()).await.expect("connect");
+    assert_eq!(
+        store
+            .analytics_summary("acme")
+            .await
+            .expect("summary")
+            .events_counted,
+        2
+    );
+}

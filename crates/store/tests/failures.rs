@@ -275,12 +275,25 @@ async fn a_refused_sqlite_write_is_rejected_and_leaves_nothing() {
     admin
         .execute(
             "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
-             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END; \
-             CREATE TRIGGER refuse_poison_deal BEFORE INSERT ON analytics_deals \
+             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
+        )
+        .await
+        .expect("trigger");
+    // Analytics counts in a file of its own.
+    let analytics_url = format!(
+        "sqlite://{}",
+        store::sqlite_analytics_path(&db.path()).display()
+    );
+    let mut analytics = sqlx::SqliteConnection::connect(&analytics_url)
+        .await
+        .expect("connect");
+    analytics
+        .execute(
+            "CREATE TRIGGER refuse_poison_deal BEFORE INSERT ON analytics_deals \
              WHEN NEW.deal_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
         )
         .await
-        .expect("triggers");
+        .expect("trigger");
     let good = vec![
         sample::event(EventType::ContactCreated, TENANT, "good"),
         won("good", 1, "d1", "USD", 500),
