@@ -12,8 +12,10 @@
 //!   JetStream's own publish delay), the controller sets a bulk rate from what the pipeline
 //!   processes, lowers it while the delay keeps growing and raises it additively while the delay
 //!   stays under target, until the limit is far above demand and it opens again. The rate is
-//!   shared fairly between the tenants sending bulk (each tenant's bucket refills at
-//!   `rate / active tenants`), so one tenant's flood cannot take another's share. A refused bulk
+//!   shared max-min fairly between the tenants sending bulk: each tenant is guaranteed
+//!   `rate / active tenants` (its own bucket), and what some leave unused goes to those that
+//!   want more (a shared bucket at the whole rate, which every admission draws on), so one
+//!   tenant's flood cannot take another's share, and a share nobody uses is not refused. A refused bulk
 //!   event is answered 503 with `Retry-After` before it is stored: nothing acked is dropped.
 //!
 //! The controller is pure ([`BulkController`]): time comes in as arguments, so its tests run
@@ -175,6 +177,26 @@ struct Bucket {
     last: Instant,
 }
 
+impl Bucket {
+    /// A fifth of a second of `rate`, at least one event: small bursts pass.
+    fn burst(rate: f64) -> f64 {
+        (rate * 0.2).max(1.0)
+    }
+
+    fn full(rate: f64, now: Instant) -> Self {
+        Self {
+            tokens: Self::burst(rate),
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, now: Instant) {
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(Self::burst(rate));
+        self.last = now;
+    }
+}
+
 /// The bulk rate controller and the tenants' buckets. Pure: every method takes `now`.
 #[derive(Debug)]
 pub struct BulkController {
@@ -198,7 +220,11 @@ pub struct BulkController {
     publish_min: Option<Duration>,
     publish_interval_start: Instant,
     publish_congested: bool,
+    /// Each active tenant's guaranteed share (`rate / active tenants`).
     buckets: HashMap<String, Bucket>,
+    /// The whole rate, drawn on by every admission: what a tenant takes beyond its share comes
+    /// from here, so a share left unused goes to the tenants that want more. `None` while open.
+    shared: Option<Bucket>,
     last_seen: HashMap<String, Instant>,
 }
 
@@ -219,6 +245,7 @@ impl BulkController {
             publish_interval_start: now,
             publish_congested: false,
             buckets: HashMap::new(),
+            shared: None,
             last_seen: HashMap::new(),
         }
     }
@@ -253,23 +280,32 @@ impl BulkController {
             return true;
         };
         let share = limit / self.active_tenants(now) as f64;
-        // A fifth of a second of the share, at least one event: small bursts pass.
-        let burst = (share * 0.2).max(1.0);
-        let bucket = self.buckets.entry(tenant.to_owned()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * share).min(burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
+        let bucket = self
+            .buckets
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Bucket::full(share, now));
+        bucket.refill(share, now);
+        let shared = self.shared.get_or_insert_with(|| Bucket::full(limit, now));
+        shared.refill(limit, now);
+        // Max-min fairness, work-conserving: a tenant within its share always gets in (and
+        // draws on the shared bucket, which may go into debt down to minus its burst, so that
+        // the others' borrowing stops); beyond its share it takes what the others leave.
+        let admitted = if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            self.admitted += 1;
+            shared.tokens = (shared.tokens - 1.0).max(-Bucket::burst(limit));
+            true
+        } else if shared.tokens >= 1.0 {
+            shared.tokens -= 1.0;
             true
         } else {
-            self.refused += 1;
             false
+        };
+        if admitted {
+            self.admitted += 1;
+        } else {
+            self.refused += 1;
         }
+        admitted
     }
 
     /// A bulk publish took `took` to be acknowledged.
@@ -322,6 +358,7 @@ impl BulkController {
                 self.limit = if self.open_ticks >= OPEN_AFTER_TICKS {
                     self.open_ticks = 0;
                     self.buckets.clear();
+                    self.shared = None;
                     None
                 } else {
                     Some(raised)
@@ -710,7 +747,8 @@ mod tests {
         offer(&mut c, now, &[("flood", 5000), ("small", 200)]);
         c.tick(congested(600.0, 1000.0), now + Duration::from_secs(1));
         let limit = c.limit().expect("limited");
-        // One tenant floods at 20× the other; each is entitled to half the rate.
+        // One tenant floods at 20× the other; each is entitled to half the rate, and the flood
+        // may use what the small one leaves.
         let got = offer(
             &mut c,
             now + Duration::from_secs(1),
@@ -722,7 +760,47 @@ mod tests {
             f64::from(got[1]) >= (limit / 2.0).min(200.0) * 0.8,
             "the small tenant keeps its share: {got:?} of {limit}"
         );
-        assert!(f64::from(got[0]) <= limit / 2.0 * 1.2 + 2.0, "{got:?}");
+        assert!(
+            f64::from(got[0]) >= (limit - 200.0) * 0.8,
+            "the flood gets what the small tenant leaves: {got:?} of {limit}"
+        );
+    }
+
+    #[test]
+    fn a_share_left_unused_goes_to_the_tenants_that_want_more_and_a_newcomer_gets_its_own() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("a", 4000)]);
+        c.tick(congested(600.0, 2000.0), now + Duration::from_secs(1));
+        let limit = c.limit().expect("limited");
+        // Zipf-like demand under the limit: nothing is refused, whoever sends the most.
+        let demand = [("big", 700), ("mid", 400), ("tail1", 150), ("tail2", 100)];
+        let got = offer(&mut c, now + Duration::from_secs(1), &demand);
+        let wanted: u32 = demand.iter().map(|(_, n)| n).sum();
+        assert!(f64::from(wanted) < limit, "{wanted} < {limit}");
+        assert!(
+            got.iter()
+                .zip(demand)
+                .all(|(g, (_, d))| f64::from(*g) >= f64::from(d) * 0.95),
+            "demand under the limit is admitted whoever sends it: {got:?} of {demand:?}"
+        );
+        // Two floods and a newcomer over the limit: the newcomer keeps its share, the floods
+        // split the rest and the total stays at the limit.
+        let got = offer(
+            &mut c,
+            now + Duration::from_secs(2),
+            &[("big", 5000), ("mid", 5000), ("new", 200)],
+        );
+        let total = f64::from(got.iter().sum::<u32>());
+        assert!(total <= limit * 1.2 + 2.0, "{got:?} over {limit}");
+        assert!(
+            f64::from(got[2]) >= (limit / 3.0).min(200.0) * 0.8,
+            "the newcomer keeps its share: {got:?} of {limit}"
+        );
+        let (big, mid) = (f64::from(got[0]), f64::from(got[1]));
+        assert!(
+            big.min(mid) >= big.max(mid) * 0.7,
+            "the floods share alike: {got:?}"
+        );
     }
 
     #[test]
