@@ -239,9 +239,19 @@ pub fn write_definitions(dir: &Path, overrides: &toml::Table, to: &Path) -> Resu
     Ok(())
 }
 
-/// A throwaway PostgreSQL database and a proxy in front of it; `Err` (not a panic) when
-/// PostgreSQL does not answer.
-async fn postgres_store() -> Result<(StoreHandle, String)> {
+/// Whether the platform reaches the store through the harness's proxy: only when the scenario
+/// cuts the store (a `store_down` fault). Otherwise the proxy would be one more hop in every
+/// statement's round trip, run by the harness's busy runtime, and measured as the store's.
+pub fn store_needs_proxy(scenario: &Scenario) -> bool {
+    scenario
+        .fault
+        .as_ref()
+        .is_some_and(|fault| fault.kind == crate::scenario::FaultKind::StoreDown)
+}
+
+/// A throwaway PostgreSQL database, with a proxy in front of it when `proxied`; `Err` (not a
+/// panic) when PostgreSQL does not answer.
+async fn postgres_store(proxied: bool) -> Result<(StoreHandle, String)> {
     let admin = test_support::postgres_admin_url();
     let host_port = admin
         .split_once("://")
@@ -273,13 +283,18 @@ async fn postgres_store() -> Result<(StoreHandle, String)> {
         )
     })?;
     let database = TempPostgres::create().await;
-    let proxy = TcpProxy::start(upstream).await;
-    let platform_url = test_support::via(&database.url(), proxy.addr());
+    let (proxy, platform_url) = if proxied {
+        let proxy = TcpProxy::start(upstream).await;
+        let url = test_support::via(&database.url(), proxy.addr());
+        (Some(proxy), url)
+    } else {
+        (None, database.url())
+    };
     Ok((
         StoreHandle {
             kind: StoreKind::Postgres,
             direct_url: database.url(),
-            proxy: Some(proxy),
+            proxy,
             _database: Some(database),
         },
         platform_url,
@@ -408,7 +423,8 @@ impl Stack {
             .and_then(|p| p.parse().ok())
             .with_context(|| format!("no port in {nats_url}"))?;
 
-        // The store: a file in the temp dir, or a throwaway PostgreSQL database behind a proxy.
+        // The store: a file in the temp dir, or a throwaway PostgreSQL database (behind a proxy
+        // when a fault will cut it).
         let (store, platform_store_url) = match scenario.stack.store {
             StoreKind::Sqlite => {
                 let url = format!("sqlite://{}?mode=rwc", data.path().join("crm.db").display());
@@ -422,7 +438,7 @@ impl Stack {
                     url,
                 )
             }
-            StoreKind::Postgres => postgres_store().await?,
+            StoreKind::Postgres => postgres_store(store_needs_proxy(scenario)).await?,
         };
 
         // The run's crm.toml: the committed one, our addresses and keys, the scenario's overrides.
@@ -674,6 +690,26 @@ impl Stack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_is_proxied_only_for_a_store_fault() {
+        let scenario = |extra: &str| {
+            crate::scenario::Scenario::parse(&format!(
+                "name = \"t\"\n[stack]\nstore = \"postgres\"\n[[phase]]\nname = \"p\"\n\
+                 duration = \"10s\"\nrate = 10\n{extra}"
+            ))
+            .expect("scenario")
+        };
+        // A proxy is a hop in every statement's round trip, run by the busy harness: only when
+        // the run will cut the store through it.
+        assert!(!store_needs_proxy(&scenario("")));
+        assert!(!store_needs_proxy(&scenario(
+            "[fault]\nkind = \"kill_nats\"\nat = \"1s\"\nrecovery_p99_ms = 1\n"
+        )));
+        assert!(store_needs_proxy(&scenario(
+            "[fault]\nkind = \"store_down\"\nat = \"1s\"\nrecovery_p99_ms = 1\n"
+        )));
+    }
 
     #[test]
     fn overrides_merge_table_by_table() {
