@@ -178,6 +178,8 @@ pub async fn run_placed(
     let mut critical = worker.clone().lanes(&[Lane::Critical]);
     critical.max_batch = config.max_batch.min(CRITICAL_MAX_BATCH);
     critical.concurrency = 1;
+    // The latency path commits what has arrived; only bulk waits to fill its batches.
+    critical.fill_linger = std::time::Duration::ZERO;
     let mut bulk = worker.lanes(&[Lane::High, Lane::Standard]);
     // High events share a transaction with standard ones rather than paying for one each.
     bulk.top_up = true;

@@ -136,6 +136,8 @@ enum OpenError {
 
 /// SQLite readers, every one opened with the store.
 const SQLITE_READERS: u32 = 4;
+/// Readers of analytics' file (the summary endpoints: rare reads).
+const ANALYTICS_READERS: u32 = 1;
 
 /// The SQLite writer (one connection) migrated, then the readers (which then see the schema).
 ///
@@ -148,6 +150,7 @@ const SQLITE_READERS: u32 = 4;
 /// connection that breaks is replaced by the task that finds it broken).
 async fn open_sqlite(
     options: &SqliteConnectOptions,
+    readers: u32,
 ) -> Result<(SqlitePool, SqlitePool), OpenError> {
     let write = SqlitePoolOptions::new()
         .max_connections(1)
@@ -162,15 +165,15 @@ async fn open_sqlite(
         .await
         .map_err(OpenError::Migrate)?;
     let read = SqlitePoolOptions::new()
-        .max_connections(SQLITE_READERS)
+        .max_connections(readers)
         .idle_timeout(None)
         .max_lifetime(None)
         .connect_lazy_with(options.clone().read_only(true));
-    let mut readers = Vec::with_capacity(SQLITE_READERS as usize);
-    for _ in 0..SQLITE_READERS {
-        readers.push(read.acquire().await.map_err(OpenError::Connect)?);
+    let mut open = Vec::with_capacity(readers as usize);
+    for _ in 0..readers {
+        open.push(read.acquire().await.map_err(OpenError::Connect)?);
     }
-    drop(readers);
+    drop(open);
     Ok((write, read))
 }
 
@@ -195,10 +198,11 @@ impl OpenError {
 /// that cannot be opened at all fails at once.
 async fn open_sqlite_retrying(
     options: &SqliteConnectOptions,
+    readers: u32,
 ) -> Result<(SqlitePool, SqlitePool), OpenError> {
     let mut attempt: u32 = 0;
     loop {
-        match open_sqlite(options).await {
+        match open_sqlite(options, readers).await {
             Ok(pools) => return Ok(pools),
             Err(OpenError::Connect(err))
                 if error::classify("sqlite", &err) != FailureClass::Transient =>
@@ -365,14 +369,25 @@ impl Store {
                 .synchronous(options.sqlite_synchronous.pragma())
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            let (write, read) = open_sqlite_retrying(&sqlite)
+            let (write, read) = open_sqlite_retrying(&sqlite, SQLITE_READERS)
                 .await
                 .map_err(|err| err.into_store_error(backend, url))?;
             let analytics = match sqlite_analytics_options(&sqlite) {
                 Some(options) => {
-                    let (write, read) = open_sqlite_retrying(&options)
-                        .await
-                        .map_err(|err| err.into_store_error(backend, url))?;
+                    // Analytics is bulk work: its connections are opened from a task on the
+                    // runtime's worker threads, so its SQLite threads take their priority (in a
+                    // role process, the lowered bulk threads), not the opener's.
+                    let (write, read) = tokio::spawn(async move {
+                        open_sqlite_retrying(&options, ANALYTICS_READERS).await
+                    })
+                    .await
+                    // The task ends only by finishing, unless the runtime is shutting down.
+                    .map_err(|_shutting_down| StoreError::Connect {
+                        backend,
+                        url: redacted(url),
+                        source: sqlx::Error::WorkerCrashed,
+                    })
+                    .and_then(|opened| opened.map_err(|err| err.into_store_error(backend, url)))?;
                     adopt_legacy_analytics(&write, &sqlite)
                         .await
                         .map_err(|err| StoreError::Migrate {
