@@ -697,6 +697,7 @@ rate = 100
                 "overload",
                 "overload-nats",
                 "paper",
+                "paper-postgres",
                 "ramp",
                 "smoke",
                 "soak",

@@ -534,39 +534,34 @@ pub async fn run_worker<H: Handler>(
         };
         for (position, (source, messages)) in sources.iter_mut().take(below).skip(index).enumerate()
         {
-            take_buffered(
-                messages,
-                &mut batch,
-                &mut batch_labels,
-                source.label,
-                config.max_batch,
-            );
             // The lead source has a backlog in the stream beyond what has reached us: wait for
             // it (briefly) rather than commit a batch of what one pull happened to bring. A
             // batch costs a commit, so a backlog taken in part batches drains at a fraction of
             // the rate; the wait is for messages already stored, about one round trip.
-            if position == 0 && !config.fill_linger.is_zero() {
-                let deadline = tokio::time::Instant::now() + config.fill_linger;
-                while batch.len() < config.max_batch
-                    && batch
-                        .last()
-                        .and_then(|m| m.info().ok())
-                        .is_some_and(|i| i.pending > 0)
+            let linger = (position == 0).then_some(config.fill_linger);
+            let deadline = tokio::time::Instant::now() + linger.unwrap_or_default();
+            loop {
+                take_buffered(
+                    messages,
+                    &mut batch,
+                    &mut batch_labels,
+                    source.label,
+                    config.max_batch,
+                );
+                let backlog = batch
+                    .last()
+                    .and_then(|m| m.info().ok())
+                    .is_some_and(|i| i.pending > 0);
+                if linger.is_none_or(|l| l.is_zero()) || batch.len() >= config.max_batch || !backlog
                 {
-                    match tokio::time::timeout_at(deadline, messages.next()).await {
-                        Ok(Some(Ok(message))) => {
-                            batch.push(message);
-                            batch_labels.push(source.label);
-                            take_buffered(
-                                messages,
-                                &mut batch,
-                                &mut batch_labels,
-                                source.label,
-                                config.max_batch,
-                            );
-                        }
-                        _ => break,
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(Ok(message))) => {
+                        batch.push(message);
+                        batch_labels.push(source.label);
                     }
+                    _ => break,
                 }
             }
             let last_of_source = batch
