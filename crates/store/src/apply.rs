@@ -1,7 +1,7 @@
 //! Applying a batch of events: the ledger, the registers and the aggregates, in one transaction.
 
 use crate::{
-    Store, StoreError,
+    Store, StoreError, WritePriority,
     registers::{Key, Lost, Plan, SettledFields, Version, settle_fields},
     with_pool,
     writes::occurred_at_ns,
@@ -238,11 +238,17 @@ impl Store {
         // event as the applied one.
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
+        // The stage metrics tell the priority path's transactions (the projector's critical
+        // worker) from bulk ones: how long a critical commit waits for the writer is its own figure.
+        let op = match self.priority {
+            WritePriority::Priority => "apply_priority",
+            WritePriority::Bulk => "apply",
+        };
         with_pool!(self, pool => {
             let acquire = std::time::Instant::now();
             let _writer = self.enter_writer().await;
             let mut tx = pool.begin().await.map_err(failed)?;
-            let writing = crate::stage("apply", "acquire", acquire);
+            let writing = crate::stage(op, "acquire", acquire);
             let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row
                     .push_bind(&event.tenant_id)
@@ -358,9 +364,9 @@ impl Store {
             write_deals!(tx, failed, "deals", plan);
             // Lifetime value is derived from the deal registers when read: nothing to update.
             result.context_changed = context_changed.into_iter().collect();
-            let commit = crate::stage("apply", "write", writing);
+            let commit = crate::stage(op, "write", writing);
             tx.commit().await.map_err(failed)?;
-            crate::stage("apply", "commit", commit);
+            crate::stage(op, "commit", commit);
         });
         metrics::counter!("crm_projector_conflicts_total").increment(result.conflicts);
         Ok(result)

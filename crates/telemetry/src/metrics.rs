@@ -133,7 +133,8 @@ pub const ALL: &[MetricDef] = &[
     def(STORE_STAGE_SECONDS, Histogram, SECONDS, &["op", "stage"],
         "Where a store transaction's time goes: acquire (waiting for the write connection and \
          BEGIN; on SQLite one writer, so this is the queue behind other transactions), write \
-         (the statements), commit (COMMIT, the fsync); op is apply (projector) or analytics"),
+         (the statements), commit (COMMIT, the fsync); op is apply (projector, bulk), \
+         apply_priority (projector, critical worker) or analytics"),
     def(WORKER_WAITING, Gauge, None, &["role"],
         "1 while the role holds a batch for a dependency that is down (the store) and takes no \
          new work, else 0"),
