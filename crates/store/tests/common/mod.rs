@@ -214,3 +214,12 @@ pub fn per_currency(value: &[store::CurrencyAmount]) -> Vec<(&str, i64)> {
         .map(|v| (v.currency_code.as_str(), v.minor_units))
         .collect()
 }
+
+/// How many events analytics has counted for `tenant`.
+pub async fn events_counted(store: &store::Store, tenant: &str) -> i64 {
+    store
+        .analytics_summary(tenant)
+        .await
+        .expect("summary")
+        .events_counted
+}
