@@ -538,8 +538,8 @@ pub async fn run_worker<H: Handler>(
             // it (briefly) rather than commit a batch of what one pull happened to bring. A
             // batch costs a commit, so a backlog taken in part batches drains at a fraction of
             // the rate; the wait is for messages already stored, about one round trip.
-            let linger = (position == 0).then_some(config.fill_linger);
-            let deadline = tokio::time::Instant::now() + linger.unwrap_or_default();
+            let lingering = position == 0 && !config.fill_linger.is_zero();
+            let deadline = tokio::time::Instant::now() + config.fill_linger;
             loop {
                 take_buffered(
                     messages,
@@ -548,12 +548,13 @@ pub async fn run_worker<H: Handler>(
                     source.label,
                     config.max_batch,
                 );
-                let backlog = batch
-                    .last()
-                    .and_then(|m| m.info().ok())
-                    .is_some_and(|i| i.pending > 0);
-                if linger.is_none_or(|l| l.is_zero()) || batch.len() >= config.max_batch || !backlog
-                {
+                let backlog = || {
+                    batch
+                        .last()
+                        .and_then(|m| m.info().ok())
+                        .is_some_and(|i| i.pending > 0)
+                };
+                if !lingering || batch.len() >= config.max_batch || !backlog() {
                     break;
                 }
                 match tokio::time::timeout_at(deadline, messages.next()).await {

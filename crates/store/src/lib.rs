@@ -260,10 +260,11 @@ async fn adopt_legacy_analytics(
     analytics: &SqlitePool,
     main: &SqliteConnectOptions,
 ) -> Result<(), sqlx::Error> {
-    let counted: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM analytics_processed")
+    // EXISTS, not COUNT(*): this runs at every start, over a ledger that may hold millions.
+    let counted: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM analytics_processed)")
         .fetch_one(analytics)
         .await?;
-    if counted > 0 {
+    if counted {
         return Ok(());
     }
     let mut conn = analytics.acquire().await?;
@@ -272,25 +273,31 @@ async fn adopt_legacy_analytics(
         .execute(&mut *conn)
         .await?;
     let moved = async {
-        let legacy: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM projection.analytics_processed")
-            .fetch_one(&mut *conn)
-            .await?;
-        if legacy == 0 {
+        let legacy: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projection.analytics_processed)")
+                .fetch_one(&mut *conn)
+                .await?;
+        if !legacy {
             return Ok(0);
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut events = 0;
         for table in ANALYTICS_TABLES {
-            sqlx::query(&format!(
+            let copied = sqlx::query(&format!(
                 "INSERT INTO main.{table} SELECT * FROM projection.{table}"
             ))
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if table == "analytics_processed" {
+                events = copied;
+            }
             sqlx::query(&format!("DELETE FROM projection.{table}"))
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok::<i64, sqlx::Error>(legacy)
+        Ok::<u64, sqlx::Error>(events)
     }
     .await;
     sqlx::query("DETACH DATABASE projection")
