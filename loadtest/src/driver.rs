@@ -30,9 +30,11 @@ use std::{
 /// Where events go.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// A gateway (or anything speaking its API) at `base_url`; `keys[k]` is tenant k's API key.
+    /// A gateway (or anything speaking its API) at `base_url`, with its priority door at
+    /// `priority_url` if it has one; `keys[k]` is tenant k's API key.
     Http {
         base_url: String,
+        priority_url: Option<String>,
         keys: Vec<String>,
     },
     Nats(Box<Bus>),
@@ -72,6 +74,9 @@ pub struct Driver {
     http: reqwest::Client,
     single_url: String,
     batch_url: String,
+    /// HTTP: critical and high single events to the gateway's priority door, over connections
+    /// of their own (their requests never wait behind bulk ones on a connection).
+    priority_http: Option<(reqwest::Client, String)>,
     auth: Vec<HeaderValue>,
     nats: Option<Bus>,
     /// NATS: critical and high to `crm.priority.…`.
@@ -112,14 +117,26 @@ impl Driver {
     }
 
     pub fn new(config: &DriverConfig, target: Target, pool: usize) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(pool)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .timeout(config.timeout)
-            .build()?;
+        let client = || {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(pool)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+                .timeout(config.timeout)
+                .build()
+        };
+        let http = client()?;
+        let mut priority_http = None;
         let (single_url, batch_url, auth, nats) = match target {
-            Target::Http { base_url, keys } => {
+            Target::Http {
+                base_url,
+                priority_url,
+                keys,
+            } => {
+                if let Some(url) = priority_url.filter(|_| config.priority_subjects) {
+                    let url = format!("{}/v1/events", url.trim_end_matches('/'));
+                    priority_http = Some((client()?, url));
+                }
                 let base = base_url.trim_end_matches('/');
                 let auth = keys
                     .iter()
@@ -151,6 +168,7 @@ impl Driver {
             http,
             single_url,
             batch_url,
+            priority_http,
             auth,
             nats,
             priority_subjects: config.priority_subjects,
@@ -236,9 +254,12 @@ impl Driver {
                 events::encode_proto(&generated.event),
             ),
         };
-        let response = match self
-            .http
-            .post(&self.single_url)
+        let (http, url) = match &self.priority_http {
+            Some((http, url)) if admission::is_priority(generated.class) => (http, url),
+            _ => (&self.http, &self.single_url),
+        };
+        let response = match http
+            .post(url)
             .header(AUTHORIZATION, self.auth(generated.tenant))
             .header(CONTENT_TYPE, content_type)
             .body(body)

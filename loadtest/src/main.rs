@@ -42,6 +42,10 @@ enum Command {
         target_url: Option<String>,
         #[arg(long, requires = "target_url")]
         nats_url: Option<String>,
+        /// The running gateway's priority door (`gateway.priority_listen`), if it has one:
+        /// critical and high events go there.
+        #[arg(long, requires = "target_url")]
+        priority_url: Option<String>,
         /// API key of the running gateway.
         #[arg(long)]
         api_key: Option<String>,
@@ -160,6 +164,7 @@ async fn run(cli: Cli) -> Result<bool> {
             out,
             target_url,
             nats_url,
+            priority_url,
             api_key,
             tenant,
             crm_bin,
@@ -179,6 +184,7 @@ async fn run(cli: Cli) -> Result<bool> {
                     );
                     Some(External {
                         gateway_url,
+                        gateway_priority_url: priority_url,
                         nats_url,
                         api_key,
                         tenant,

@@ -42,6 +42,8 @@ use std::{
 #[derive(Debug, Clone)]
 pub struct External {
     pub gateway_url: String,
+    /// The gateway's priority door, if it has one: critical and high events go there.
+    pub gateway_priority_url: Option<String>,
     pub nats_url: String,
     pub api_key: String,
     pub tenant: String,
@@ -231,10 +233,11 @@ pub async fn run(options: Options) -> Result<Report> {
         .unwrap_or_default();
 
     // The platform.
-    let (stack, target_url, nats_url, api_keys) = match &options.external {
+    let (stack, target_url, priority_url, nats_url, api_keys) = match &options.external {
         Some(external) => (
             None,
             external.gateway_url.clone(),
+            external.gateway_priority_url.clone(),
             external.nats_url.clone(),
             vec![external.api_key.clone()],
         ),
@@ -247,12 +250,13 @@ pub async fn run(options: Options) -> Result<Report> {
                 }
             );
             let stack = Stack::start(scenario, &options.paths, &options.out_dir).await?;
-            let (url, nats, keys) = (
+            let (url, priority_url, nats, keys) = (
                 stack.gateway_url.clone(),
+                stack.gateway_priority_url.clone(),
                 stack.nats_url.clone(),
                 stack.api_keys.clone(),
             );
-            (Some(stack), url, nats, keys)
+            (Some(stack), url, priority_url, nats, keys)
         }
     };
     let pids: Pids = stack
@@ -271,7 +275,10 @@ pub async fn run(options: Options) -> Result<Report> {
         &options,
         Arc::clone(&stack),
         pids,
-        &target_url,
+        HttpTarget {
+            base_url: &target_url,
+            priority_url: priority_url.as_deref(),
+        },
         &nats_url,
         api_keys,
     )
@@ -295,11 +302,18 @@ pub async fn run(options: Options) -> Result<Report> {
     Ok(report)
 }
 
+/// Where the HTTP drivers send: the gateway's main door and, if it has one, its priority door.
+#[derive(Debug, Clone, Copy)]
+struct HttpTarget<'a> {
+    base_url: &'a str,
+    priority_url: Option<&'a str>,
+}
+
 async fn drive(
     options: &Options,
     stack: Arc<tokio::sync::Mutex<Option<Stack>>>,
     pids: Pids,
-    target_url: &str,
+    http: HttpTarget<'_>,
     nats_url: &str,
     api_keys: Vec<String>,
 ) -> Result<Report> {
@@ -355,7 +369,8 @@ async fn drive(
     let target = match scenario.driver.kind {
         DriverKind::Nats => Target::Nats(Box::new(bus.clone())),
         DriverKind::Http | DriverKind::HttpBatch => Target::Http {
-            base_url: target_url.to_owned(),
+            base_url: http.base_url.to_owned(),
+            priority_url: http.priority_url.map(str::to_owned),
             keys: api_keys.clone(),
         },
     };
@@ -398,7 +413,8 @@ async fn drive(
                 target: match context.driver.nats_bus() {
                     Some(bus) => crate::probe::ProbeTarget::Nats(Box::new(bus.clone())),
                     None => crate::probe::ProbeTarget::Http {
-                        base_url: target_url.to_owned(),
+                        base_url: http.base_url.to_owned(),
+                        priority_url: http.priority_url.map(str::to_owned),
                         keys: probe_keys.clone(),
                     },
                 },
@@ -1430,6 +1446,7 @@ async fn sync_baseline(scenario: &Scenario, phases: &[PhaseReport]) -> Result<Sy
         &config,
         Target::Http {
             base_url: server.base_url.clone(),
+            priority_url: None,
             keys: vec!["sync".into()],
         },
         concurrency,

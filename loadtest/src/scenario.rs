@@ -105,8 +105,10 @@ pub struct DriverConfig {
     /// Sends of one event at most, the first included: a 503/429 with `Retry-After` is sent
     /// again (same id) after the delay while attempts and its phase last (1 = never again).
     pub max_attempts: u32,
-    /// `nats`: critical and high events to `crm.priority.<tenant>.<type>`, bulk to
-    /// `crm.ingest.…` (false: everything to `crm.ingest.…`).
+    /// The priority path for critical and high events: `nats` publishes them to
+    /// `crm.priority.<tenant>.<type>` over a connection of their own, bulk to `crm.ingest.…`;
+    /// `http` sends them to the gateway's priority door when it has one (its own connections).
+    /// False: everything by the bulk path.
     pub priority_subjects: bool,
     /// `nats`: hold bulk publishes to the rate `crm.control.admission` allows while it says
     /// `limited`, deferring the rest.

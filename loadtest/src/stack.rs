@@ -69,6 +69,8 @@ struct RoleProcess {
 pub struct Stack {
     pub nats_url: String,
     pub gateway_url: String,
+    /// The gateway's priority door (`gateway.priority_listen`), critical and high events only.
+    pub gateway_priority_url: Option<String>,
     /// API key of tenant k, for k in 0..tenants.
     pub api_keys: Vec<String>,
     pub nats_version: String,
@@ -446,6 +448,7 @@ impl Stack {
             .with_context(|| format!("reading {}", paths.base_config.display()))?;
         let mut config: toml::Table = toml::from_str(&text)?;
         let gateway_port = free_port()?;
+        let priority_port = free_port()?;
         let tenants = scenario.mix.tenants;
         let api_keys: Vec<String> = (0..tenants).map(api_key).collect();
         table(&mut config, "nats")?.insert("url".into(), nats_url.clone().into());
@@ -453,6 +456,10 @@ impl Stack {
         table(&mut config, "admin")?.insert("listen".into(), "127.0.0.1:0".into());
         let gateway = table(&mut config, "gateway")?;
         gateway.insert("listen".into(), format!("127.0.0.1:{gateway_port}").into());
+        gateway.insert(
+            "priority_listen".into(),
+            format!("127.0.0.1:{priority_port}").into(),
+        );
         let keys: Vec<toml::Value> = (0..tenants)
             .map(|k| {
                 let mut key = toml::Table::new();
@@ -482,12 +489,18 @@ impl Stack {
             .and_then(|r| r.get("high_water"))
             .and_then(toml::Value::as_float)
             .unwrap_or(0.8);
+        let gateway_priority_url = config
+            .get("gateway")
+            .and_then(|g| g.get("priority_listen"))
+            .and_then(toml::Value::as_str)
+            .map(|addr| format!("http://{addr}"));
         let config_path = log_dir.join("crm.toml");
         std::fs::write(&config_path, toml::to_string(&config)?)?;
 
         let mut stack = Self {
             nats_url,
             gateway_url: format!("http://127.0.0.1:{gateway_port}"),
+            gateway_priority_url,
             api_keys,
             nats_version,
             pids: Arc::new(Mutex::new(vec![("nats-server".to_owned(), pid)])),

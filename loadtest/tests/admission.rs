@@ -94,6 +94,7 @@ async fn drive_http(load: Load) -> (Arc<Run>, Arc<Seen>) {
         &config,
         Target::Http {
             base_url: format!("http://{addr}"),
+            priority_url: None,
             keys: vec!["k".into()],
         },
         8,
@@ -424,4 +425,109 @@ async fn nats_options_off_send_everything_to_ingest_unpaced() {
     assert_eq!(target.stored("T_INGEST").await, priority + bulk);
     assert_eq!(target.stored("T_PRIORITY").await, 0);
     assert_eq!(target.run.deferrals.load(Relaxed), 0);
+}
+
+/// Types of the events one door accepted.
+async fn accept(State(seen): State<Arc<Mutex<Vec<EventType>>>>, body: Bytes) -> Response {
+    match events::decode(&body, events::Encoding::Json)
+        .ok()
+        .as_ref()
+        .and_then(EventType::of)
+    {
+        Some(kind) => {
+            seen.lock().expect("lock").push(kind);
+            StatusCode::ACCEPTED.into_response()
+        }
+        None => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
+async fn door() -> (String, Arc<Mutex<Vec<EventType>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = Router::new()
+        .route("/v1/events", post(accept))
+        .with_state(Arc::clone(&seen));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+/// Over HTTP, critical and high events go to the gateway's priority door when it has one (as a
+/// payment service would send them), bulk to the main door; with `priority_subjects = false`
+/// everything goes to the main door.
+#[tokio::test]
+async fn http_critical_and_high_take_the_priority_door() {
+    for priority_path in [true, false] {
+        let (main_url, main) = door().await;
+        let (priority_url, priority) = door().await;
+        let config = DriverConfig {
+            kind: DriverKind::Http,
+            connections: 4,
+            priority_subjects: priority_path,
+            ..DriverConfig::default()
+        };
+        let driver = Driver::new(
+            &config,
+            Target::Http {
+                base_url: main_url,
+                priority_url: Some(priority_url),
+                keys: vec!["k".into()],
+            },
+            4,
+        )
+        .expect("driver");
+        let run = Arc::new(Run::new(22, 30));
+        let context = PhaseContext {
+            run: Arc::clone(&run),
+            driver: Arc::new(driver),
+            mix: Mix {
+                tenants: 1,
+                ..Mix::default()
+            },
+            tenant_names: vec![tenant_id(0)].into(),
+            seed: 5,
+            events_per_send: 1,
+            connections: 4,
+            retries: None,
+        };
+        let load = Load::Open {
+            rate: 400.0,
+            to_rate: 400.0,
+        };
+        run_phase(&context, 0, load, 0, Duration::from_secs(1)).await;
+        let (main, priority) = (
+            main.lock().expect("lock").clone(),
+            priority.lock().expect("lock").clone(),
+        );
+        assert_eq!(
+            (main.len() + priority.len()) as u64,
+            run.next_index.load(Relaxed),
+            "every event was sent once"
+        );
+        let is_priority = |kind: &EventType| {
+            matches!(
+                kind,
+                EventType::PaymentFailed
+                    | EventType::ConsentChanged
+                    | EventType::TicketEscalated
+                    | EventType::DealWon
+            )
+        };
+        if priority_path {
+            assert!(
+                !priority.is_empty() && priority.iter().all(is_priority),
+                "{priority:?}"
+            );
+            assert!(
+                !main.is_empty() && !main.iter().any(is_priority),
+                "{main:?}"
+            );
+        } else {
+            assert!(priority.is_empty(), "{priority:?}");
+            assert!(main.iter().any(is_priority), "{main:?}");
+        }
+    }
 }

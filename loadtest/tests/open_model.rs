@@ -96,6 +96,7 @@ async fn a_stall_counts_for_every_event_due_during_it() {
         &config,
         Target::Http {
             base_url: format!("http://{addr}"),
+            priority_url: None,
             keys: vec!["k".into()],
         },
         16,

@@ -465,6 +465,8 @@ pub enum Refusal {
     Budget,
     /// Bulk over the controller's rate.
     Rate,
+    /// Bulk at the priority door, which takes critical and high events only.
+    Misdirected,
 }
 
 impl Refusal {
@@ -472,8 +474,18 @@ impl Refusal {
         match self {
             Self::Budget => "budget",
             Self::Rate => "rate",
+            Self::Misdirected => "misdirected",
         }
     }
+}
+
+/// Which listener a request came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// `gateway.listen`: every route, every class.
+    Main,
+    /// `gateway.priority_listen`: critical and high events only, on a thread of their own.
+    Priority,
 }
 
 /// Held while an admitted event is published; dropping it returns the budget.
@@ -499,10 +511,12 @@ impl Admission {
         self.bulk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admit one event of `class` for `tenant`, or say why not. Counted either way.
-    pub fn admit(&self, class: Class, tenant: &str) -> Result<Ticket, Refusal> {
+    /// Admit one event of `class` for `tenant` that came in by `door`, or say why not. Counted
+    /// either way.
+    pub fn admit(&self, door: Door, class: Class, tenant: &str) -> Result<Ticket, Refusal> {
         let now = Instant::now();
         let outcome = match class {
+            Class::Bulk if door == Door::Priority => Err(Refusal::Misdirected),
             Class::Critical | Class::High => {
                 let budget = if class == Class::Critical {
                     &self.critical

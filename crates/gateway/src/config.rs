@@ -13,8 +13,13 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Address to listen on (default `0.0.0.0:8080`).
+    /// Address to listen on (default `0.0.0.0:8080`): every route, every class.
     pub listen: SocketAddr,
+    /// The priority door: a second listener for critical and high events only (`POST
+    /// /v1/events` and `/v1/events:batch`; a bulk event there is answered 421), served by a
+    /// thread of its own with its own NATS connection, so its requests never wait behind bulk
+    /// requests for the main door's thread. `None` (the default): no second listener.
+    pub priority_listen: Option<SocketAddr>,
     pub api_keys: Vec<ApiKey>,
     /// Bulk requests (and reads) handled at once; more are shed with 503. Critical and high
     /// events have budgets of their own (`[gateway.admission]`).
@@ -33,6 +38,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            priority_listen: None,
             api_keys: Vec::new(),
             max_inflight: DEFAULT_MAX_INFLIGHT,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,

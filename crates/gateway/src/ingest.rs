@@ -3,7 +3,7 @@
 
 use crate::{
     GatewayState,
-    admission::{Class, Refusal},
+    admission::{Class, Door, Refusal},
     auth::Tenant,
     problem::Problem,
 };
@@ -35,6 +35,7 @@ pub(crate) struct Accepted {
 pub(crate) async fn single(
     State(state): State<GatewayState>,
     Extension(tenant): Extension<Tenant>,
+    Extension(door): Extension<Door>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), Problem> {
@@ -44,7 +45,7 @@ pub(crate) async fn single(
     let (class, subject) = check(&state, &event, &tenant)?;
     let ticket = state
         .admission()
-        .admit(class, &tenant)
+        .admit(door, class, &tenant)
         .map_err(|refusal| refused(class, refusal))?;
     let published = state
         .publish(class, &subject, &event, &traceparent(&headers))
@@ -124,6 +125,7 @@ impl ItemResult {
 pub(crate) async fn batch(
     State(state): State<GatewayState>,
     Extension(tenant): Extension<Tenant>,
+    Extension(door): Extension<Door>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchResponse>, Problem> {
@@ -156,7 +158,7 @@ pub(crate) async fn batch(
             Ok(event) => match check(&state, &event, &tenant).and_then(|(class, subject)| {
                 let ticket = state
                     .admission()
-                    .admit(class, &tenant)
+                    .admit(door, class, &tenant)
                     .map_err(|refusal| refused(class, refusal))?;
                 Ok((class, subject, ticket))
             }) {
@@ -228,6 +230,7 @@ fn refused(class: Class, refusal: Refusal) -> Problem {
     let why = match refusal {
         Refusal::Budget => "at their in-flight limit",
         Refusal::Rate => "at a reduced rate while the pipeline catches up",
+        Refusal::Misdirected => return Problem::misdirected(class.as_str()),
     };
     Problem::shed(class.as_str(), why)
 }

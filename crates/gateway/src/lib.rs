@@ -14,7 +14,7 @@ mod reads;
 mod state;
 
 pub use admission::{
-    ADMISSION_SUBJECT, AdmissionConfig, AdmissionReport, BulkController, Class, Congestion,
+    ADMISSION_SUBJECT, AdmissionConfig, AdmissionReport, BulkController, Class, Congestion, Door,
     PipelineReading,
 };
 pub use config::{
@@ -26,7 +26,7 @@ pub use reads::{AnalyticsQuery, ReadModel};
 pub use state::GatewayState;
 
 use axum::{
-    Router,
+    Extension, Router,
     error_handling::HandleErrorLayer,
     extract::DefaultBodyLimit,
     http::header::CONTENT_TYPE,
@@ -81,7 +81,7 @@ pub enum GatewayError {
     Bus(#[source] bus::BusError),
 }
 
-/// The gateway's routes with all of its layers.
+/// The gateway's routes with all of its layers (the main door).
 pub fn router(state: GatewayState) -> Router {
     // Added before `route_layer` so that auth also guards these routes' 405 answers.
     let v1 = Router::new()
@@ -102,51 +102,155 @@ pub fn router(state: GatewayState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
+    let app = Router::new().merge(v1).route(
+        routes::OPENAPI,
+        get(|| async { ([(CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
+    );
     // One semaphore for every route (`ConcurrencyLimitLayer` would give each route its own),
     // sized for bulk and reads plus the class budgets: it guards memory, while admission by
     // class decides who waits (a critical event is never refused for bulk's sake).
+    let limit = state.request_limit();
+    with_layers(app, state, Door::Main, limit)
+}
+
+/// The priority door's routes: posting events only, critical and high ones (a bulk event is
+/// answered 421), guarded by the class budgets alone.
+pub fn priority_router(state: GatewayState) -> Router {
+    let v1 = Router::new()
+        .route(routes::EVENTS, post(ingest::single))
+        .route(routes::EVENTS_BATCH, post(ingest::batch))
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let limit = state.priority_request_limit();
+    with_layers(v1, state, Door::Priority, limit)
+}
+
+/// The layers every door has (outermost first): metrics, load shedding over `limit` requests,
+/// the body limit, and which door the request came in by.
+fn with_layers(app: Router<GatewayState>, state: GatewayState, door: Door, limit: usize) -> Router {
     let shedding = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(observe::shed))
         .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(state.request_limit()));
-    Router::new()
-        .merge(v1)
-        .route(
-            routes::OPENAPI,
-            get(|| async { ([(CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
-        )
-        .method_not_allowed_fallback(problem::method_not_allowed)
+        .layer(GlobalConcurrencyLimitLayer::new(limit));
+    app.method_not_allowed_fallback(problem::method_not_allowed)
         .fallback(|| async { Problem::not_found("no such route") })
+        .layer(Extension(door))
         .layer(DefaultBodyLimit::max(state.max_body_bytes()))
         .layer(shedding)
         .layer(middleware::from_fn(observe::track))
         .with_state(state)
 }
 
-/// Bind `config.listen` (port 0 picks a free port) and serve until `shutdown` resolves, then
-/// drain in-flight requests. Opens a second NATS connection for critical and high events and
-/// runs the admission controller (health reports in, [`AdmissionReport`]s out). Returns the
-/// bound address and the server task.
+/// A serving gateway: where its doors listen and the task that serves them.
+#[derive(Debug)]
+pub struct Serving {
+    /// The main door (`gateway.listen`).
+    pub addr: SocketAddr,
+    /// The priority door (`gateway.priority_listen`), when configured.
+    pub priority_addr: Option<SocketAddr>,
+    /// Ends when both doors have drained after the shutdown signal.
+    pub task: JoinHandle<Result<(), GatewayError>>,
+}
+
+/// [`serve_placed`] with the priority door and connection on the current runtime.
 pub async fn serve(
     config: &GatewayConfig,
     bus: Bus,
     rules: RulesSource,
     reads: Option<Arc<dyn ReadModel>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, JoinHandle<Result<(), GatewayError>>), GatewayError> {
-    let priority_bus = bus
-        .connect_another("priority")
-        .await
-        .map_err(GatewayError::Bus)?;
+) -> Result<Serving, GatewayError> {
+    let here = tokio::runtime::Handle::current();
+    serve_placed(config, bus, rules, reads, &here, shutdown).await
+}
+
+/// Bind `config.listen` (port 0 picks a free port) and serve until `shutdown` resolves, then
+/// drain in-flight requests. Critical and high events get a NATS connection of their own, opened
+/// on `priority` (a runtime whose thread bulk work does not use), and, with
+/// `config.priority_listen`, a door of their own served there too. Runs the admission controller
+/// (health reports in, [`AdmissionReport`]s out).
+pub async fn serve_placed(
+    config: &GatewayConfig,
+    bus: Bus,
+    rules: RulesSource,
+    reads: Option<Arc<dyn ReadModel>>,
+    priority: &tokio::runtime::Handle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Serving, GatewayError> {
+    // Connected on `priority`, so that its PubAcks are read by a thread bulk requests keep busy
+    // no more than the rest of the priority path.
+    let priority_bus = {
+        let bus = bus.clone();
+        priority
+            .spawn(async move { bus.connect_another("priority").await })
+            .await
+            .map_err(|err| GatewayError::Serve(std::io::Error::other(err)))?
+            .map_err(GatewayError::Bus)?
+    };
     let state = GatewayState::new(bus, priority_bus, rules, config, reads)?;
+    let stop = bus::CancellationToken::new();
     let stop_control = bus::CancellationToken::new();
     let control = tokio::spawn(admission::run_control(state.clone(), stop_control.clone()));
-    let app = router(state);
+
+    let (listener, addr) = bind(config.listen).await?;
+    tracing::info!(%addr, "gateway listening");
+    let main = tokio::spawn(
+        axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let (priority_addr, priority_door) = match config.priority_listen {
+        None => (None, None),
+        Some(listen) => {
+            let (listener, addr) = priority
+                .spawn(bind(listen))
+                .await
+                .map_err(|err| GatewayError::Serve(std::io::Error::other(err)))??;
+            tracing::info!(%addr, "gateway priority door listening");
+            let door = priority.spawn(
+                axum::serve(listener, priority_router(state))
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .into_future(),
+            );
+            (Some(addr), Some(door))
+        }
+    };
+    let task = tokio::spawn(async move {
+        shutdown.await;
+        stop.cancel();
+        let joined = |served: Result<std::io::Result<()>, tokio::task::JoinError>| {
+            served
+                .map_err(std::io::Error::other)
+                .and_then(|served| served)
+                .map_err(GatewayError::Serve)
+        };
+        let mut served = joined(main.await);
+        if let Some(door) = priority_door {
+            served = served.and(joined(door.await));
+        }
+        stop_control.cancel();
+        let _ = control.await;
+        served
+    });
+    Ok(Serving {
+        addr,
+        priority_addr,
+        task,
+    })
+}
+
+/// Bind `listen` on the current runtime, with `TCP_NODELAY` on every accepted connection.
+async fn bind(
+    listen: SocketAddr,
+) -> Result<(impl axum::serve::Listener<Addr = SocketAddr>, SocketAddr), GatewayError> {
     let bind_error = |source| GatewayError::Bind {
-        addr: config.listen,
+        addr: listen,
         source,
     };
-    let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     // Small request/response pairs: Nagle plus delayed ACKs would add tens of milliseconds.
     let listener = listener.tap_io(|tcp| {
@@ -154,15 +258,5 @@ pub async fn serve(
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
     });
-    tracing::info!(%addr, "gateway listening");
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(GatewayError::Serve);
-        stop_control.cancel();
-        let _ = control.await;
-        served
-    });
-    Ok((addr, task))
+    Ok((listener, addr))
 }

@@ -163,6 +163,19 @@ impl Problem {
         )
     }
 
+    /// A bulk event sent to the priority door, which takes critical and high events only.
+    pub fn misdirected(class: &str) -> Self {
+        Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            "Not an event for the priority door",
+            format!(
+                "the priority door takes critical and high events only and this one is {class} by \
+                 its content: send it to the main door (`gateway.listen`); nothing was stored"
+            ),
+        )
+    }
+
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }

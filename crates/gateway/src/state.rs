@@ -113,6 +113,11 @@ impl GatewayState {
         self.inner.max_inflight + self.inner.critical_inflight + self.inner.high_inflight
     }
 
+    /// The memory guard over the priority door's requests: the class budgets.
+    pub(crate) fn priority_request_limit(&self) -> usize {
+        self.inner.critical_inflight + self.inner.high_inflight
+    }
+
     pub(crate) fn admission(&self) -> &Admission {
         &self.inner.admission
     }

@@ -64,11 +64,12 @@ async fn start_classified(
     };
     tweak(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
-    let (addr, task) = gateway::serve(&config, bus.clone(), rules, profiles, async {
-        let _ = stopped.await;
-    })
-    .await
-    .expect("serves");
+    let gateway::Serving { addr, task, .. } =
+        gateway::serve(&config, bus.clone(), rules, profiles, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serves");
     Gateway {
         server,
         bus,
@@ -937,4 +938,202 @@ async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
     assert_eq!(statuses[0], 202, "{body}");
     assert_eq!(statuses[4], 202, "{body}");
     assert!(statuses[1..4].contains(&503), "{body}");
+}
+
+/// A gateway with a priority door (`priority_listen`) whose main door runs on `main` and whose
+/// priority door and priority NATS connection run on `priority`, each a runtime of one thread.
+struct TwoDoors {
+    _server: NatsServer,
+    bus: Bus,
+    main_addr: SocketAddr,
+    priority_addr: SocketAddr,
+    main: tokio::runtime::Runtime,
+    priority: tokio::runtime::Runtime,
+}
+
+fn one_thread(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn start_two_doors() -> TwoDoors {
+    let server = NatsServer::start();
+    let url = server.url();
+    let main = one_thread("test-main-door");
+    let priority = one_thread("test-priority-door");
+    let priority_handle = priority.handle().clone();
+    let (bus, main_addr, priority_addr) = main
+        .spawn(async move {
+            // Connected on the main door's runtime, as the gateway role does.
+            let bus = Bus::connect(&ConnectOptions::new(url))
+                .await
+                .expect("connects");
+            bus.provision(&Definitions::embedded().expect("definitions"))
+                .await
+                .expect("provisions");
+            let config = GatewayConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                priority_listen: Some("127.0.0.1:0".parse().expect("addr")),
+                api_keys: vec![ApiKey {
+                    sha256: hash_key(KEY),
+                    tenant: "acme".into(),
+                }],
+                ..GatewayConfig::default()
+            };
+            let serving = gateway::serve_placed(
+                &config,
+                bus.clone(),
+                gateway::default_rules(),
+                None,
+                &priority_handle,
+                std::future::pending(),
+            )
+            .await
+            .expect("serves");
+            let priority_addr = serving.priority_addr.expect("a priority door");
+            (bus, serving.addr, priority_addr)
+        })
+        .await
+        .expect("started");
+    TwoDoors {
+        _server: server,
+        bus,
+        main_addr,
+        priority_addr,
+        main,
+        priority,
+    }
+}
+
+impl TwoDoors {
+    async fn post(&self, addr: SocketAddr, path: &str, body: Vec<u8>) -> Response {
+        reqwest::Client::new()
+            .post(format!("http://{addr}{path}"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("answered within 10 s")
+    }
+
+    fn stop(self) {
+        self.main.shutdown_background();
+        self.priority.shutdown_background();
+    }
+}
+
+/// Critical and high producers have a door of their own: a listener on a runtime (thread) of
+/// its own with its own NATS connection, so their requests never queue behind bulk requests
+/// waiting for the main door's thread. Proved structurally: the main door's only thread is held
+/// busy, and a consent change sent to the priority door is still stored and answered 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_door_answers_while_the_main_doors_thread_is_busy() {
+    let doors = start_two_doors().await;
+    let (held, release) = std::sync::mpsc::channel::<()>();
+    let (busy, is_busy) = oneshot::channel();
+    // Holds the main door's only thread (as a burst of bulk requests would) until released.
+    doors.main.spawn(async move {
+        let _ = busy.send(());
+        let _ = release.recv();
+    });
+    is_busy.await.expect("the main door's thread is held");
+
+    let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-1");
+    let response = doors
+        .post(
+            doors.priority_addr,
+            "/v1/events",
+            events::encode_json(&consent),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["stream"], "CRM_INGEST_PRIORITY", "{body}");
+
+    held.send(()).expect("the holder waits");
+    // (The test's own connection runs on the main door's runtime: checked once it is free.)
+    let stored = stored_in(
+        &doors.bus,
+        "CRM_INGEST_PRIORITY",
+        body["stream_seq"].as_u64().expect("seq"),
+    )
+    .await;
+    assert_eq!(stored.subject.as_str(), "crm.priority.acme.consent_changed");
+    // The main door still serves every class once its thread is free.
+    let page = events::sample::event(EventType::PageViewed, "acme", "cust-2");
+    let response = doors
+        .post(doors.main_addr, "/v1/events", events::encode_json(&page))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    doors.stop();
+}
+
+/// The priority door takes critical and high events only (by their content, as the gateway
+/// classifies): a bulk event there is refused with 421 and a problem naming the main door, and
+/// nothing is stored; in a batch each bulk item gets its own 421.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_door_refuses_bulk_events_with_421() {
+    let doors = start_two_doors().await;
+    let page = events::sample::event(EventType::PageViewed, "acme", "cust-1");
+    let (status, body) = problem(
+        doors
+            .post(
+                doors.priority_addr,
+                "/v1/events",
+                events::encode_json(&page),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    assert!(
+        body["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/misdirected")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("main")),
+        "{body}"
+    );
+    let mut ingest = doors
+        .bus
+        .jetstream()
+        .get_stream("CRM_INGEST")
+        .await
+        .expect("stream");
+    assert_eq!(ingest.info().await.expect("info").state.messages, 0);
+
+    let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-2");
+    let batch = format!(
+        "{{\"events\":[{},{}]}}",
+        String::from_utf8(events::encode_json(&page)).expect("utf8"),
+        String::from_utf8(events::encode_json(&consent)).expect("utf8"),
+    );
+    let response = doors
+        .post(doors.priority_addr, "/v1/events:batch", batch.into_bytes())
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["results"][0]["status"], 421, "{body}");
+    assert_eq!(body["results"][1]["status"], 202, "{body}");
+    assert_eq!(ingest.info().await.expect("info").state.messages, 0);
+    // Reads are the main door's.
+    let read = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v1/customers/cust-2",
+            doors.priority_addr
+        ))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(read.status(), StatusCode::NOT_FOUND);
+    doors.stop();
 }
