@@ -35,6 +35,9 @@ pub struct BatchResult {
 
 /// Rows per multi-row statement (6 binds each: far below both backends' parameter limits).
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
+/// Events per segment of a bulk batch on SQLite: a priority transaction waiting for the
+/// writer goes in at the next segment boundary (see [`Store::apply_batch`]).
+const YIELD_SEGMENT: usize = 32;
 const INSERT_LEDGER: &str = "INSERT INTO processed_events \
     (tenant_id, dedupe_key, event_id, customer_id, event_type, processed_at_ns) ";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
@@ -212,14 +215,19 @@ pub(crate) fn now_ns() -> i64 {
 }
 
 impl Store {
-    /// Apply `events` in one transaction (all or nothing). An event whose tenant and
+    /// Apply `events` in one transaction (all or nothing), except that on SQLite a bulk batch
+    /// commits what it has written when a priority transaction waits for the writer (every
+    /// [`YIELD_SEGMENT`] events) and goes on in a new transaction. An event whose tenant and
     /// [`events::dedupe_id`] (idempotency key, else event id) are already in the ledger, or
     /// earlier in the same batch, is [`Applied::Duplicate`] and has no effect; every other one
-    /// is recorded in the ledger and applied. Redelivering a committed batch changes nothing.
+    /// is recorded in the ledger and applied, with its effects, in the same transaction.
+    /// Redelivering a committed batch changes nothing.
     ///
-    /// On error nothing of the batch is kept (the transaction rolls back), so a caller may split
-    /// the batch and try again; [`StoreError::class`](crate::StoreError::class) says whether
-    /// that is worth it.
+    /// On error the failing transaction rolls back, so a caller may split the batch and try
+    /// again: segments committed before it are in the ledger and come back as duplicates, with
+    /// no second effect (their customers' cached context then expires by TTL rather than by
+    /// announcement). [`StoreError::class`](crate::StoreError::class) says whether trying again
+    /// is worth it.
     pub async fn apply_batch(&self, events: &[Event]) -> Result<BatchResult, StoreError> {
         if events.is_empty() {
             return Ok(BatchResult::default());
@@ -244,130 +252,158 @@ impl Store {
             WritePriority::Priority => "apply_priority",
             WritePriority::Bulk => "apply",
         };
+        // On SQLite a bulk batch is written in segments: when a priority transaction waits for
+        // the writer at a segment boundary, what is written so far commits and the priority
+        // transaction goes in before the rest (which commits in a transaction of its own). A
+        // priority transaction so waits for one segment, never for a whole batch. Without a
+        // waiter the segments share one transaction (one commit). PostgreSQL's writers run side
+        // by side: one segment, in the global lock order above.
+        let segment = if self.gate.is_some() && self.priority == WritePriority::Bulk {
+            YIELD_SEGMENT
+        } else {
+            by_event.len()
+        };
+        let mut changed: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut context: BTreeSet<(String, String)> = BTreeSet::new();
         with_pool!(self, pool => {
             let acquire = std::time::Instant::now();
-            let _writer = self.enter_writer().await;
+            let mut writer = self.enter_writer().await;
             let mut tx = pool.begin().await.map_err(failed)?;
-            let writing = crate::stage(op, "acquire", acquire);
-            let mut applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
-                |row, event| row
-                    .push_bind(&event.tenant_id)
-                    .push_bind(events::dedupe_id(event))
-                    .push_bind(&event.event_id)
-                    .push_bind(&event.customer_id)
-                    .push_bind(EventType::of(event).map_or("", EventType::as_str))
-                    .push_bind(processed_at_ns));
-            for &index in &applied {
-                result.outcomes[index] = Applied::Applied;
-            }
-            applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
-            // Customer aggregates, one row per customer, in customer order.
-            let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
-            for &index in &applied {
-                let event = &events[index];
-                let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
-                let at = occurred_at_ns(event);
-                match customers.last_mut() {
-                    Some((t, c, failures, count, latest))
-                        if *t == event.tenant_id && *c == event.customer_id =>
-                    {
-                        *failures += payment_failed;
-                        *count += 1;
-                        *latest = (*latest).max(at);
-                    }
-                    _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
+            let mut writing = crate::stage(op, "acquire", acquire);
+            for (number, order) in by_event.chunks(segment).enumerate() {
+                if number > 0 && writer.as_ref().is_some_and(crate::gate::Pass::priority_waits) {
+                    let commit = crate::stage(op, "write", writing);
+                    tx.commit().await.map_err(failed)?;
+                    crate::stage(op, "commit", commit);
+                    drop(writer);
+                    metrics::counter!("crm_store_writer_yields_total").increment(1);
+                    let acquire = std::time::Instant::now();
+                    writer = self.enter_writer().await;
+                    tx = pool.begin().await.map_err(failed)?;
+                    writing = crate::stage(op, "acquire", acquire);
                 }
-            }
-            // The customers rows are the distinct touched customers, already in order.
-            result.changed_customers =
-                customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())).collect();
-            for chunk in customers.chunks(ROWS_PER_STATEMENT) {
-                let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
-                upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
-                    row.push_bind(tenant).push_bind(customer).push_bind(failures)
-                        .push_bind(count).push_bind(latest);
-                });
-                upsert.push(CUSTOMERS_ON_CONFLICT);
-                upsert.build().execute(&mut *tx).await.map_err(failed)?;
-            }
-            // Register writes: reduced in memory, one multi-row statement per table.
-            let mut plan = Plan::default();
-            for &index in &applied {
-                plan.add(&events[index]);
-            }
-            let mut context_changed: BTreeSet<(String, String)> =
-                std::mem::take(&mut plan.deal_customers);
-            if !plan.fields.is_empty() {
-                let mut stored = BTreeMap::new();
-                for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
-                    let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
-                    select.push_values(chunk, |mut row, (tenant, customer, field)| {
-                        row.push_bind(tenant).push_bind(customer).push_bind(field);
-                    });
-                    select.push(")");
-                    let rows: Vec<(String, String, String, String, i64, String)> =
-                        select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                    for (tenant, customer, field, value, at, id) in rows {
-                        stored.insert((tenant, customer, field), Version { value, at, id });
-                    }
+                let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,
+                    |row, event| row
+                        .push_bind(&event.tenant_id)
+                        .push_bind(events::dedupe_id(event))
+                        .push_bind(&event.event_id)
+                        .push_bind(&event.customer_id)
+                        .push_bind(EventType::of(event).map_or("", EventType::as_str))
+                        .push_bind(processed_at_ns));
+                for &index in &applied {
+                    result.outcomes[index] = Applied::Applied;
                 }
-                let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
-                let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
-                for chunk in winners.chunks(ROWS_PER_STATEMENT) {
-                    let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
-                    upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
-                        row.push_bind(tenant).push_bind(customer).push_bind(field)
-                            .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
-                    });
-                    upsert.push(FIELDS_ON_CONFLICT);
-                    let rows: Vec<Key> =
-                        upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                    won.extend(rows);
-                }
-                for (key, version) in &winners {
-                    if won.contains(key) {
-                        if key.2 == "tier" {
-                            context_changed.insert((key.0.clone(), key.1.clone()));
+                applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
+                // Customer aggregates, one row per customer, in customer order.
+                let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
+                for &index in &applied {
+                    let event = &events[index];
+                    let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
+                    let at = occurred_at_ns(event);
+                    match customers.last_mut() {
+                        Some((t, c, failures, count, latest))
+                            if *t == event.tenant_id && *c == event.customer_id =>
+                        {
+                            *failures += payment_failed;
+                            *count += 1;
+                            *latest = (*latest).max(at);
                         }
-                        continue;
-                    }
-                    // A concurrent transaction (PostgreSQL) stored a newer version after the
-                    // read: this write lost to it.
-                    let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
-                        .bind(&key.0).bind(&key.1).bind(&key.2)
-                        .fetch_one(&mut *tx).await.map_err(failed)?;
-                    if value != version.value {
-                        lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                        _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
                     }
                 }
-                for lost in &lost {
-                    tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
-                        losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                // The customers rows are the distinct touched customers, already in order.
+                changed.extend(customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())));
+                for chunk in customers.chunks(ROWS_PER_STATEMENT) {
+                    let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
+                    upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
+                        row.push_bind(tenant).push_bind(customer).push_bind(failures)
+                            .push_bind(count).push_bind(latest);
+                    });
+                    upsert.push(CUSTOMERS_ON_CONFLICT);
+                    upsert.build().execute(&mut *tx).await.map_err(failed)?;
                 }
-                execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
-                    .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
-                    .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
-                    .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
-                result.conflicts = lost.len() as u64;
+                // Register writes: reduced in memory, one multi-row statement per table.
+                let mut plan = Plan::default();
+                for &index in &applied {
+                    plan.add(&events[index]);
+                }
+                let mut context_changed: BTreeSet<(String, String)> =
+                    std::mem::take(&mut plan.deal_customers);
+                if !plan.fields.is_empty() {
+                    let mut stored = BTreeMap::new();
+                    for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
+                        let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
+                        select.push_values(chunk, |mut row, (tenant, customer, field)| {
+                            row.push_bind(tenant).push_bind(customer).push_bind(field);
+                        });
+                        select.push(")");
+                        let rows: Vec<(String, String, String, String, i64, String)> =
+                            select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                        for (tenant, customer, field, value, at, id) in rows {
+                            stored.insert((tenant, customer, field), Version { value, at, id });
+                        }
+                    }
+                    let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
+                    let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
+                    for chunk in winners.chunks(ROWS_PER_STATEMENT) {
+                        let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
+                        upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
+                            row.push_bind(tenant).push_bind(customer).push_bind(field)
+                                .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
+                        });
+                        upsert.push(FIELDS_ON_CONFLICT);
+                        let rows: Vec<Key> =
+                            upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                        won.extend(rows);
+                    }
+                    for (key, version) in &winners {
+                        if won.contains(key) {
+                            if key.2 == "tier" {
+                                context_changed.insert((key.0.clone(), key.1.clone()));
+                            }
+                            continue;
+                        }
+                        // A concurrent transaction (PostgreSQL) stored a newer version after the
+                        // read: this write lost to it.
+                        let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
+                            .bind(&key.0).bind(&key.1).bind(&key.2)
+                            .fetch_one(&mut *tx).await.map_err(failed)?;
+                        if value != version.value {
+                            lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                        }
+                    }
+                    for lost in &lost {
+                        tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
+                            losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                    }
+                    execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
+                        .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
+                        .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
+                        .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
+                    result.conflicts += lost.len() as u64;
+                }
+                let consents: Vec<_> = plan.consents.iter().collect();
+                execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
+                    |row, ((tenant, customer, channel), version)| row
+                        .push_bind(tenant).push_bind(customer).push_bind(channel)
+                        .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
+                let tickets: Vec<_> = plan.tickets.iter().collect();
+                execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
+                    |row, ((tenant, customer, ticket), version)| row
+                        .push_bind(tenant).push_bind(customer).push_bind(ticket)
+                        .push_bind(&version.value.0).push_bind(version.value.1)
+                        .push_bind(version.at).push_bind(&version.id));
+                write_deals!(tx, failed, "deals", plan);
+                // Lifetime value is derived from the deal registers when read: nothing to update.
+                context.extend(context_changed);
             }
-            let consents: Vec<_> = plan.consents.iter().collect();
-            execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
-                |row, ((tenant, customer, channel), version)| row
-                    .push_bind(tenant).push_bind(customer).push_bind(channel)
-                    .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
-            let tickets: Vec<_> = plan.tickets.iter().collect();
-            execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
-                |row, ((tenant, customer, ticket), version)| row
-                    .push_bind(tenant).push_bind(customer).push_bind(ticket)
-                    .push_bind(&version.value.0).push_bind(version.value.1)
-                    .push_bind(version.at).push_bind(&version.id));
-            write_deals!(tx, failed, "deals", plan);
-            // Lifetime value is derived from the deal registers when read: nothing to update.
-            result.context_changed = context_changed.into_iter().collect();
             let commit = crate::stage(op, "write", writing);
             tx.commit().await.map_err(failed)?;
             crate::stage(op, "commit", commit);
+            drop(writer);
         });
+        result.changed_customers = changed.into_iter().collect();
+        result.context_changed = context.into_iter().collect();
         metrics::counter!("crm_projector_conflicts_total").increment(result.conflicts);
         Ok(result)
     }

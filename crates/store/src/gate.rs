@@ -80,6 +80,16 @@ impl WriteGate {
     }
 }
 
+impl Pass {
+    /// Whether a priority transaction waits for the writer: a bulk holder yields to it at its
+    /// next segment boundary.
+    pub(crate) fn priority_waits(&self) -> bool {
+        self.gate
+            .as_ref()
+            .is_some_and(|gate| !gate.queue().priority.is_empty())
+    }
+}
+
 impl Drop for Pass {
     fn drop(&mut self) {
         let Some(gate) = self.gate.take() else {

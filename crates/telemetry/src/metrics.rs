@@ -21,6 +21,7 @@ pub const WORKER_BATCH_DURATION_SECONDS: &str = "crm_worker_batch_duration_secon
 pub const WORKER_BATCH_SIZE: &str = "crm_worker_batch_size";
 pub const WORKER_STAGE_SECONDS: &str = "crm_worker_stage_seconds";
 pub const STORE_STAGE_SECONDS: &str = "crm_store_stage_seconds";
+pub const STORE_WRITER_YIELDS_TOTAL: &str = "crm_store_writer_yields_total";
 pub const WORKER_WAITING: &str = "crm_worker_waiting";
 pub const DLQ_WRITE_FAILURES_TOTAL: &str = "crm_dlq_write_failures_total";
 pub const ROUTER_LANE_REFUSALS_TOTAL: &str = "crm_router_lane_refusals_total";
@@ -135,6 +136,9 @@ pub const ALL: &[MetricDef] = &[
          BEGIN; on SQLite one writer, so this is the queue behind other transactions), write \
          (the statements), commit (COMMIT, the fsync); op is apply (projector, bulk), \
          apply_priority (projector, critical worker) or analytics"),
+    def(STORE_WRITER_YIELDS_TOTAL, Counter, COUNT, &[],
+        "SQLite: times a bulk batch committed what it had written and let a waiting priority \
+         transaction take the writer before its next segment"),
     def(WORKER_WAITING, Gauge, None, &["role"],
         "1 while the role holds a batch for a dependency that is down (the store) and takes no \
          new work, else 0"),
