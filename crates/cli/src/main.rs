@@ -156,11 +156,8 @@ fn main() -> std::process::ExitCode {
         Err(err) => return exit(err),
     };
     // A role that processes events runs its bulk work at a lower priority than its priority
-    // path (see `cli::sched`); the gateway alone is all front door, unless it has a priority
-    // door, whose thread then goes first.
-    let bulk_nice = if role
-        && (!matches!(cli.command, Command::Gateway) || config.gateway.priority_listen.is_some())
-    {
+    // path (see `cli::sched`); the gateway alone is all front door.
+    let bulk_nice = if role && !matches!(cli.command, Command::Gateway) {
         config.runtime.bulk_nice
     } else {
         0

@@ -303,17 +303,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     // one task among them, a sliver of the CPU while ingest outruns processing. As threads, the
     // operating system shares the cores between serving and processing.
     let gateway_runtime = if roles.gateway && several {
-        // With a priority door the main door carries bulk: its thread runs lowered like the
-        // rest of bulk, so the priority door's thread goes first when the cores are contended.
-        let nice = if config.gateway.priority_listen.is_some() {
-            config.runtime.bulk_nice
-        } else {
-            0
-        };
-        Some(
-            OwnRuntime::at_nice("crm-gateway", 1, nice)
-                .context("starting the gateway's runtime")?,
-        )
+        Some(OwnRuntime::new("crm-gateway", 1).context("starting the gateway's runtime")?)
     } else {
         None
     };

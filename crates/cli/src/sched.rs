@@ -81,18 +81,12 @@ impl std::fmt::Debug for OwnRuntime {
 impl OwnRuntime {
     /// A runtime of `threads` threads named `name`, at the process's default priority.
     pub fn new(name: &str, threads: usize) -> std::io::Result<Self> {
-        Self::at_nice(name, threads, 0)
-    }
-
-    /// A runtime of `threads` threads named `name` running at `nice` (0: the default).
-    pub fn at_nice(name: &str, threads: usize, nice: i32) -> std::io::Result<Self> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name(name)
-            .enable_all();
-        lower_threads(&mut builder, nice);
-        builder.build().map(|runtime| Self(Some(runtime)))
+            .enable_all()
+            .build()
+            .map(|runtime| Self(Some(runtime)))
     }
 
     pub fn handle(&self) -> Option<&tokio::runtime::Handle> {
@@ -111,16 +105,9 @@ impl Drop for OwnRuntime {
 /// A multi-thread runtime for the bulk work of a process whose threads run at `nice` (0: the
 /// default priority). A thread that cannot be lowered logs it once and runs on at the default.
 pub fn bulk_runtime(nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    lower_threads(&mut builder, nice);
-    builder.build()
-}
-
-/// Start every thread of `builder` at `nice` (0: leave them at the default). A thread that
-/// cannot be lowered logs it once and runs on at the default.
-fn lower_threads(builder: &mut tokio::runtime::Builder, nice: i32) {
-    static WARNED: std::sync::Once = std::sync::Once::new();
     if nice > 0 {
         builder.on_thread_start(move || {
             if let Err(err) = set_current_thread_nice(nice) {
@@ -130,6 +117,7 @@ fn lower_threads(builder: &mut tokio::runtime::Builder, nice: i32) {
             }
         });
     }
+    builder.build()
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -167,15 +155,6 @@ mod tests {
             priority, before,
             "a runtime of its own keeps the default priority"
         );
-
-        // The main door's runtime beside a priority door.
-        let lowered = OwnRuntime::at_nice("test-main-door", 1, before + 3).expect("runtime");
-        let handle = lowered.handle().expect("handle").clone();
-        let main_door = runtime
-            .block_on(async move { handle.spawn(async { current_thread_nice() }).await })
-            .expect("join")
-            .expect("nice");
-        assert_eq!(main_door, before + 3, "a runtime of its own, lowered");
     }
 
     /// The `nice` of each of this process's threads whose name starts with `prefix`.
