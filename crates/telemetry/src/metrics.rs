@@ -258,7 +258,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 46);
+        assert_eq!(ALL.len(), 47);
     }
 
     #[test]
