@@ -3,6 +3,8 @@
 //! error); over NATS, critical and high go to the priority subject and bulk waits for the
 //! admission signal's rate.
 
+mod common;
+
 use axum::{
     Router,
     body::Bytes,
@@ -75,46 +77,25 @@ async fn ingest(State(seen): State<Arc<Seen>>, body: Bytes) -> Response {
 
 async fn drive_http(load: Load) -> (Arc<Run>, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = Router::new()
-        .route("/v1/events", post(ingest))
-        .with_state(Arc::clone(&seen));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
+    let addr = common::serve(
+        Router::new()
+            .route("/v1/events", post(ingest))
+            .with_state(Arc::clone(&seen)),
+    )
+    .await;
     let config = DriverConfig {
         kind: DriverKind::Http,
         connections: 8,
         ..DriverConfig::default()
     };
     assert_eq!(config.max_attempts, 3);
-    let driver = Driver::new(
-        &config,
-        Target::Http {
-            base_url: format!("http://{addr}"),
-            priority_url: None,
-            keys: vec!["k".into()],
-        },
-        8,
-    )
-    .expect("driver");
-    let run = Arc::new(Run::new(21, 30));
-    let context = PhaseContext {
-        run: Arc::clone(&run),
-        driver: Arc::new(driver),
-        mix: Mix {
-            tenants: 1,
-            ..Mix::default()
-        },
-        tenant_names: vec![tenant_id(0)].into(),
-        seed: 3,
-        events_per_send: 1,
-        connections: 8,
-        retries: None,
+    let target = Target::Http {
+        base_url: format!("http://{addr}"),
+        priority_url: None,
+        keys: vec!["k".into()],
     };
-    run_phase(&context, 0, load, 0, Duration::from_secs(1)).await;
+    let run = Arc::new(Run::new(21, 30));
+    common::one_phase(&config, target, &run, 3, load, Duration::from_secs(1)).await;
     (run, seen)
 }
 
@@ -444,14 +425,12 @@ async fn accept(State(seen): State<Arc<Mutex<Vec<EventType>>>>, body: Bytes) -> 
 
 async fn door() -> (String, Arc<Mutex<Vec<EventType>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = Router::new()
-        .route("/v1/events", post(accept))
-        .with_state(Arc::clone(&seen));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(
+        Router::new()
+            .route("/v1/events", post(accept))
+            .with_state(Arc::clone(&seen)),
+    )
+    .await;
     (format!("http://{addr}"), seen)
 }
 
@@ -469,35 +448,17 @@ async fn http_critical_and_high_take_the_priority_door() {
             priority_subjects: priority_path,
             ..DriverConfig::default()
         };
-        let driver = Driver::new(
-            &config,
-            Target::Http {
-                base_url: main_url,
-                priority_url: Some(priority_url),
-                keys: vec!["k".into()],
-            },
-            4,
-        )
-        .expect("driver");
-        let run = Arc::new(Run::new(22, 30));
-        let context = PhaseContext {
-            run: Arc::clone(&run),
-            driver: Arc::new(driver),
-            mix: Mix {
-                tenants: 1,
-                ..Mix::default()
-            },
-            tenant_names: vec![tenant_id(0)].into(),
-            seed: 5,
-            events_per_send: 1,
-            connections: 4,
-            retries: None,
+        let target = Target::Http {
+            base_url: main_url,
+            priority_url: Some(priority_url),
+            keys: vec!["k".into()],
         };
         let load = Load::Open {
             rate: 400.0,
             to_rate: 400.0,
         };
-        run_phase(&context, 0, load, 0, Duration::from_secs(1)).await;
+        let run = Arc::new(Run::new(22, 30));
+        common::one_phase(&config, target, &run, 5, load, Duration::from_secs(1)).await;
         let (main, priority) = (
             main.lock().expect("lock").clone(),
             priority.lock().expect("lock").clone(),

@@ -2,12 +2,14 @@
 //! that should have been sent during the stall — not only the few requests that were in flight
 //! (coordinated omission).
 
+mod common;
+
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use bus::{Bus, CancellationToken, ConnectOptions, control::ProcessedNotice};
 use crm_load::{
-    driver::{Driver, PhaseContext, Target, run_phase},
+    driver::Target,
     run::spawn_collector,
-    scenario::{DriverConfig, DriverKind, Load, Mix},
+    scenario::{DriverConfig, DriverKind, Load},
     tracker::{Collector, Percentiles, Run, unix_ns},
 };
 use std::{
@@ -78,54 +80,28 @@ async fn a_stall_counts_for_every_event_due_during_it() {
         bus: bus.clone(),
         answered: Mutex::new(HashMap::new()),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = Router::new()
-        .route("/v1/events", post(ingest))
-        .with_state(Arc::clone(&state));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(
+        Router::new()
+            .route("/v1/events", post(ingest))
+            .with_state(Arc::clone(&state)),
+    )
+    .await;
 
     let config = DriverConfig {
         kind: DriverKind::Http,
         connections: 16,
         ..DriverConfig::default()
     };
-    let driver = Driver::new(
-        &config,
-        Target::Http {
-            base_url: format!("http://{addr}"),
-            priority_url: None,
-            keys: vec!["k".into()],
-        },
-        16,
-    )
-    .expect("driver");
-    let context = PhaseContext {
-        run: Arc::clone(&run),
-        driver: Arc::new(driver),
-        mix: Mix {
-            tenants: 1,
-            ..Mix::default()
-        },
-        tenant_names: vec![crm_load::mix::tenant_id(0)].into(),
-        seed: 1,
-        events_per_send: 1,
-        connections: 16,
-        retries: None,
+    let target = Target::Http {
+        base_url: format!("http://{addr}"),
+        priority_url: None,
+        keys: vec!["k".into()],
     };
-    let sent = run_phase(
-        &context,
-        0,
-        Load::Open {
-            rate: RATE,
-            to_rate: RATE,
-        },
-        0,
-        LOAD,
-    )
-    .await;
+    let load = Load::Open {
+        rate: RATE,
+        to_rate: RATE,
+    };
+    let sent = common::one_phase(&config, target, &run, 1, load, LOAD).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     let collector = collector.await.expect("collector");

@@ -106,13 +106,7 @@ impl Gateway {
     }
 
     async fn ingest_messages(&self) -> u64 {
-        let mut stream = self
-            .bus
-            .jetstream()
-            .get_stream("CRM_INGEST")
-            .await
-            .expect("stream");
-        stream.info().await.expect("info").state.messages
+        messages_in(&self.bus, "CRM_INGEST").await
     }
 
     async fn stored(&self, seq: u64) -> bus::jetstream::message::StreamMessage {
@@ -747,6 +741,12 @@ async fn openapi_is_served_and_shutdown_is_graceful() {
         .expect("clean shutdown");
 }
 
+/// How many messages `stream` holds.
+async fn messages_in(bus: &Bus, stream: &str) -> u64 {
+    let mut stream = bus.jetstream().get_stream(stream).await.expect("stream");
+    stream.info().await.expect("info").state.messages
+}
+
 async fn stored_in(bus: &Bus, stream: &str, seq: u64) -> bus::jetstream::message::StreamMessage {
     bus.jetstream()
         .get_stream(stream)
@@ -1102,13 +1102,7 @@ async fn the_priority_door_refuses_bulk_events_with_421() {
         body["detail"].as_str().is_some_and(|d| d.contains("main")),
         "{body}"
     );
-    let mut ingest = doors
-        .bus
-        .jetstream()
-        .get_stream("CRM_INGEST")
-        .await
-        .expect("stream");
-    assert_eq!(ingest.info().await.expect("info").state.messages, 0);
+    assert_eq!(messages_in(&doors.bus, "CRM_INGEST").await, 0);
 
     let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-2");
     let batch = format!(
@@ -1123,7 +1117,7 @@ async fn the_priority_door_refuses_bulk_events_with_421() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["results"][0]["status"], 421, "{body}");
     assert_eq!(body["results"][1]["status"], 202, "{body}");
-    assert_eq!(ingest.info().await.expect("info").state.messages, 0);
+    assert_eq!(messages_in(&doors.bus, "CRM_INGEST").await, 0);
     // Reads are the main door's.
     let read = reqwest::Client::new()
         .get(format!(
