@@ -77,6 +77,10 @@ pub enum GatewayError {
     },
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[error("a task of the gateway failed (panicked, or its runtime stopped)")]
+    Runtime(#[source] tokio::task::JoinError),
+    #[error("the gateway's {door} door stopped serving before shutdown")]
+    DoorStopped { door: &'static str },
     #[error("connecting the priority path to NATS")]
     Bus(#[source] bus::BusError),
 }
@@ -187,50 +191,85 @@ pub async fn serve_placed(
         priority
             .spawn(async move { bus.connect_another("priority").await })
             .await
-            .map_err(|err| GatewayError::Serve(std::io::Error::other(err)))?
+            .map_err(GatewayError::Runtime)?
             .map_err(GatewayError::Bus)?
     };
     let state = GatewayState::new(bus, priority_bus, rules, config, reads)?;
+    // Both doors are bound before anything is spawned: a start that fails leaves nothing running.
+    let (listener, addr) = bind(config.listen).await?;
+    let priority_listener = match config.priority_listen {
+        None => None,
+        Some(listen) => Some(
+            priority
+                .spawn(bind(listen))
+                .await
+                .map_err(GatewayError::Runtime)??,
+        ),
+    };
     let stop = bus::CancellationToken::new();
     let stop_control = bus::CancellationToken::new();
     let control = tokio::spawn(admission::run_control(state.clone(), stop_control.clone()));
-
-    let (listener, addr) = bind(config.listen).await?;
     tracing::info!(%addr, "gateway listening");
-    let main = tokio::spawn(
+    let mut main = tokio::spawn(
         axum::serve(listener, router(state.clone()))
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
-    let (priority_addr, priority_door) = match config.priority_listen {
-        None => (None, None),
-        Some(listen) => {
-            let (listener, addr) = priority
-                .spawn(bind(listen))
-                .await
-                .map_err(|err| GatewayError::Serve(std::io::Error::other(err)))??;
-            tracing::info!(%addr, "gateway priority door listening");
-            let door = priority.spawn(
-                axum::serve(listener, priority_router(state))
-                    .with_graceful_shutdown(stop.clone().cancelled_owned())
-                    .into_future(),
-            );
-            (Some(addr), Some(door))
-        }
-    };
+    let priority_addr = priority_listener.as_ref().map(|(_, addr)| *addr);
+    let mut door = priority_listener.map(|(listener, addr)| {
+        tracing::info!(%addr, "gateway priority door listening");
+        priority.spawn(
+            axum::serve(listener, priority_router(state))
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        )
+    });
     let task = tokio::spawn(async move {
-        shutdown.await;
+        // Dropping or aborting this task stops both doors and the controller too.
+        let _stop_doors = stop.clone().drop_guard();
+        let _stop_control = stop_control.clone().drop_guard();
+        let shutdown = std::pin::pin!(shutdown);
+        // A door that ends before the shutdown signal (it panicked, or its runtime went away)
+        // ends the gateway, so the process notices a failing role instead of half serving.
+        let early = tokio::select! {
+            () = shutdown => None,
+            served = &mut main => Some(("main", served)),
+            served = async {
+                match door.as_mut() {
+                    Some(door) => door.await,
+                    None => std::future::pending().await,
+                }
+            } => Some(("priority", served)),
+        };
         stop.cancel();
         let joined = |served: Result<std::io::Result<()>, tokio::task::JoinError>| {
             served
-                .map_err(std::io::Error::other)
-                .and_then(|served| served)
+                .map_err(GatewayError::Runtime)?
                 .map_err(GatewayError::Serve)
         };
-        let mut served = joined(main.await);
-        if let Some(door) = priority_door {
-            served = served.and(joined(door.await));
-        }
+        let served = match early {
+            None => {
+                let mut served = joined(main.await);
+                if let Some(door) = door {
+                    served = served.and(joined(door.await));
+                }
+                served
+            }
+            Some((stopped, served)) => {
+                tracing::error!(door = stopped, "a gateway door stopped before shutdown");
+                let other = if stopped == "main" {
+                    match door {
+                        Some(door) => joined(door.await),
+                        None => Ok(()),
+                    }
+                } else {
+                    joined(main.await)
+                };
+                joined(served)
+                    .and(other)
+                    .and(Err(GatewayError::DoorStopped { door: stopped }))
+            }
+        };
         stop_control.cancel();
         let _ = control.await;
         served

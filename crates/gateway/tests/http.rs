@@ -949,6 +949,7 @@ struct TwoDoors {
     priority_addr: SocketAddr,
     main: tokio::runtime::Runtime,
     priority: tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<Result<(), gateway::GatewayError>>,
 }
 
 fn one_thread(name: &str) -> tokio::runtime::Runtime {
@@ -966,7 +967,7 @@ async fn start_two_doors() -> TwoDoors {
     let main = one_thread("test-main-door");
     let priority = one_thread("test-priority-door");
     let priority_handle = priority.handle().clone();
-    let (bus, main_addr, priority_addr) = main
+    let (bus, main_addr, priority_addr, task) = main
         .spawn(async move {
             // Connected on the main door's runtime, as the gateway role does.
             let bus = Bus::connect(&ConnectOptions::new(url))
@@ -995,7 +996,7 @@ async fn start_two_doors() -> TwoDoors {
             .await
             .expect("serves");
             let priority_addr = serving.priority_addr.expect("a priority door");
-            (bus, serving.addr, priority_addr)
+            (bus, serving.addr, priority_addr, serving.task)
         })
         .await
         .expect("started");
@@ -1006,6 +1007,7 @@ async fn start_two_doors() -> TwoDoors {
         priority_addr,
         main,
         priority,
+        task,
     }
 }
 
@@ -1130,4 +1132,63 @@ async fn the_priority_door_refuses_bulk_events_with_421() {
         .expect("answered");
     assert_eq!(read.status(), StatusCode::NOT_FOUND);
     doors.stop();
+}
+
+/// A door that stops before the shutdown signal (here: the priority door's runtime goes away)
+/// ends the gateway's task with an error, so the process sees a failing role instead of a
+/// gateway that half serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_door_that_stops_early_ends_the_gateway_with_an_error() {
+    let TwoDoors {
+        main,
+        priority,
+        task,
+        _server,
+        ..
+    } = start_two_doors().await;
+    priority.shutdown_background();
+    let served = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the gateway noticed within 10 s")
+        .expect("join");
+    assert!(served.is_err(), "{served:?}");
+    main.shutdown_background();
+}
+
+/// A priority door that cannot bind fails the start and leaves nothing running: the main door,
+/// bound first, is closed again.
+#[tokio::test]
+async fn a_priority_door_that_cannot_bind_leaves_nothing_listening() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&ConnectOptions::new(server.url()))
+        .await
+        .expect("connects");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let main_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = GatewayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], main_port)),
+        priority_listen: Some(taken.local_addr().expect("addr")),
+        api_keys: vec![ApiKey {
+            sha256: hash_key(KEY),
+            tenant: "acme".into(),
+        }],
+        ..GatewayConfig::default()
+    };
+    let err = gateway::serve(
+        &config,
+        bus,
+        gateway::default_rules(),
+        None,
+        std::future::pending(),
+    )
+    .await
+    .expect_err("the priority door's address is taken");
+    assert!(matches!(err, gateway::GatewayError::Bind { .. }), "{err:?}");
+    tokio::net::TcpStream::connect(("127.0.0.1", main_port))
+        .await
+        .expect_err("the main door is not left listening");
 }

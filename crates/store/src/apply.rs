@@ -275,12 +275,13 @@ impl Store {
                     let commit = crate::stage(op, "write", writing);
                     tx.commit().await.map_err(failed)?;
                     crate::stage(op, "commit", commit);
-                    drop(writer);
                     metrics::counter!("crm_store_writer_yields_total").increment(1);
-                    let acquire = std::time::Instant::now();
-                    writer = self.enter_writer().await;
+                    let yielded = std::time::Instant::now();
+                    if let Some(pass) = writer.take() {
+                        writer = Some(pass.yield_to_priority().await);
+                    }
                     tx = pool.begin().await.map_err(failed)?;
-                    writing = crate::stage(op, "acquire", acquire);
+                    writing = crate::stage(op, "yielded", yielded);
                 }
                 let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,
                     |row, event| row

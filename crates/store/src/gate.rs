@@ -50,6 +50,17 @@ impl WriteGate {
     /// Wait for the writer. Cancel-safe: a waiter dropped before its turn leaves the queue
     /// (its sender fails), and one dropped with the pass in hand hands it on.
     pub(crate) async fn enter(self: &Arc<Self>, priority: WritePriority) -> Pass {
+        self.wait(priority, false).await
+    }
+
+    /// [`WriteGate::enter`] for a bulk transaction that gave the writer up to a priority one
+    /// part-way through its batch: it goes first among the bulk waiters, so steady priority
+    /// traffic cannot send it to the back of the queue again and again.
+    pub(crate) async fn resume(self: &Arc<Self>) -> Pass {
+        self.wait(WritePriority::Bulk, true).await
+    }
+
+    async fn wait(self: &Arc<Self>, priority: WritePriority, first: bool) -> Pass {
         let receiver = {
             let mut queue = self.queue();
             if !queue.held {
@@ -61,6 +72,7 @@ impl WriteGate {
             let (sender, receiver) = oneshot::channel();
             match priority {
                 WritePriority::Priority => queue.priority.push_back(sender),
+                WritePriority::Bulk if first => queue.bulk.push_front(sender),
                 WritePriority::Bulk => queue.bulk.push_back(sender),
             }
             receiver
@@ -68,7 +80,7 @@ impl WriteGate {
         match receiver.await {
             Ok(pass) => pass,
             // Senders are only dropped after a send: unreachable, but never hang on it.
-            Err(_) => Box::pin(self.enter(priority)).await,
+            Err(_) => Box::pin(self.wait(priority, first)).await,
         }
     }
 
@@ -84,9 +96,23 @@ impl Pass {
     /// Whether a priority transaction waits for the writer: a bulk holder yields to it at its
     /// next segment boundary.
     pub(crate) fn priority_waits(&self) -> bool {
-        self.gate
-            .as_ref()
-            .is_some_and(|gate| !gate.queue().priority.is_empty())
+        self.gate.as_ref().is_some_and(|gate| {
+            let mut queue = gate.queue();
+            // Waiters that left (their future was dropped) wait for nothing.
+            queue.priority.retain(|waiter| !waiter.is_closed());
+            !queue.priority.is_empty()
+        })
+    }
+
+    /// Give the writer up and wait for it again, first among the bulk waiters (a priority
+    /// transaction that waits goes in between).
+    pub(crate) async fn yield_to_priority(self) -> Self {
+        let gate = self.gate.clone();
+        drop(self);
+        match gate {
+            Some(gate) => gate.resume().await,
+            None => Pass { gate: None },
+        }
     }
 }
 
@@ -155,6 +181,52 @@ mod tests {
         let _again = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
             .await
             .expect("the gate was released");
+    }
+
+    #[tokio::test]
+    async fn a_yielding_bulk_holder_goes_after_the_priority_waiter_and_before_other_bulk() {
+        let gate = Arc::new(WriteGate::default());
+        let held = gate.enter(WritePriority::Bulk).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, priority) in [
+            ("bulk-queued", WritePriority::Bulk),
+            ("critical", WritePriority::Priority),
+        ] {
+            let (waiter, order) = (gate.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _pass = waiter.enter(priority).await;
+                order.lock().expect("order").push(name);
+            }));
+            while gate.waiting() < tasks.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(held.priority_waits());
+        let resumed = held.yield_to_priority().await;
+        order.lock().expect("order").push("resumed");
+        assert!(!resumed.priority_waits());
+        drop(resumed);
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(
+            *order.lock().expect("order"),
+            ["critical", "resumed", "bulk-queued"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_priority_waiter_that_left_is_not_waited_for() {
+        let gate = Arc::new(WriteGate::default());
+        let held = gate.enter(WritePriority::Bulk).await;
+        let gone = tokio::time::timeout(
+            Duration::from_millis(10),
+            gate.enter(WritePriority::Priority),
+        )
+        .await;
+        assert!(gone.is_err(), "the writer was held");
+        assert!(!held.priority_waits(), "nobody waits any more");
     }
 
     #[tokio::test]

@@ -134,7 +134,8 @@ pub const ALL: &[MetricDef] = &[
     def(STORE_STAGE_SECONDS, Histogram, SECONDS, &["op", "stage"],
         "Where a store transaction's time goes: acquire (waiting for the write connection and \
          BEGIN; on SQLite one writer, so this is the queue behind other transactions), write \
-         (the statements), commit (COMMIT, the fsync); op is apply (projector, bulk), \
+         (the statements), commit (COMMIT, the fsync), yielded (a bulk batch's wait to get the \
+         writer back after letting a priority transaction in); op is apply (projector, bulk), \
          apply_priority (projector, critical worker) or analytics"),
     def(STORE_WRITER_YIELDS_TOTAL, Counter, COUNT, &[],
         "SQLite: times a bulk batch committed what it had written and let a waiting priority \
