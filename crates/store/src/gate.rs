@@ -27,7 +27,13 @@ struct Queue {
     held: bool,
     priority: VecDeque<oneshot::Sender<Pass>>,
     bulk: VecDeque<oneshot::Sender<Pass>>,
+    /// When a priority transaction last asked for the writer.
+    last_priority: Option<std::time::Instant>,
 }
+
+/// How long after a priority transaction the priority path counts as active (see
+/// [`Pass::priority_active`]).
+const PRIORITY_ACTIVE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One writer at a time; priority waiters first, each class in arrival order.
 #[derive(Debug, Default)]
@@ -63,6 +69,9 @@ impl WriteGate {
     async fn wait(self: &Arc<Self>, priority: WritePriority, first: bool) -> Pass {
         let receiver = {
             let mut queue = self.queue();
+            if priority == WritePriority::Priority {
+                queue.last_priority = Some(std::time::Instant::now());
+            }
             if !queue.held {
                 queue.held = true;
                 return Pass {
@@ -93,6 +102,17 @@ impl WriteGate {
 }
 
 impl Pass {
+    /// Whether a priority transaction asked for the writer within the last second: while it
+    /// has, bulk batches are written in segments they can yield between (which costs them
+    /// statements); while it has not, in one piece.
+    pub(crate) fn priority_active(&self) -> bool {
+        self.gate.as_ref().is_some_and(|gate| {
+            gate.queue()
+                .last_priority
+                .is_some_and(|at| at.elapsed() < PRIORITY_ACTIVE_FOR)
+        })
+    }
+
     /// Whether a priority transaction waits for the writer: a bulk holder yields to it at its
     /// next segment boundary.
     pub(crate) fn priority_waits(&self) -> bool {

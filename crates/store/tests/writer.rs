@@ -11,59 +11,124 @@ use std::sync::{
 use store::{Applied, Store, WritePriority};
 use test_support::TempSqlite;
 
-/// A bulk batch much larger than one segment is committed in segments when a priority
-/// transaction waits for the writer, so that transaction goes in at the next segment boundary
-/// instead of after the whole batch; every bulk event is still applied exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
-    let db = TempSqlite::new();
-    let store = Store::connect(&db.url()).await.expect("connect");
-    let bulk = store.clone();
-    let priority = store.with_write_priority(WritePriority::Priority);
-    let big: Vec<_> = (0..20_000)
+/// Events in the bulk batch: enough to take a while, so the priority transaction arrives mid-way.
+const BULK: i64 = 50_000;
+
+/// A bulk batch of [`BULK`] events started on `bulk`, and a flag set when it has been applied.
+fn start_bulk(
+    bulk: Store,
+) -> (
+    Vec<events::Event>,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<Result<store::BatchResult, store::StoreError>>,
+) {
+    let big: Vec<_> = (0..BULK)
         .map(|i| update(&format!("bulk-{i}"), i, "title", "engineer"))
         .collect();
     let replay = big.clone();
-    let bulk_done = Arc::new(AtomicBool::new(false));
-    let bulk_task = {
-        let done = bulk_done.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let task = {
+        let done = done.clone();
         tokio::spawn(async move {
             let result = bulk.apply_batch(&big).await;
             done.store(true, Ordering::SeqCst);
             result
         })
     };
+    (replay, done, task)
+}
+
+/// While the priority path is active, a bulk batch much larger than one segment is committed in
+/// segments when a priority transaction waits for the writer, so that transaction goes in at the
+/// next segment boundary instead of after the whole batch; every bulk event is still applied
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
+    let db = TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("connect");
+    let priority = store.with_write_priority(WritePriority::Priority);
+    // The priority path is active: it wrote a moment ago.
+    priority
+        .apply_batch(&[update("vip", 0, "title", "cto")])
+        .await
+        .expect("priority batch");
+    let (replay, bulk_done, bulk_task) = start_bulk(store.clone());
     // Sequencing, not timing: let the bulk batch take the writer first.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(
         !bulk_done.load(Ordering::SeqCst),
         "the bulk batch is still being written when the priority one arrives"
     );
-    let consent = update("vip", 1, "title", "ceo");
     let applied = priority
-        .apply_batch(std::slice::from_ref(&consent))
+        .apply_batch(&[update("vip", 1, "title", "ceo")])
         .await
         .expect("priority batch");
     assert_eq!(applied.outcomes, vec![Applied::Applied]);
-    assert!(
-        !bulk_done.load(Ordering::SeqCst),
-        "the priority transaction committed before the bulk batch was done"
-    );
 
     let result = bulk_task.await.expect("join").expect("bulk batch");
-    assert_eq!(result.outcomes.len(), 20_000);
+    let (vip, last_bulk) = ledger_positions(&db).await;
+    assert!(
+        vip < last_bulk,
+        "the priority event went into the ledger between bulk segments ({vip} < {last_bulk})"
+    );
+    assert_eq!(result.outcomes.len(), BULK as usize);
     assert!(result.outcomes.iter().all(|o| *o == Applied::Applied));
-    assert_eq!(result.changed_customers.len(), 20_000);
-    for customer in ["bulk-0", "bulk-19999", "vip"] {
+    assert_eq!(result.changed_customers.len(), BULK as usize);
+    for (customer, applied) in [("bulk-0", 1), ("bulk-49999", 1), ("vip", 2)] {
         let profile = store
             .profile(common::TENANT, customer)
             .await
             .expect("read")
             .expect("a profile");
-        assert_eq!(profile.events_applied, 1, "{customer}: {profile:?}");
+        assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
     }
     // Applying the batch again has no second effect, segment by segment.
     let again = store.apply_batch(&replay).await.expect("replayed batch");
     assert!(again.outcomes.iter().all(|o| *o == Applied::Duplicate));
     assert!(again.changed_customers.is_empty());
+}
+
+/// With no priority traffic for a while, a bulk batch is written in one piece (segments cost
+/// statements): the first priority transaction after the quiet spell waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_quiet_spell_a_bulk_batch_is_written_in_one_piece() {
+    let db = TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("connect");
+    let priority = store.with_write_priority(WritePriority::Priority);
+    let (_replay, bulk_done, bulk_task) = start_bulk(store.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !bulk_done.load(Ordering::SeqCst),
+        "the bulk batch is still being written when the priority one arrives"
+    );
+    priority
+        .apply_batch(&[update("vip", 1, "title", "ceo")])
+        .await
+        .expect("priority batch");
+    bulk_task.await.expect("join").expect("bulk batch");
+    let (vip, last_bulk) = ledger_positions(&db).await;
+    assert!(
+        vip > last_bulk,
+        "the priority event went into the ledger after the whole bulk batch ({vip} > {last_bulk})"
+    );
+}
+
+/// Where in the ledger (insertion order) the last event of customer `vip` and the last bulk
+/// event went.
+async fn ledger_positions(db: &TempSqlite) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url())
+        .await
+        .expect("connect");
+    let (vip,): (i64,) =
+        sqlx::query_as("SELECT MAX(rowid) FROM processed_events WHERE customer_id = 'vip'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("vip");
+    let (bulk,): (i64,) =
+        sqlx::query_as("SELECT MAX(rowid) FROM processed_events WHERE customer_id LIKE 'bulk-%'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("bulk");
+    (vip, bulk)
 }
