@@ -35,9 +35,6 @@ pub struct BatchResult {
 
 /// Rows per multi-row statement (6 binds each: far below both backends' parameter limits).
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
-/// Events per segment of a bulk batch on SQLite: a priority transaction waiting for the
-/// writer goes in at the next segment boundary (see [`Store::apply_batch`]).
-const YIELD_SEGMENT: usize = 32;
 const INSERT_LEDGER: &str = "INSERT INTO processed_events \
     (tenant_id, dedupe_key, event_id, customer_id, event_type, processed_at_ns) ";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
@@ -217,7 +214,7 @@ pub(crate) fn now_ns() -> i64 {
 impl Store {
     /// Apply `events` in one transaction (all or nothing), except that on SQLite a bulk batch
     /// commits what it has written when a priority transaction waits for the writer (every
-    /// [`YIELD_SEGMENT`] events) and goes on in a new transaction. An event whose tenant and
+    /// [`StoreOptions::sqlite_yield_segment`](crate::StoreOptions) events) and goes on in a new transaction. An event whose tenant and
     /// [`events::dedupe_id`] (idempotency key, else event id) are already in the ledger, or
     /// earlier in the same batch, is [`Applied::Duplicate`] and has no effect; every other one
     /// is recorded in the ledger and applied, with its effects, in the same transaction.
@@ -268,9 +265,10 @@ impl Store {
             // (segments cost statements: 20 % of the projector's throughput alone). PostgreSQL's
             // writers run side by side: one segment, in the global lock order above.
             let segment = if self.priority == WritePriority::Bulk
+                && self.yield_segment > 0
                 && writer.as_ref().is_some_and(crate::gate::Pass::priority_active)
             {
-                YIELD_SEGMENT
+                self.yield_segment
             } else {
                 by_event.len()
             };

@@ -43,7 +43,15 @@ pub struct StoreOptions {
     pub url: String,
     /// SQLite only: when a commit reaches the disk.
     pub sqlite_synchronous: SqliteSynchronous,
+    /// SQLite only: events per segment of a bulk batch while the priority path is active; a
+    /// priority transaction waiting for the writer goes in at the next segment boundary (see
+    /// [`Store::apply_batch`]). Smaller: shorter waits for critical commits, more statements
+    /// for bulk. 0: bulk batches are never segmented.
+    pub sqlite_yield_segment: usize,
 }
+
+/// [`StoreOptions::sqlite_yield_segment`] by default.
+pub const DEFAULT_SQLITE_YIELD_SEGMENT: usize = 32;
 
 impl StoreOptions {
     /// `url` with the durable defaults.
@@ -51,6 +59,7 @@ impl StoreOptions {
         Self {
             url: url.into(),
             sqlite_synchronous: SqliteSynchronous::default(),
+            sqlite_yield_segment: DEFAULT_SQLITE_YIELD_SEGMENT,
         }
     }
 }
@@ -100,6 +109,8 @@ pub struct Store {
     read: Pool,
     /// SQLite: the writer's queue, priority transactions first (see [`gate`]).
     gate: Option<std::sync::Arc<gate::WriteGate>>,
+    /// SQLite: events per segment of a bulk batch while the priority path is active (0: none).
+    yield_segment: usize,
     /// Where this handle's write transactions queue.
     priority: WritePriority,
     /// SQLite: the analytics tables' own database file ([`sqlite_analytics_path`]), with its own
@@ -405,6 +416,8 @@ impl Store {
                         pool: Pool::Sqlite(write),
                         read: Pool::Sqlite(read),
                         gate: Some(Default::default()),
+                        // Analytics counts; it applies no projector batches.
+                        yield_segment: 0,
                         priority: WritePriority::Bulk,
                         analytics: None,
                     }))
@@ -436,6 +449,7 @@ impl Store {
             pool,
             read,
             gate,
+            yield_segment: options.sqlite_yield_segment,
             priority: WritePriority::Bulk,
             analytics,
         })
@@ -512,8 +526,8 @@ mod tests {
                 None => Store::connect(&db.url()).await,
                 Some(sqlite_synchronous) => {
                     Store::connect_with(&StoreOptions {
-                        url: db.url(),
                         sqlite_synchronous,
+                        ..StoreOptions::new(db.url())
                     })
                     .await
                 }

@@ -132,3 +132,34 @@ async fn ledger_positions(db: &TempSqlite) -> (i64, i64) {
             .expect("bulk");
     (vip, bulk)
 }
+
+/// `sqlite_yield_segment = 0` turns segments off: even while the priority path is active, a
+/// priority transaction waits for the whole bulk batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_yield_segment_zero_bulk_batches_are_never_segmented() {
+    let db = TempSqlite::new();
+    let store = Store::connect_with(&store::StoreOptions {
+        sqlite_yield_segment: 0,
+        ..store::StoreOptions::new(db.url())
+    })
+    .await
+    .expect("connect");
+    let priority = store.with_write_priority(WritePriority::Priority);
+    priority
+        .apply_batch(&[update("vip", 0, "title", "cto")])
+        .await
+        .expect("priority batch");
+    let (_replay, bulk_done, bulk_task) = start_bulk(store.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !bulk_done.load(Ordering::SeqCst),
+        "the bulk batch is still being written when the priority one arrives"
+    );
+    priority
+        .apply_batch(&[update("vip", 1, "title", "ceo")])
+        .await
+        .expect("priority batch");
+    bulk_task.await.expect("join").expect("bulk batch");
+    let (vip, last_bulk) = ledger_positions(&db).await;
+    assert!(vip > last_bulk, "{vip} > {last_bulk}");
+}
