@@ -168,27 +168,42 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn a_priority_waiter_goes_before_bulk_waiters_that_came_first() {
-        let gate = Arc::new(WriteGate::default());
-        let held = gate.enter(WritePriority::Bulk).await;
-        let order = Arc::new(Mutex::new(Vec::new()));
+    type Order = Arc<Mutex<Vec<&'static str>>>;
+
+    /// Queue one waiter per entry at the held `gate`, in this order; each records its name in
+    /// the returned order when it gets the writer.
+    async fn queue(
+        gate: &Arc<WriteGate>,
+        waiters: &[(&'static str, WritePriority)],
+    ) -> (Order, Vec<tokio::task::JoinHandle<()>>) {
+        let order: Order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for (name, priority) in [
-            ("bulk-1", WritePriority::Bulk),
-            ("bulk-2", WritePriority::Bulk),
-            ("critical", WritePriority::Priority),
-        ] {
+        for &(name, priority) in waiters {
             let (waiter, order) = (gate.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let _pass = waiter.enter(priority).await;
                 order.lock().expect("order").push(name);
             }));
-            // Queue them in this order.
             while gate.waiting() < tasks.len() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+        (order, tasks)
+    }
+
+    #[tokio::test]
+    async fn a_priority_waiter_goes_before_bulk_waiters_that_came_first() {
+        let gate = Arc::new(WriteGate::default());
+        let held = gate.enter(WritePriority::Bulk).await;
+        let (order, tasks) = queue(
+            &gate,
+            &[
+                ("bulk-1", WritePriority::Bulk),
+                ("bulk-2", WritePriority::Bulk),
+                ("critical", WritePriority::Priority),
+            ],
+        )
+        .await;
         drop(held);
         for task in tasks {
             task.await.expect("task");
@@ -207,21 +222,14 @@ mod tests {
     async fn a_yielding_bulk_holder_goes_after_the_priority_waiter_and_before_other_bulk() {
         let gate = Arc::new(WriteGate::default());
         let held = gate.enter(WritePriority::Bulk).await;
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for (name, priority) in [
-            ("bulk-queued", WritePriority::Bulk),
-            ("critical", WritePriority::Priority),
-        ] {
-            let (waiter, order) = (gate.clone(), order.clone());
-            tasks.push(tokio::spawn(async move {
-                let _pass = waiter.enter(priority).await;
-                order.lock().expect("order").push(name);
-            }));
-            while gate.waiting() < tasks.len() {
-                tokio::task::yield_now().await;
-            }
-        }
+        let (order, tasks) = queue(
+            &gate,
+            &[
+                ("bulk-queued", WritePriority::Bulk),
+                ("critical", WritePriority::Priority),
+            ],
+        )
+        .await;
         assert!(held.priority_waits());
         let resumed = held.yield_to_priority().await;
         order.lock().expect("order").push("resumed");
@@ -237,19 +245,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_priority_waiter_that_left_is_not_waited_for() {
-        let gate = Arc::new(WriteGate::default());
-        let held = gate.enter(WritePriority::Bulk).await;
-        let gone = tokio::time::timeout(
-            Duration::from_millis(10),
-            gate.enter(WritePriority::Priority),
-        )
-        .await;
-        assert!(gone.is_err(), "the writer was held");
-        assert!(!held.priority_waits(), "nobody waits any more");
-    }
-
-    #[tokio::test]
     async fn a_waiter_that_gives_up_does_not_keep_the_writer() {
         let gate = Arc::new(WriteGate::default());
         let held = gate.enter(WritePriority::Bulk).await;
@@ -259,6 +254,7 @@ mod tests {
         )
         .await;
         assert!(gone.is_err(), "the writer was held");
+        assert!(!held.priority_waits(), "a waiter that left does not make bulk yield");
         drop(held);
         let _next = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
             .await

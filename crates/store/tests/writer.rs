@@ -14,28 +14,57 @@ use test_support::TempSqlite;
 /// Events in the bulk batch: enough to take a while, so the priority transaction arrives mid-way.
 const BULK: i64 = 50_000;
 
-/// A bulk batch of [`BULK`] events started on `bulk`, and a flag set when it has been applied.
-fn start_bulk(
-    bulk: Store,
-) -> (
-    Vec<events::Event>,
-    Arc<AtomicBool>,
-    tokio::task::JoinHandle<Result<store::BatchResult, store::StoreError>>,
-) {
+/// What happened when a priority transaction arrived while a bulk batch was being written.
+struct Arrival {
+    /// The bulk batch's events and result.
+    bulk: Vec<events::Event>,
+    result: store::BatchResult,
+    /// Ledger positions (insertion order) of the priority event and of the last bulk event.
+    vip: i64,
+    last_bulk: i64,
+}
+
+/// Start a bulk batch of [`BULK`] events on `store` (after a priority transaction when `warm`,
+/// so the priority path is active), let it take the writer, then apply one priority event.
+async fn priority_during_bulk(db: &TempSqlite, store: &Store, warm: bool) -> Arrival {
+    let priority = store.with_write_priority(WritePriority::Priority);
+    if warm {
+        priority
+            .apply_batch(&[update("vip", 0, "title", "cto")])
+            .await
+            .expect("priority batch");
+    }
     let big: Vec<_> = (0..BULK)
         .map(|i| update(&format!("bulk-{i}"), i, "title", "engineer"))
         .collect();
-    let replay = big.clone();
     let done = Arc::new(AtomicBool::new(false));
     let task = {
-        let done = done.clone();
+        let (bulk, big, done) = (store.clone(), big.clone(), done.clone());
         tokio::spawn(async move {
             let result = bulk.apply_batch(&big).await;
             done.store(true, Ordering::SeqCst);
             result
         })
     };
-    (replay, done, task)
+    // Sequencing, not timing: let the bulk batch take the writer first.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the bulk batch is still being written when the priority one arrives"
+    );
+    let applied = priority
+        .apply_batch(&[update("vip", 1, "title", "ceo")])
+        .await
+        .expect("priority batch");
+    assert_eq!(applied.outcomes, vec![Applied::Applied]);
+    let result = task.await.expect("join").expect("bulk batch");
+    let (vip, last_bulk) = ledger_positions(db).await;
+    Arrival {
+        bulk: big,
+        result,
+        vip,
+        last_bulk,
+    }
 }
 
 /// While the priority path is active, a bulk batch much larger than one segment is committed in
@@ -46,31 +75,14 @@ fn start_bulk(
 async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("connect");
-    let priority = store.with_write_priority(WritePriority::Priority);
-    // The priority path is active: it wrote a moment ago.
-    priority
-        .apply_batch(&[update("vip", 0, "title", "cto")])
-        .await
-        .expect("priority batch");
-    let (replay, bulk_done, bulk_task) = start_bulk(store.clone());
-    // Sequencing, not timing: let the bulk batch take the writer first.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let arrival = priority_during_bulk(&db, &store, true).await;
     assert!(
-        !bulk_done.load(Ordering::SeqCst),
-        "the bulk batch is still being written when the priority one arrives"
+        arrival.vip < arrival.last_bulk,
+        "the priority event went into the ledger between bulk segments ({} < {})",
+        arrival.vip,
+        arrival.last_bulk
     );
-    let applied = priority
-        .apply_batch(&[update("vip", 1, "title", "ceo")])
-        .await
-        .expect("priority batch");
-    assert_eq!(applied.outcomes, vec![Applied::Applied]);
-
-    let result = bulk_task.await.expect("join").expect("bulk batch");
-    let (vip, last_bulk) = ledger_positions(&db).await;
-    assert!(
-        vip < last_bulk,
-        "the priority event went into the ledger between bulk segments ({vip} < {last_bulk})"
-    );
+    let result = arrival.result;
     assert_eq!(result.outcomes.len(), BULK as usize);
     assert!(result.outcomes.iter().all(|o| *o == Applied::Applied));
     assert_eq!(result.changed_customers.len(), BULK as usize);
@@ -83,7 +95,10 @@ async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
         assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
     }
     // Applying the batch again has no second effect, segment by segment.
-    let again = store.apply_batch(&replay).await.expect("replayed batch");
+    let again = store
+        .apply_batch(&arrival.bulk)
+        .await
+        .expect("replayed batch");
     assert!(again.outcomes.iter().all(|o| *o == Applied::Duplicate));
     assert!(again.changed_customers.is_empty());
 }
@@ -94,22 +109,32 @@ async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
 async fn after_a_quiet_spell_a_bulk_batch_is_written_in_one_piece() {
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("connect");
-    let priority = store.with_write_priority(WritePriority::Priority);
-    let (_replay, bulk_done, bulk_task) = start_bulk(store.clone());
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let arrival = priority_during_bulk(&db, &store, false).await;
     assert!(
-        !bulk_done.load(Ordering::SeqCst),
-        "the bulk batch is still being written when the priority one arrives"
+        arrival.vip > arrival.last_bulk,
+        "the priority event went into the ledger after the whole bulk batch ({} > {})",
+        arrival.vip,
+        arrival.last_bulk
     );
-    priority
-        .apply_batch(&[update("vip", 1, "title", "ceo")])
-        .await
-        .expect("priority batch");
-    bulk_task.await.expect("join").expect("bulk batch");
-    let (vip, last_bulk) = ledger_positions(&db).await;
+}
+
+/// `sqlite_yield_segment = 0` turns segments off: even while the priority path is active, a
+/// priority transaction waits for the whole bulk batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_yield_segment_zero_bulk_batches_are_never_segmented() {
+    let db = TempSqlite::new();
+    let store = Store::connect_with(&store::StoreOptions {
+        sqlite_yield_segment: 0,
+        ..store::StoreOptions::new(db.url())
+    })
+    .await
+    .expect("connect");
+    let arrival = priority_during_bulk(&db, &store, true).await;
     assert!(
-        vip > last_bulk,
-        "the priority event went into the ledger after the whole bulk batch ({vip} > {last_bulk})"
+        arrival.vip > arrival.last_bulk,
+        "{} > {}",
+        arrival.vip,
+        arrival.last_bulk
     );
 }
 
@@ -131,35 +156,4 @@ async fn ledger_positions(db: &TempSqlite) -> (i64, i64) {
             .await
             .expect("bulk");
     (vip, bulk)
-}
-
-/// `sqlite_yield_segment = 0` turns segments off: even while the priority path is active, a
-/// priority transaction waits for the whole bulk batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_yield_segment_zero_bulk_batches_are_never_segmented() {
-    let db = TempSqlite::new();
-    let store = Store::connect_with(&store::StoreOptions {
-        sqlite_yield_segment: 0,
-        ..store::StoreOptions::new(db.url())
-    })
-    .await
-    .expect("connect");
-    let priority = store.with_write_priority(WritePriority::Priority);
-    priority
-        .apply_batch(&[update("vip", 0, "title", "cto")])
-        .await
-        .expect("priority batch");
-    let (_replay, bulk_done, bulk_task) = start_bulk(store.clone());
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(
-        !bulk_done.load(Ordering::SeqCst),
-        "the bulk batch is still being written when the priority one arrives"
-    );
-    priority
-        .apply_batch(&[update("vip", 1, "title", "ceo")])
-        .await
-        .expect("priority batch");
-    bulk_task.await.expect("join").expect("bulk batch");
-    let (vip, last_bulk) = ledger_positions(&db).await;
-    assert!(vip > last_bulk, "{vip} > {last_bulk}");
 }
