@@ -132,8 +132,8 @@ pub fn priority_router(state: GatewayState) -> Router {
     with_layers(v1, state, Door::Priority, limit)
 }
 
-/// The layers every door has (outermost first): metrics, load shedding over `limit` requests,
-/// the body limit, and which door the request came in by.
+/// The layers every door has (outermost first): which door the request came in by, metrics,
+/// load shedding over `limit` requests, the body limit.
 fn with_layers(app: Router<GatewayState>, state: GatewayState, door: Door, limit: usize) -> Router {
     let shedding = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(observe::shed))
@@ -141,10 +141,11 @@ fn with_layers(app: Router<GatewayState>, state: GatewayState, door: Door, limit
         .layer(GlobalConcurrencyLimitLayer::new(limit));
     app.method_not_allowed_fallback(problem::method_not_allowed)
         .fallback(|| async { Problem::not_found("no such route") })
-        .layer(Extension(door))
         .layer(DefaultBodyLimit::max(state.max_body_bytes()))
         .layer(shedding)
         .layer(middleware::from_fn(observe::track))
+        // Outermost, so that every layer (the metrics too) knows the door.
+        .layer(Extension(door))
         .with_state(state)
 }
 

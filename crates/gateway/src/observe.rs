@@ -1,6 +1,6 @@
 //! The gateway's metrics, each recorded in one place, and the load-shedding answer.
 
-use crate::{problem::Problem, routes};
+use crate::{admission::Door, problem::Problem, routes};
 use axum::{
     BoxError,
     extract::{MatchedPath, Request},
@@ -49,15 +49,20 @@ impl Drop for InflightGuard {
 
 pub(crate) async fn track(request: Request, next: Next) -> Response {
     let route = route_label(&request);
+    let door = match request.extensions().get::<Door>() {
+        Some(Door::Priority) => "priority",
+        _ => "main",
+    };
     let _inflight = InflightGuard::enter();
     let started = Instant::now();
     let response = next.run(request).await;
-    metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route)
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route, "door" => door)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!(
         REQUESTS_TOTAL,
         "route" => route,
-        "status" => response.status().as_u16().to_string()
+        "status" => response.status().as_u16().to_string(),
+        "door" => door
     )
     .increment(1);
     response

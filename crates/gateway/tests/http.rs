@@ -1192,3 +1192,32 @@ async fn a_priority_door_that_cannot_bind_leaves_nothing_listening() {
         .await
         .expect_err("the main door is not left listening");
 }
+
+/// The request metrics tell the doors apart (`door="main"` or `door="priority"`), so an SRE can
+/// watch the priority door's latency and answers on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_say_which_door() {
+    // This test's process alone (nextest runs each test in its own): the global recorder.
+    let handle = telemetry::install_recorder().expect("recorder");
+    let doors = start_two_doors().await;
+    let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-1");
+    let page = events::sample::event(EventType::PageViewed, "acme", "cust-2");
+    for (addr, event) in [(doors.priority_addr, &consent), (doors.main_addr, &page)] {
+        let response = doors
+            .post(addr, "/v1/events", events::encode_json(event))
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let rendered = handle.render();
+    for door in ["main", "priority"] {
+        assert!(
+            rendered
+                .lines()
+                .any(|line| line.starts_with("crm_gateway_requests_total{")
+                    && line.contains(&format!("door=\"{door}\""))
+                    && line.contains("status=\"202\"")),
+            "no 202 counted for the {door} door in:\n{rendered}"
+        );
+    }
+    doors.stop();
+}

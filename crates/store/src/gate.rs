@@ -254,7 +254,10 @@ mod tests {
         )
         .await;
         assert!(gone.is_err(), "the writer was held");
-        assert!(!held.priority_waits(), "a waiter that left does not make bulk yield");
+        assert!(
+            !held.priority_waits(),
+            "a waiter that left does not make bulk yield"
+        );
         drop(held);
         let _next = tokio::time::timeout(Duration::from_secs(1), gate.enter(WritePriority::Bulk))
             .await

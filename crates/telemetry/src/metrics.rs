@@ -99,10 +99,11 @@ const BYTES: Option<Unit> = Some(Unit::Bytes);
 /// Every metric, grouped by component.
 #[rustfmt::skip]
 pub const ALL: &[MetricDef] = &[
-    def(GATEWAY_REQUESTS_TOTAL, Counter, COUNT, &["route", "status"],
-        "HTTP requests by route template and status code"),
-    def(GATEWAY_REQUEST_DURATION_SECONDS, Histogram, SECONDS, &["route"],
-        "HTTP request duration by route template"),
+    def(GATEWAY_REQUESTS_TOTAL, Counter, COUNT, &["route", "status", "door"],
+        "HTTP requests by route template, status code and door (main, or priority: the \
+         critical and high events' own listener)"),
+    def(GATEWAY_REQUEST_DURATION_SECONDS, Histogram, SECONDS, &["route", "door"],
+        "HTTP request duration by route template and door (main or priority)"),
     def(GATEWAY_INFLIGHT_REQUESTS, Gauge, COUNT, &[],
         "HTTP requests being handled"),
     def(GATEWAY_SHED_TOTAL, Counter, COUNT, &[],
