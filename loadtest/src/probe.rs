@@ -42,11 +42,8 @@ pub struct ProbeConfig {
 /// Where the probe sends: the gateway (its own HTTP connection) or NATS (its own connection).
 #[derive(Debug)]
 pub enum ProbeTarget {
-    Http {
-        base_url: String,
-        priority_url: Option<String>,
-        keys: Vec<String>,
-    },
+    /// A [`Target::Http`].
+    Http(Target),
     Nats(Box<Bus>),
 }
 
@@ -122,15 +119,7 @@ async fn probe(
         ack: (0..setup.phases).map(|_| histogram(3)).collect(),
     };
     let target = match setup.target {
-        ProbeTarget::Http {
-            base_url,
-            priority_url,
-            keys,
-        } => Target::Http {
-            base_url,
-            priority_url,
-            keys,
-        },
+        ProbeTarget::Http(target) => target,
         // Connected here, so that the connection's I/O runs on this thread.
         ProbeTarget::Nats(bus) => Target::Nats(Box::new(bus.connect_another("probe").await?)),
     };

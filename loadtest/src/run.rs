@@ -275,12 +275,12 @@ pub async fn run(options: Options) -> Result<Report> {
         &options,
         Arc::clone(&stack),
         pids,
-        HttpTarget {
-            base_url: &target_url,
-            priority_url: priority_url.as_deref(),
+        Target::Http {
+            base_url: target_url,
+            priority_url,
+            keys: api_keys,
         },
         &nats_url,
-        api_keys,
     )
     .await;
     // Stop the platform whatever happened.
@@ -302,20 +302,14 @@ pub async fn run(options: Options) -> Result<Report> {
     Ok(report)
 }
 
-/// Where the HTTP drivers send: the gateway's main door and, if it has one, its priority door.
-#[derive(Debug, Clone, Copy)]
-struct HttpTarget<'a> {
-    base_url: &'a str,
-    priority_url: Option<&'a str>,
-}
-
+/// `http`: where HTTP drivers (and an HTTP probe) send — the gateway, its priority door if it
+/// has one, the API keys.
 async fn drive(
     options: &Options,
     stack: Arc<tokio::sync::Mutex<Option<Stack>>>,
     pids: Pids,
-    http: HttpTarget<'_>,
+    http: Target,
     nats_url: &str,
-    api_keys: Vec<String>,
 ) -> Result<Report> {
     let scenario = &options.scenario;
     let bus = Bus::connect(&ConnectOptions::new(nats_url).name("crm-load"))
@@ -368,13 +362,8 @@ async fn drive(
 
     let target = match scenario.driver.kind {
         DriverKind::Nats => Target::Nats(Box::new(bus.clone())),
-        DriverKind::Http | DriverKind::HttpBatch => Target::Http {
-            base_url: http.base_url.to_owned(),
-            priority_url: http.priority_url.map(str::to_owned),
-            keys: api_keys.clone(),
-        },
+        DriverKind::Http | DriverKind::HttpBatch => http.clone(),
     };
-    let probe_keys = api_keys;
     let max_concurrency = scenario
         .phases
         .iter()
@@ -412,11 +401,7 @@ async fn drive(
                 driver: scenario.driver.clone(),
                 target: match context.driver.nats_bus() {
                     Some(bus) => crate::probe::ProbeTarget::Nats(Box::new(bus.clone())),
-                    None => crate::probe::ProbeTarget::Http {
-                        base_url: http.base_url.to_owned(),
-                        priority_url: http.priority_url.map(str::to_owned),
-                        keys: probe_keys.clone(),
-                    },
+                    None => crate::probe::ProbeTarget::Http(http.clone()),
                 },
                 mix: context.mix.clone(),
                 tenant_names: Arc::clone(&context.tenant_names),

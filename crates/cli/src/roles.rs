@@ -193,8 +193,6 @@ fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
 pub struct Running {
     /// Where the gateway listens, when it runs.
     pub gateway_addr: Option<std::net::SocketAddr>,
-    /// Where the gateway's priority door listens, when configured.
-    pub gateway_priority_addr: Option<std::net::SocketAddr>,
     pub admin_addr: std::net::SocketAddr,
     pub readiness: Readiness,
     shutdown: CancellationToken,
@@ -297,7 +295,6 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut gateway_addr = None;
-    let mut gateway_priority_addr = None;
     // Beside other roles, the gateway runs on a runtime (thread) of its own: a thousand busy HTTP
     // connections are a thousand tasks, and on one shared runtime they would leave the router,
     // one task among them, a sliver of the CPU while ingest outruns processing. As threads, the
@@ -308,8 +305,9 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
         None
     };
     // The gateway's priority door and connection, the router's priority ingest and the
-    // projector's critical lane run on a runtime of their own, at the default priority while the main runtime's threads run bulk work lowered (see
-    // `crate::sched`): their tasks never wait for a thread behind bulk tasks.
+    // projector's critical lane run on a runtime of their own, at the default priority while the
+    // main runtime's threads run bulk work lowered (see `crate::sched`): their tasks never wait
+    // for a thread behind bulk tasks.
     let priority_runtime = if roles.router || roles.projector || roles.gateway {
         Some(OwnRuntime::new("crm-priority", 1).context("starting the priority runtime")?)
     } else {
@@ -353,18 +351,16 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
             let serving =
                 gateway::serve_placed(&gateway_config, bus, gateway_rules, reads, &priority, stop)
                     .await?;
-            anyhow::Ok((serving.addr, serving.priority_addr, serving.task))
+            anyhow::Ok((serving.addr, serving.task))
         };
-        let (addr, priority_addr, server) =
-            match gateway_runtime.as_ref().and_then(OwnRuntime::handle) {
-                Some(runtime) => runtime
-                    .spawn(serve)
-                    .await
-                    .context("starting the gateway")??,
-                None => serve.await?,
-            };
+        let (addr, server) = match gateway_runtime.as_ref().and_then(OwnRuntime::handle) {
+            Some(runtime) => runtime
+                .spawn(serve)
+                .await
+                .context("starting the gateway")??,
+            None => serve.await?,
+        };
         gateway_addr = Some(addr);
-        gateway_priority_addr = priority_addr;
         tasks.spawn(async move { server.await?.map_err(anyhow::Error::from) });
     }
     if roles.router {
@@ -437,7 +433,6 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     readiness.set("roles", true);
     Ok(Running {
         gateway_addr,
-        gateway_priority_addr,
         admin_addr,
         readiness,
         shutdown,

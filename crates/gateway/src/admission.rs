@@ -488,6 +488,16 @@ pub enum Door {
     Priority,
 }
 
+impl Door {
+    /// The `door` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Priority => "priority",
+        }
+    }
+}
+
 /// Held while an admitted event is published; dropping it returns the budget.
 #[derive(Debug)]
 pub struct Ticket {

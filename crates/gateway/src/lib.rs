@@ -234,13 +234,13 @@ pub async fn serve_placed(
         // ends the gateway, so the process notices a failing role instead of half serving.
         let early = tokio::select! {
             () = shutdown => None,
-            served = &mut main => Some(("main", served)),
+            served = &mut main => Some((Door::Main, served)),
             served = async {
                 match door.as_mut() {
                     Some(door) => door.await,
                     None => std::future::pending().await,
                 }
-            } => Some(("priority", served)),
+            } => Some((Door::Priority, served)),
         };
         stop.cancel();
         let joined = |served: Result<std::io::Result<()>, tokio::task::JoinError>| {
@@ -257,8 +257,11 @@ pub async fn serve_placed(
                 served
             }
             Some((stopped, served)) => {
-                tracing::error!(door = stopped, "a gateway door stopped before shutdown");
-                let other = if stopped == "main" {
+                tracing::error!(
+                    door = stopped.as_str(),
+                    "a gateway door stopped before shutdown"
+                );
+                let other = if stopped == Door::Main {
                     match door {
                         Some(door) => joined(door.await),
                         None => Ok(()),
@@ -268,7 +271,9 @@ pub async fn serve_placed(
                 };
                 joined(served)
                     .and(other)
-                    .and(Err(GatewayError::DoorStopped { door: stopped }))
+                    .and(Err(GatewayError::DoorStopped {
+                        door: stopped.as_str(),
+                    }))
             }
         };
         stop_control.cancel();

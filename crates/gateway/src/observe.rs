@@ -49,10 +49,11 @@ impl Drop for InflightGuard {
 
 pub(crate) async fn track(request: Request, next: Next) -> Response {
     let route = route_label(&request);
-    let door = match request.extensions().get::<Door>() {
-        Some(Door::Priority) => "priority",
-        _ => "main",
-    };
+    let door = request
+        .extensions()
+        .get::<Door>()
+        .map_or(Door::Main, |door| *door)
+        .as_str();
     let _inflight = InflightGuard::enter();
     let started = Instant::now();
     let response = next.run(request).await;

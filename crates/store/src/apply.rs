@@ -214,10 +214,11 @@ pub(crate) fn now_ns() -> i64 {
 impl Store {
     /// Apply `events` in one transaction (all or nothing), except that on SQLite a bulk batch
     /// commits what it has written when a priority transaction waits for the writer (every
-    /// [`StoreOptions::sqlite_yield_segment`](crate::StoreOptions) events) and goes on in a new transaction. An event whose tenant and
-    /// [`events::dedupe_id`] (idempotency key, else event id) are already in the ledger, or
-    /// earlier in the same batch, is [`Applied::Duplicate`] and has no effect; every other one
-    /// is recorded in the ledger and applied, with its effects, in the same transaction.
+    /// [`StoreOptions::sqlite_yield_segment`](crate::StoreOptions) events) and goes on in a new
+    /// transaction. An event whose tenant and [`events::dedupe_id`] (idempotency key, else
+    /// event id) are already in the ledger, or earlier in the same batch, is
+    /// [`Applied::Duplicate`] and has no effect; every other one is recorded in the ledger and
+    /// applied, with its effects, in the same transaction.
     /// Redelivering a committed batch changes nothing.
     ///
     /// On error the failing transaction rolls back, so a caller may split the batch and try
