@@ -244,16 +244,27 @@ pub async fn spawn_listener(
 /// attempts when it reaches past the phase).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// The gateway's exact wait of a refusal, in milliseconds (`Retry-After` counts whole seconds).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 /// A `Retry-After` value in delay-seconds; `None` for anything else (HTTP dates included: the
 /// gateway sends seconds, and the caller falls back to a default delay).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    parse_count(value).map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+}
+
+/// A `Retry-After-Ms` value; `None` unless it is all digits.
+pub fn parse_retry_after_ms(value: &str) -> Option<Duration> {
+    parse_count(value).map(|ms| Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
+
+fn parse_count(value: &str) -> Option<u64> {
     let value = value.trim();
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     // All digits: only overflow fails, which is "very long".
-    let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
-    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+    Some(value.parse::<u64>().unwrap_or(u64::MAX))
 }
 
 /// The last segment of a problem+json `type` (`…/overloaded` → `overloaded`), if the body is one.
@@ -363,6 +374,11 @@ mod tests {
         assert_eq!(parse_retry_after("1"), Some(Duration::from_secs(1)));
         assert_eq!(parse_retry_after(" 5 "), Some(Duration::from_secs(5)));
         assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after_ms(" 250 "),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_retry_after_ms("0.5"), None);
         assert_eq!(
             parse_retry_after("99999999999999999999999"),
             Some(MAX_RETRY_AFTER)

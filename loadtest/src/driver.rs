@@ -101,6 +101,9 @@ struct BatchItem {
     status: u16,
     #[serde(default)]
     duplicate: Option<bool>,
+    /// A refused item's own wait, ms.
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
 }
 
 /// The gateway's answer to one accepted event.
@@ -323,6 +326,10 @@ impl Driver {
                 );
                 for item in answer.results {
                     if let Some(slot) = results.get_mut(item.index) {
+                        let retry_after = item
+                            .retry_after_ms
+                            .map(Duration::from_millis)
+                            .or(retry_after);
                         *slot =
                             item_outcome(item.status, retry_after, item.duplicate.unwrap_or(false));
                     }
@@ -371,13 +378,13 @@ impl Driver {
     }
 }
 
-/// A `Retry-After` header in delay-seconds, if there is one.
+/// How long the answer asks the client to wait: the gateway's exact `Retry-After-Ms` when
+/// there is one, else a `Retry-After` in delay-seconds.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()
-        .and_then(admission::parse_retry_after)
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    header(admission::RETRY_AFTER_MS)
+        .and_then(admission::parse_retry_after_ms)
+        .or_else(|| header(RETRY_AFTER.as_str()).and_then(admission::parse_retry_after))
 }
 
 /// The platform is asking for the event later rather than failing it.
@@ -855,6 +862,18 @@ mod tests {
             item_outcome(400, None, false),
             Outcome::Failed("item 400".into())
         );
+    }
+
+    #[test]
+    fn the_exact_retry_after_ms_wins_over_whole_seconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(admission::RETRY_AFTER_MS, HeaderValue::from_static("1250"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(1250)));
+        headers.insert(admission::RETRY_AFTER_MS, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::{
     GatewayState,
-    admission::{Class, Door, Refusal},
+    admission::{Class, Door, RETRY_AFTER, Refusal},
     auth::Tenant,
     problem::Problem,
 };
@@ -92,6 +92,9 @@ struct ItemResult {
     detail: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<FieldError>,
+    /// A refused item's wait before it is sent again, ms (as a single event's `Retry-After-Ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl ItemResult {
@@ -105,6 +108,7 @@ impl ItemResult {
             duplicate: None,
             detail: Some(problem.detail),
             errors: problem.errors,
+            retry_after_ms: problem.retry_after.map(crate::problem::retry_after_ms),
         }
     }
 
@@ -118,6 +122,7 @@ impl ItemResult {
             duplicate: Some(published.duplicate),
             detail: None,
             errors: Vec::new(),
+            retry_after_ms: None,
         }
     }
 }
@@ -229,10 +234,14 @@ fn check(state: &GatewayState, event: &Event, tenant: &Tenant) -> Result<(Class,
 fn refused(class: Class, refusal: Refusal) -> Problem {
     let why = match refusal {
         Refusal::Budget => "at their in-flight limit",
-        Refusal::Rate => "at a reduced rate while the pipeline catches up",
+        Refusal::Rate { .. } => "at a reduced rate while the pipeline catches up",
         Refusal::Misdirected => return Problem::misdirected(class.as_str()),
     };
-    Problem::shed(class.as_str(), why)
+    Problem::shed(
+        class.as_str(),
+        why,
+        refusal.retry_after().unwrap_or(RETRY_AFTER),
+    )
 }
 
 fn unavailable(subject: &str, err: &BusError) -> Problem {

@@ -3,15 +3,23 @@
 use axum::{
     extract::rejection::BytesRejection,
     http::{
-        HeaderValue, StatusCode,
+        HeaderName, HeaderValue, StatusCode,
         header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
     },
     response::{IntoResponse, Response},
 };
 use events::{DecodeError, FieldError, ValidationErrors};
 use serde::Serialize;
+use std::time::Duration;
 
 const TYPE_BASE: &str = "https://crm-events.dev/problems/";
+
+/// The exact wait of a 503, in milliseconds (`Retry-After` itself counts whole seconds).
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+pub(crate) fn retry_after_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// One problem: its status, a stable slug (the `type` URL's last segment), a title per slug,
 /// a detail for this occurrence and, for invalid events, every field at fault.
@@ -22,6 +30,9 @@ pub(crate) struct Problem {
     pub title: &'static str,
     pub detail: String,
     pub errors: Vec<FieldError>,
+    /// How long the client should wait before it tries again (503 only): `Retry-After` in
+    /// whole seconds, rounded up, and the exact figure as `Retry-After-Ms` and `retry_after_ms`.
+    pub retry_after: Option<Duration>,
 }
 
 impl Problem {
@@ -37,7 +48,13 @@ impl Problem {
             title,
             detail: detail.into(),
             errors: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 
     pub fn unauthorized() -> Self {
@@ -127,6 +144,8 @@ impl Problem {
             "the ingest stream is full of events not processed yet, so this event was not stored; \
              retry after the Retry-After delay with the same event_id or idempotency_key",
         )
+        // A full stream drains at the pace of its consumers: a longer pause than for a hiccup.
+        .retry_after(Duration::from_secs(5))
     }
 
     /// JetStream did not confirm storage; the client retries (with the same idempotency key).
@@ -138,6 +157,7 @@ impl Problem {
             "JetStream did not acknowledge the event, so it may not be stored; retry with the same \
              event_id or idempotency_key",
         )
+        .retry_after(Duration::from_secs(1))
     }
 
     pub fn overloaded() -> Self {
@@ -147,11 +167,12 @@ impl Problem {
             "Gateway overloaded",
             "too many requests in flight; retry shortly",
         )
+        .retry_after(Duration::from_secs(1))
     }
 
     /// Bulk refused by admission control before it was stored: nothing is lost; retry after
     /// the Retry-After delay (critical and high events are admitted on budgets of their own).
-    pub fn shed(class: &str, why: &str) -> Self {
+    pub fn shed(class: &str, why: &str, retry_after: Duration) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -161,6 +182,7 @@ impl Problem {
                  after the Retry-After delay with the same event_id or idempotency_key"
             ),
         )
+        .retry_after(retry_after)
     }
 
     /// A bulk event sent to the priority door, which takes critical and high events only.
@@ -207,6 +229,8 @@ struct Body<'a> {
     detail: &'a str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     errors: &'a [FieldError],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl IntoResponse for Problem {
@@ -217,6 +241,7 @@ impl IntoResponse for Problem {
             status: self.status.as_u16(),
             detail: &self.detail,
             errors: &self.errors,
+            retry_after_ms: self.retry_after.map(retry_after_ms),
         };
         // Serializing strings and numbers cannot fail.
         let json = serde_json::to_vec(&body).unwrap_or_default();
@@ -226,11 +251,12 @@ impl IntoResponse for Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            // A full stream drains at the pace of its consumers: ask for a longer pause than
-            // for a hiccup.
-            let seconds = if self.slug == "ingest-full" { "5" } else { "1" };
-            headers.insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+        if let Some(wait) = self.retry_after {
+            // `Retry-After` counts whole seconds: rounded up, so a client that honours only it
+            // never comes back early; the exact wait for clients that can use it.
+            let seconds = wait.as_millis().div_ceil(1000).max(1);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds as u64));
+            headers.insert(RETRY_AFTER_MS, HeaderValue::from(retry_after_ms(wait)));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -280,5 +306,15 @@ mod tests {
         assert!(json.get("errors").is_none(), "{json}");
         let (response, _) = render(Problem::unauthorized()).await;
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
+        assert!(response.headers().get(RETRY_AFTER).is_none());
+        // A paced refusal: whole seconds rounded up, and the exact wait.
+        let (response, json) =
+            render(Problem::shed("bulk", "slowly", Duration::from_millis(1500))).await;
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        assert_eq!(response.headers()[RETRY_AFTER_MS], "1500");
+        assert_eq!(json["retry_after_ms"], 1500);
+        let (response, _) =
+            render(Problem::shed("bulk", "slowly", Duration::from_millis(100))).await;
+        assert_eq!(response.headers()[RETRY_AFTER], "1", "never 0");
     }
 }

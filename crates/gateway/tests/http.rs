@@ -864,6 +864,7 @@ async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
 
     let before = gw.ingest_messages().await;
     let (mut accepted, mut shed) = (0, 0);
+    let mut waits = Vec::new();
     for _ in 0..20 {
         let response = gw
             .post_event(&events::sample::event(
@@ -875,8 +876,18 @@ async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
         match response.status() {
             StatusCode::ACCEPTED => accepted += 1,
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(response.headers()["retry-after"], "1");
+                let header = |name: &str| -> u64 {
+                    response.headers()[name]
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("{name}: {:?}", response.headers()))
+                };
+                let (seconds, ms) = (header("retry-after"), header("retry-after-ms"));
+                assert_eq!(seconds, ms.div_ceil(1000).max(1), "whole seconds, rounded up");
+                waits.push(ms);
                 let (_, body) = problem(response).await;
+                assert_eq!(body["retry_after_ms"], ms, "{body}");
                 assert!(
                     body["type"]
                         .as_str()
@@ -892,6 +903,15 @@ async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
     assert!(
         shed >= 15,
         "bulk over its rate is shed: {accepted} accepted, {shed} shed"
+    );
+    // Each refusal gets a later slot of the retry schedule (1/rate apart, 10 s ahead at most),
+    // so the refused come back at the rate in force, not all at once.
+    assert!(
+        waits[0] >= 100
+            && waits
+                .windows(2)
+                .all(|pair| pair[1] > pair[0] || pair[1] == 10_000),
+        "paced retry slots: {waits:?}"
     );
     assert_eq!(
         gw.ingest_messages().await,
