@@ -225,6 +225,8 @@ pub struct BulkController {
     publish_min: Option<Duration>,
     publish_interval_start: Instant,
     publish_congested: bool,
+    /// Whether any bulk publish completed since the last control step.
+    published_since_tick: bool,
     /// When the next refused request is told to come back: refusals are handed retry times
     /// `1 / rate` apart, so retries return at the rate in force rather than all after the same
     /// second (a closed client then sleeps less than a fixed `Retry-After` makes it, and no
@@ -254,6 +256,7 @@ impl BulkController {
             publish_min: None,
             publish_interval_start: now,
             publish_congested: false,
+            published_since_tick: false,
             next_retry: None,
             buckets: HashMap::new(),
             shared: None,
@@ -336,6 +339,7 @@ impl BulkController {
 
     /// A bulk publish took `took` to be acknowledged.
     pub fn publish_done(&mut self, took: Duration, now: Instant) {
+        self.published_since_tick = true;
         self.publish_min = Some(self.publish_min.map_or(took, |min| min.min(took)));
         if now.duration_since(self.publish_interval_start) >= self.config.publish_interval {
             self.publish_congested = self
@@ -360,6 +364,12 @@ impl BulkController {
         self.buckets
             .retain(|tenant, _| self.last_seen.contains_key(tenant));
 
+        if !std::mem::take(&mut self.published_since_tick) {
+            // Nothing published since the last step: no queue to measure, so the last verdict
+            // lapses rather than holding bulk down through a lull.
+            self.publish_congested = false;
+            self.publish_min = None;
+        }
         let delay_ms = pipeline.map_or(0.0, |p| p.delay_ms);
         let target_ms = self.config.delay_target.as_secs_f64() * 1000.0;
         let congestion = if delay_ms > target_ms {
@@ -900,6 +910,27 @@ mod tests {
         c.tick(None, at + Duration::from_secs(1));
         assert!(c.limit().is_some());
         assert_eq!(c.reason(), Congestion::PublishDelay);
+    }
+
+    #[test]
+    fn a_publish_delay_verdict_lapses_when_nothing_is_published() {
+        let (mut c, now) = controller();
+        offer(&mut c, now, &[("a", 1000)]);
+        for ms in [0, 40, 80, 120] {
+            c.publish_done(Duration::from_millis(60), now + Duration::from_millis(ms));
+        }
+        let mut at = now + Duration::from_secs(1);
+        c.tick(congested(10.0, 1000.0), at);
+        assert_eq!(c.reason(), Congestion::PublishDelay);
+        let limited = c.limit().expect("limited");
+        // The load stops: no publish, so no standing queue to measure. The last verdict must
+        // not hold the limit down (it used to fall to the floor, and the next burst met 50/s).
+        for _ in 0..5 {
+            at += Duration::from_secs(1);
+            c.tick(congested(0.0, 0.0), at);
+            assert_eq!(c.reason(), Congestion::None);
+        }
+        assert!(c.limit().is_none_or(|limit| limit > limited), "{:?}", c.limit());
     }
 
     #[test]
