@@ -588,12 +588,10 @@ impl Admission {
             }
             Class::Bulk => match self.bulk_inflight.clone().try_acquire_owned() {
                 Err(_) => Err(Refusal::Budget),
-                Ok(permit) => {
-                    match self.bulk().try_admit(tenant, now) {
-                        Ok(()) => Ok(Some(permit)),
-                        Err(retry_after) => Err(Refusal::Rate { retry_after }),
-                    }
-                }
+                Ok(permit) => match self.bulk().try_admit(tenant, now) {
+                    Ok(()) => Ok(Some(permit)),
+                    Err(retry_after) => Err(Refusal::Rate { retry_after }),
+                },
             },
         };
         match outcome {
@@ -930,7 +928,11 @@ mod tests {
             c.tick(congested(0.0, 0.0), at);
             assert_eq!(c.reason(), Congestion::None);
         }
-        assert!(c.limit().is_none_or(|limit| limit > limited), "{:?}", c.limit());
+        assert!(
+            c.limit().is_none_or(|limit| limit > limited),
+            "{:?}",
+            c.limit()
+        );
     }
 
     #[test]
@@ -980,7 +982,9 @@ mod tests {
             );
         }
         assert!(
-            waits.last().is_some_and(|w| *w < MIN_RETRY + Duration::from_secs(2)),
+            waits
+                .last()
+                .is_some_and(|w| *w < MIN_RETRY + Duration::from_secs(2)),
             "{:?}",
             waits.last()
         );
@@ -1064,10 +1068,16 @@ mod tests {
         let (admitted, refused) = told;
         assert!(admitted >= 3000.0 * 0.9, "admitted {admitted}/s of 3000/s");
         assert!(admitted <= 3000.0 * 1.1, "admitted {admitted}/s of 3000/s");
-        assert!(refused <= admitted * 1.5, "refused {refused}/s, admitted {admitted}/s");
+        assert!(
+            refused <= admitted * 1.5,
+            "refused {refused}/s, admitted {admitted}/s"
+        );
         // What the schedule is for: the same clients pausing a fixed second get about half.
         let (fixed, _) = closed_loop(1000, 3000.0, Duration::from_millis(5), |_| RETRY_AFTER);
-        assert!(fixed < admitted * 0.8, "fixed pause {fixed}/s, told {admitted}/s");
+        assert!(
+            fixed < admitted * 0.8,
+            "fixed pause {fixed}/s, told {admitted}/s"
+        );
     }
 
     #[test]

@@ -48,6 +48,16 @@ pub mod routes {
     pub const ANALYTICS_SUMMARY: &str = "/v1/analytics/summary";
     pub const ANALYTICS_EVENTS_PER_MINUTE: &str = "/v1/analytics/events-per-minute";
     pub const OPENAPI: &str = "/openapi.json";
+
+    /// Every route, each its own `route` label (anything else is `other`).
+    pub const ALL: &[&str] = &[
+        EVENTS,
+        EVENTS_BATCH,
+        CUSTOMER,
+        ANALYTICS_SUMMARY,
+        ANALYTICS_EVENTS_PER_MINUTE,
+        OPENAPI,
+    ];
 }
 
 /// The routing rules in force, read on every classification (so a reload applies at once).

@@ -16,19 +16,20 @@ pub const SHED_TOTAL: &str = "crm_gateway_shed_total";
 
 /// The `route` label: a known template, never a raw path (which would carry ids).
 fn route_label(request: &Request) -> &'static str {
-    let matched = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    [
-        routes::EVENTS,
-        routes::EVENTS_BATCH,
-        routes::CUSTOMER,
-        routes::OPENAPI,
-    ]
-    .into_iter()
-    .find(|route| Some(*route) == matched)
-    .unwrap_or("other")
+    label_of(
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    )
+}
+
+fn label_of(matched: Option<&str>) -> &'static str {
+    routes::ALL
+        .iter()
+        .copied()
+        .find(|route| Some(*route) == matched)
+        .unwrap_or("other")
 }
 
 /// Counts the in-flight gauge down even when the request future is dropped.
@@ -78,5 +79,27 @@ pub(crate) async fn shed(err: BoxError) -> Problem {
     } else {
         tracing::error!(error = %err, "middleware failed");
         Problem::internal("the request could not be handled")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_path_has_a_route_label_of_its_own() {
+        let document: serde_json::Value =
+            serde_json::from_str(crate::OPENAPI_JSON).expect("openapi.json");
+        let paths = document["paths"].as_object().expect("paths");
+        assert!(paths.len() >= routes::ALL.len(), "{paths:?}");
+        for path in paths.keys() {
+            assert_eq!(
+                label_of(Some(path)),
+                path,
+                "{path} is recorded as another route"
+            );
+        }
+        assert_eq!(label_of(Some("/v1/customers/c-1")), "other");
+        assert_eq!(label_of(None), "other");
     }
 }

@@ -884,7 +884,11 @@ async fn a_slow_pipeline_sheds_bulk_before_storing_it_and_never_critical() {
                         .unwrap_or_else(|| panic!("{name}: {:?}", response.headers()))
                 };
                 let (seconds, ms) = (header("retry-after"), header("retry-after-ms"));
-                assert_eq!(seconds, ms.div_ceil(1000).max(1), "whole seconds, rounded up");
+                assert_eq!(
+                    seconds,
+                    ms.div_ceil(1000).max(1),
+                    "whole seconds, rounded up"
+                );
                 waits.push(ms);
                 let (_, body) = problem(response).await;
                 assert_eq!(body["retry_after_ms"], ms, "{body}");
