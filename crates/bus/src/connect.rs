@@ -87,6 +87,8 @@ pub struct Bus {
     /// What this connection was made with, for [`Bus::connect_another`]; `None` for a bus made
     /// from an existing client.
     options: Option<std::sync::Arc<ConnectOptions>>,
+    /// The consumer loops of this process (shared with every `connect_another`).
+    liveness: crate::Liveness,
 }
 
 impl Bus {
@@ -138,7 +140,9 @@ impl Bus {
                     name: format!("{}-{purpose}", options.name),
                     ..ConnectOptions::clone(options)
                 };
-                Self::connect(&options).await
+                let mut another = Self::connect(&options).await?;
+                another.liveness = self.liveness.clone();
+                Ok(another)
             }
             None => Ok(self.clone()),
         }
@@ -152,6 +156,7 @@ impl Bus {
             jetstream,
             request_timeout,
             options: None,
+            liveness: crate::Liveness::default(),
         }
     }
 
@@ -190,6 +195,11 @@ impl Bus {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// The process's consumer loops, for `/healthz` ([`crate::liveness`]).
+    pub fn liveness(&self) -> &crate::Liveness {
+        &self.liveness
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {

@@ -9,6 +9,7 @@ mod error;
 pub mod headers;
 pub mod health;
 mod ingest;
+pub mod liveness;
 pub mod ops;
 mod provision;
 mod publish;
@@ -23,6 +24,7 @@ pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};
 pub use health::{HealthRecorder, e2e_latency};
 pub use ingest::decode_ingest;
+pub use liveness::Liveness;
 pub use provision::{Action, Change, Definitions, FieldDiff, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};
 pub use retention::{

@@ -350,6 +350,7 @@ pub struct Runtime {
     config: Arc<WorkerConfig>,
     recorder: Arc<HealthRecorder>,
     holding: Arc<Holding>,
+    beat: crate::liveness::Beat,
     shutdown: CancellationToken,
 }
 
@@ -368,8 +369,12 @@ impl Runtime {
             ));
         }
         metrics::gauge!("crm_worker_waiting", "role" => config.role).set(0.0);
+        let beat = bus
+            .liveness()
+            .register(&format!("{}/{}", config.role, labels.join("+")));
         Self {
             bus,
+            beat,
             config: Arc::new(config),
             recorder,
             holding: Arc::new(Holding::default()),
@@ -662,6 +667,8 @@ impl Runtime {
         let mut held_since: Option<tokio::time::Instant> = None;
         let mut attempt: i64 = 0;
         loop {
+            // Handling and settling is work; the pause before a held batch's retry is not.
+            let working = self.beat.start();
             let started = std::time::Instant::now();
             let outcomes = with_progress(
                 &batch,
@@ -714,6 +721,7 @@ impl Runtime {
                 record_done(bus, config, recorder, source, &of_source, None).await;
             }
             stage(config.role, label, "settle", settling.elapsed());
+            drop(working);
             if waiting.is_empty() {
                 if held_since.is_some() {
                     holding.leave(config.role);

@@ -407,3 +407,85 @@ async fn a_backlog_is_taken_in_full_batches() {
     );
     assert_eq!(sizes.len(), backlog.div_ceil(256), "batch sizes: {sizes:?}");
 }
+
+/// Hangs in the handler for the first batch (a call that never returns) until released.
+struct Hangs {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Handler for Hangs {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        vec![Outcome::Done; batch.len()]
+    }
+}
+
+/// Answers "dependency down" to every batch: the runtime holds it and retries.
+struct StoreDown;
+
+impl Handler for StoreDown {
+    async fn handle(&self, _source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
+        vec![Outcome::wait("store unavailable"); batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn a_loop_stuck_in_its_handler_is_named_by_liveness_a_held_batch_is_not() {
+    const BOUND: Duration = Duration::from_millis(300);
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    fill(&bus, Lane::High, 3, "h").await;
+    let shutdown = CancellationToken::new();
+    let stalled = |bus: &Bus| bus.liveness().stalled(std::time::Instant::now(), BOUND);
+
+    // Waiting for work is not stuck.
+    let idle = config().lanes(&[Lane::Critical]);
+    let idle_worker = tokio::spawn(run_worker(
+        bus.clone(),
+        idle,
+        Arc::new(StoreDown),
+        shutdown.clone(),
+    ));
+    // A batch held for a dependency that is down retries, and each retry returns: live.
+    let mut held = config().lanes(&[Lane::Standard]);
+    held.wait_policy = bus::WaitPolicy::Hold;
+    held.backoff_base = Duration::from_millis(20);
+    held.wait_max = Duration::from_millis(50);
+    fill(&bus, Lane::Standard, 2, "s").await;
+    let held_worker = tokio::spawn(run_worker(
+        bus.clone(),
+        held,
+        Arc::new(StoreDown),
+        shutdown.clone(),
+    ));
+    // A handler that never returns: stuck once the bound has passed.
+    let hangs = Arc::new(Hangs {
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let hung_worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config().lanes(&[Lane::High]),
+        hangs.clone(),
+        shutdown.clone(),
+    ));
+    hangs.entered.notified().await;
+    assert!(stalled(&bus).is_empty(), "within the bound");
+    tokio::time::sleep(BOUND * 3).await;
+    let names: Vec<String> = stalled(&bus).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, vec!["test/high".to_owned()], "only the hung loop");
+
+    // It returns: live again.
+    hangs.release.notify_one();
+    test_support::eventually("the loop makes progress", || async {
+        stalled(&bus).is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    hangs.release.notify_waiters();
+    for worker in [idle_worker, held_worker, hung_worker] {
+        worker.await.expect("join").expect("worker ok");
+    }
+}

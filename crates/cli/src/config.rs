@@ -133,12 +133,17 @@ mod positive_duration {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// `/healthz` fails (503) when a consumer loop has had a batch in hand this long with none
+    /// finished: the process is stuck and should be restarted.
+    #[serde(with = "positive_duration")]
+    pub stall_after: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            stall_after: Duration::from_secs(60),
         }
     }
 }

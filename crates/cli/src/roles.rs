@@ -265,7 +265,10 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
 
     let (admin_addr, admin) = telemetry::serve_admin(
         config.admin.listen,
-        telemetry::admin_router(handle, readiness.clone()),
+        telemetry::admin_router(handle, readiness.clone(), {
+            let (liveness, stall_after) = (bus.liveness().clone(), config.admin.stall_after);
+            std::sync::Arc::new(move || liveness.stalled(std::time::Instant::now(), stall_after))
+        }),
         shutdown.clone().cancelled_owned(),
     )
     .await

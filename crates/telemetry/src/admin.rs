@@ -3,11 +3,12 @@ use axum::{
     Json, Router,
     extract::State,
     http::{StatusCode, header},
-    response::IntoResponse,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::{future::Future, io, net::SocketAddr};
+use serde::Serialize;
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 /// Content type of the Prometheus text exposition format.
@@ -24,20 +25,64 @@ pub enum AdminError {
     },
 }
 
+/// What `/healthz` asks: the loops that are stuck, each with how long it has made no progress;
+/// none while the process is live.
+pub type LivenessCheck = Arc<dyn Fn() -> Vec<(String, Duration)> + Send + Sync>;
+
+/// A liveness check for a process with no loops to watch.
+pub fn always_live() -> LivenessCheck {
+    Arc::new(Vec::new)
+}
+
 #[derive(Clone)]
 struct AdminState {
     handle: PrometheusHandle,
     readiness: Readiness,
+    liveness: LivenessCheck,
 }
 
-/// `GET /metrics` (Prometheus text), `GET /healthz` (200 while the process runs) and
-/// `GET /readyz` (200 when every readiness check passes, else 503 naming the failing ones).
-pub fn admin_router(handle: PrometheusHandle, readiness: Readiness) -> Router {
+/// `GET /metrics` (Prometheus text), `GET /healthz` (200 `ok` while every loop makes progress,
+/// else 503 naming the stuck ones, so that a supervisor restarts the process) and `GET /readyz`
+/// (200 when every readiness check passes, else 503 naming the failing ones).
+pub fn admin_router(
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    liveness: LivenessCheck,
+) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
-        .with_state(AdminState { handle, readiness })
+        .with_state(AdminState {
+            handle,
+            readiness,
+            liveness,
+        })
+}
+
+#[derive(Serialize)]
+struct Stuck {
+    #[serde(rename = "loop")]
+    name: String,
+    no_progress_s: f64,
+}
+
+async fn healthz(State(state): State<AdminState>) -> Response {
+    let stuck: Vec<Stuck> = (state.liveness)()
+        .into_iter()
+        .map(|(name, quiet)| Stuck {
+            name,
+            no_progress_s: (quiet.as_secs_f64() * 10.0).round() / 10.0,
+        })
+        .collect();
+    if stuck.is_empty() {
+        return "ok".into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "live": false, "stuck": stuck })),
+    )
+        .into_response()
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -116,7 +161,7 @@ mod tests {
             .increment(3);
         ::metrics::histogram!(LANE_E2E_LATENCY_SECONDS, "lane" => "critical").record(0.003);
         ::metrics::histogram!(WORKER_BATCH_SIZE, "role" => "router", "lane" => "bulk").record(40.0);
-        let router = admin_router(handle, Readiness::default());
+        let router = admin_router(handle, Readiness::default(), always_live());
 
         let (status, content_type, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
@@ -139,10 +184,27 @@ mod tests {
     async fn healthz_and_readyz() {
         let handle = install_recorder().expect("recorder");
         let readiness = Readiness::with_checks(["nats", "streams"]);
-        let router = admin_router(handle, readiness.clone());
+        let stuck = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let check: LivenessCheck = {
+            let stuck = stuck.clone();
+            Arc::new(move || stuck.lock().expect("lock").clone())
+        };
+        let router = admin_router(handle, readiness.clone(), check);
 
         let (status, _, body) = get(&router, "/healthz").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+        stuck
+            .lock()
+            .expect("lock")
+            .push(("projector/high".to_owned(), Duration::from_millis(61_250)));
+        let (status, content_type, body) = get(&router, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            body,
+            r#"{"live":false,"stuck":[{"loop":"projector/high","no_progress_s":61.3}]}"#
+        );
+        stuck.lock().expect("lock").clear();
 
         let (status, content_type, body) = get(&router, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -181,7 +243,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = serve_admin(
             "127.0.0.1:0".parse().expect("addr"),
-            admin_router(handle, readiness.clone()),
+            admin_router(handle, readiness.clone(), always_live()),
             async {
                 let _ = stopped.await;
             },

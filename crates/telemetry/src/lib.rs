@@ -5,7 +5,9 @@ mod admin;
 pub mod metrics;
 mod readiness;
 
-pub use admin::{AdminError, METRICS_CONTENT_TYPE, admin_router, serve_admin};
+pub use admin::{
+    AdminError, LivenessCheck, METRICS_CONTENT_TYPE, admin_router, always_live, serve_admin,
+};
 pub use metrics::describe_all;
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use readiness::{Readiness, ReadinessReport};
