@@ -127,6 +127,20 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub const MIN_RETRY: Duration = Duration::from_millis(100);
 /// … and the longest: the retry schedule never reaches further ahead.
 pub const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How far ahead of now a tenant's timeline may run and still admit at once: a fifth of a
+/// second of its share passes as a burst.
+const BURST_AHEAD: Duration = Duration::from_millis(200);
+/// How early an event may come back for its slot and still be admitted on it.
+const SLOT_TOLERANCE: Duration = Duration::from_millis(20);
+/// How late it may come: a slot not taken by then is forgotten.
+const SLOT_GRACE: Duration = Duration::from_secs(5);
+/// Slots booked at once, at most (each one event's tenant and id).
+pub const MAX_RESERVATIONS: usize = 200_000;
+
+/// The key of a booked slot: one event of one tenant.
+fn reservation_id(tenant: &str, key: &str) -> String {
+    format!("{tenant}\u{0}{key}")
+}
 
 /// How long a tenant counts as active after its last bulk request.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
@@ -202,7 +216,16 @@ impl Bucket {
     }
 }
 
-/// The bulk rate controller and the tenants' buckets. Pure: every method takes `now`.
+/// A tenant's share as a timeline (GCRA): `next` is when its next event is due at its share's
+/// pace. An event is admitted while the timeline runs less than a fifth of a second ahead; a
+/// refused event books the next place on it, so the tenant's refused events come back one by
+/// one at its share's pace, in the order they were refused.
+#[derive(Debug, Clone, Copy)]
+struct Timeline {
+    next: Instant,
+}
+
+/// The bulk rate controller and the tenants' timelines. Pure: every method takes `now`.
 #[derive(Debug)]
 pub struct BulkController {
     config: AdmissionConfig,
@@ -227,13 +250,12 @@ pub struct BulkController {
     publish_congested: bool,
     /// Whether any bulk publish completed since the last control step.
     published_since_tick: bool,
-    /// When the next refused request is told to come back: refusals are handed retry times
-    /// `1 / rate` apart, so retries return at the rate in force rather than all after the same
-    /// second (a closed client then sleeps less than a fixed `Retry-After` makes it, and no
-    /// thundering herd comes back at once). `None` while open.
-    next_retry: Option<Instant>,
-    /// Each active tenant's guaranteed share (`rate / active tenants`).
-    buckets: HashMap<String, Bucket>,
+    /// The slots handed out and not yet taken, by event: an event that comes back for its slot
+    /// is admitted on it, whoever else is knocking (a virtual queue: refused events are served
+    /// in the order they were refused, at the rate in force, without holding a connection).
+    reservations: HashMap<String, Instant>,
+    /// Each active tenant's guaranteed share (`rate / active tenants`), as a timeline.
+    buckets: HashMap<String, Timeline>,
     /// The whole rate, drawn on by every admission: what a tenant takes beyond its share comes
     /// from here, so a share left unused goes to the tenants that want more. `None` while open.
     shared: Option<Bucket>,
@@ -257,7 +279,7 @@ impl BulkController {
             publish_interval_start: now,
             publish_congested: false,
             published_since_tick: false,
-            next_retry: None,
+            reservations: HashMap::new(),
             buckets: HashMap::new(),
             shared: None,
             last_seen: HashMap::new(),
@@ -284,7 +306,7 @@ impl BulkController {
     /// Whether one bulk event of `tenant` may enter now; when not, how long its producer should
     /// wait: the next free slot of the retry schedule, at least [`MIN_RETRY`], at most
     /// [`MAX_RETRY`].
-    pub fn try_admit(&mut self, tenant: &str, now: Instant) -> Result<(), Duration> {
+    pub fn try_admit(&mut self, tenant: &str, key: &str, now: Instant) -> Result<(), Duration> {
         match self.last_seen.get_mut(tenant) {
             Some(seen) => *seen = now,
             None => {
@@ -296,19 +318,37 @@ impl BulkController {
             return Ok(());
         };
         let share = limit / self.active_tenants(now) as f64;
-        let bucket = self
-            .buckets
-            .entry(tenant.to_owned())
-            .or_insert_with(|| Bucket::full(share, now));
-        bucket.refill(share, now);
+        let spacing = Duration::from_secs_f64(1.0 / share.max(f64::MIN_POSITIVE)).min(MAX_RETRY);
         let shared = self.shared.get_or_insert_with(|| Bucket::full(limit, now));
         shared.refill(limit, now);
-        // Max-min fairness, work-conserving: a tenant within its share always gets in (and
-        // draws on the shared bucket, which may go into debt down to minus its burst, so that
-        // the others' borrowing stops); beyond its share it takes what the others leave.
-        let admitted = if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        // Every admission draws on the shared bucket, which may go into debt down to minus its
+        // burst (so that borrowing beyond a share stops while the shares are in use).
+        let draw = |shared: &mut Bucket| {
             shared.tokens = (shared.tokens - 1.0).max(-Bucket::burst(limit));
+        };
+        // An event back for the place it booked on its tenant's timeline is admitted on it.
+        // Early, it is told the rest of its wait.
+        let id = reservation_id(tenant, key);
+        if let Some(&slot) = self.reservations.get(&id) {
+            if now + SLOT_TOLERANCE < slot {
+                self.refused += 1;
+                return Err(slot.duration_since(now));
+            }
+            self.reservations.remove(&id);
+            draw(shared);
+            self.admitted += 1;
+            return Ok(());
+        }
+        // Max-min fairness, work-conserving: a tenant within its share always gets in; beyond
+        // it, it takes what the others leave in the shared bucket; else it books a place.
+        let timeline = self
+            .buckets
+            .entry(tenant.to_owned())
+            .or_insert(Timeline { next: now });
+        let next = timeline.next.max(now);
+        let admitted = if next <= now + BURST_AHEAD {
+            timeline.next = next + spacing;
+            draw(shared);
             true
         } else if shared.tokens >= 1.0 {
             shared.tokens -= 1.0;
@@ -318,23 +358,18 @@ impl BulkController {
         };
         if admitted {
             self.admitted += 1;
-            Ok(())
-        } else {
-            self.refused += 1;
-            Err(self.schedule_retry(limit, now))
+            return Ok(());
         }
-    }
-
-    /// The retry time of one more refused request: the first free slot at least [`MIN_RETRY`]
-    /// ahead, slots `1 / limit` apart.
-    fn schedule_retry(&mut self, limit: f64, now: Instant) -> Duration {
-        let earliest = now + MIN_RETRY;
-        let at = self
-            .next_retry
-            .map_or(earliest, |next| next.max(earliest))
-            .min(now + MAX_RETRY);
-        self.next_retry = Some(at + Duration::from_secs_f64(1.0 / limit.max(1.0)));
-        at.duration_since(now)
+        self.refused += 1;
+        // The first free place at least MIN_RETRY ahead. Past MAX_RETRY (or with
+        // MAX_RESERVATIONS booked) nothing is booked: come back then and try again.
+        let slot = next.max(now + MIN_RETRY);
+        if slot > now + MAX_RETRY || self.reservations.len() >= MAX_RESERVATIONS {
+            return Err(MAX_RETRY);
+        }
+        timeline.next = slot + spacing;
+        self.reservations.insert(id, slot);
+        Err(slot.duration_since(now))
     }
 
     /// A bulk publish took `took` to be acknowledged.
@@ -363,6 +398,8 @@ impl BulkController {
             .retain(|_, seen| now.duration_since(*seen) <= ACTIVE_WINDOW);
         self.buckets
             .retain(|tenant, _| self.last_seen.contains_key(tenant));
+        self.reservations
+            .retain(|_, slot| now.saturating_duration_since(*slot) <= SLOT_GRACE);
 
         if !std::mem::take(&mut self.published_since_tick) {
             // Nothing published since the last step: no queue to measure, so the last verdict
@@ -395,7 +432,7 @@ impl BulkController {
                     self.open_ticks = 0;
                     self.buckets.clear();
                     self.shared = None;
-                    self.next_retry = None;
+                    self.reservations.clear();
                     None
                 } else {
                     Some(raised)
@@ -568,9 +605,15 @@ impl Admission {
         self.bulk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admit one event of `class` for `tenant` that came in by `door`, or say why not. Counted
-    /// either way.
-    pub fn admit(&self, door: Door, class: Class, tenant: &str) -> Result<Ticket, Refusal> {
+    /// Admit one event of `class` for `tenant` that came in by `door`, or say why not. `key`
+    /// names the event (its event id) for the retry slot it may hold. Counted either way.
+    pub fn admit(
+        &self,
+        door: Door,
+        class: Class,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Ticket, Refusal> {
         let now = Instant::now();
         let outcome = match class {
             Class::Bulk if door == Door::Priority => Err(Refusal::Misdirected),
@@ -588,7 +631,7 @@ impl Admission {
             }
             Class::Bulk => match self.bulk_inflight.clone().try_acquire_owned() {
                 Err(_) => Err(Refusal::Budget),
-                Ok(permit) => match self.bulk().try_admit(tenant, now) {
+                Ok(permit) => match self.bulk().try_admit(tenant, key, now) {
                     Ok(()) => Ok(Some(permit)),
                     Err(retry_after) => Err(Refusal::Rate { retry_after }),
                 },
@@ -762,7 +805,10 @@ mod tests {
                 })
                 .expect("tenants");
             sent[index] += 1;
-            if controller.try_admit(tenants[index].0, at).is_ok() {
+            if controller
+                .try_admit(tenants[index].0, &i.to_string(), at)
+                .is_ok()
+            {
                 admitted[index] += 1;
             }
         }
@@ -965,57 +1011,80 @@ mod tests {
     }
 
     #[test]
-    fn refused_requests_are_given_retry_slots_at_the_rate_in_force() {
+    fn refused_events_book_places_at_their_tenants_pace_and_are_admitted_on_them() {
         let (mut c, now) = limited_at(1000.0);
-        // 2,000 requests at one instant: a fifth of a second of the rate gets in, every other
-        // one is told a retry time of its own, 1 ms apart (1,000/s), from 100 ms on.
-        let waits: Vec<Duration> = (0..2000)
-            .filter_map(|_| c.try_admit("a", now).err())
+        // 2,000 events of one tenant at one instant: a fifth of a second of the rate gets in,
+        // every other one books a place of its own, 1 ms apart (1,000/s), from then on.
+        let waits: Vec<(usize, Duration)> = (0..2000)
+            .filter_map(|i| c.try_admit("a", &i.to_string(), now).err().map(|w| (i, w)))
             .collect();
-        assert_eq!(waits.len(), 2000 - 200, "the burst is admitted");
-        assert_eq!(waits[0], MIN_RETRY);
+        assert_eq!(waits.len(), 2000 - 201, "the burst is admitted");
+        assert!(waits[0].1 >= MIN_RETRY, "{:?}", waits[0]);
         for pair in waits.windows(2) {
-            let gap = pair[1].saturating_sub(pair[0]);
+            let gap = pair[1].1.saturating_sub(pair[0].1);
             assert!(
                 (gap.as_secs_f64() - 0.001).abs() < 1e-6,
-                "slots 1/rate apart: {pair:?}"
+                "places 1/rate apart: {pair:?}"
             );
         }
-        assert!(
-            waits
-                .last()
-                .is_some_and(|w| *w < MIN_RETRY + Duration::from_secs(2)),
-            "{:?}",
-            waits.last()
-        );
-        // A slot is never further ahead than MAX_RETRY, however many are refused.
+        // Back too early: told the rest of the wait, and the place is kept.
+        let (first, wait) = waits[0];
+        let early = c.try_admit("a", &first.to_string(), now + wait / 2);
+        assert_eq!(early, Err(wait - wait / 2));
+        // Back on time: admitted on its place, however many others are knocking.
+        let at = now + wait;
+        for i in 0..1000 {
+            let _ = c.try_admit("a", &format!("fresh-{i}"), at);
+        }
+        assert_eq!(c.try_admit("a", &first.to_string(), at), Ok(()));
+        // Another tenant's events do not queue behind the flood.
+        let other = (0..50)
+            .filter_map(|i| c.try_admit("b", &format!("b{i}"), at).err())
+            .max()
+            .unwrap_or_default();
+        assert!(other < Duration::from_secs(1), "{other:?}");
+        // A place is never further ahead than MAX_RETRY, however many are refused.
         let late = (0..20_000)
-            .filter_map(|_| c.try_admit("a", now).err())
+            .filter_map(|i| c.try_admit("a", &format!("more-{i}"), at).err())
             .max()
             .expect("refused");
         assert_eq!(late, MAX_RETRY);
-        // Once it opens, the schedule is forgotten.
-        let mut at = now;
+        // Once it opens, the places are forgotten.
+        let mut at = at;
         while c.limit().is_some() {
             at += Duration::from_secs(1);
             c.tick(congested(10.0, 1000.0), at);
         }
+        assert!(c.reservations.is_empty());
         c.tick(congested(600.0, 1000.0), at + Duration::from_secs(1));
         let first = (0..5000)
-            .find_map(|_| c.try_admit("a", at + Duration::from_secs(1)).err())
+            .find_map(|i| {
+                c.try_admit("a", &format!("late-{i}"), at + Duration::from_secs(1))
+                    .err()
+            })
             .expect("refused");
-        assert_eq!(first, MIN_RETRY);
+        assert!(first <= MIN_RETRY + BURST_AHEAD, "{first:?}");
+    }
+
+    /// What [`closed_loop`] measured over its window.
+    #[derive(Debug)]
+    struct Looped {
+        admitted_per_s: f64,
+        refused_per_s: f64,
+        /// From an event's first refusal to its admission, p99 and max.
+        wait_p99: Duration,
+        wait_max: Duration,
     }
 
     /// Closed-model clients of 20 tenants of Zipf-like sizes (send, wait `rtt` for the answer,
-    /// send again; when refused, wait as `honour` says) against a controller held at `limit`:
-    /// events admitted and refused per second over the last 8 s of 12.
+    /// send the next event; when refused, wait as `honour` says and send the same event again)
+    /// against a controller held at `limit`, measured over the last 8 s of 12.
     fn closed_loop(
         clients: usize,
         limit: f64,
         rtt: Duration,
         honour: impl Fn(Duration) -> Duration,
-    ) -> (f64, f64) {
+    ) -> Looped {
         use std::{cmp::Reverse, collections::BinaryHeap};
         let (mut c, start) = limited_at(limit);
         let (run, measure) = (Duration::from_secs(12), Duration::from_secs(8));
@@ -1033,51 +1102,72 @@ mod tests {
                 })
                 .unwrap_or(19)
         };
+        // Each client's event number and when that event was first refused.
+        let mut events = vec![(0u64, None::<Duration>); clients];
         // (when, client), earliest first; clients start spread over the first 100 ms.
         let mut next: BinaryHeap<Reverse<(Duration, usize)>> = (0..clients)
             .map(|k| Reverse((Duration::from_micros(100 * k as u64), k)))
             .collect();
-        let (mut admitted, mut refused) = (0u64, 0u64);
+        let (mut admitted, mut refused, mut waits) = (0u64, 0u64, Vec::new());
         while let Some(Reverse((offset, client))) = next.pop() {
             if offset > run {
                 break;
             }
             let counted = offset > run - measure;
-            let wait = match c.try_admit(&tenants[tenant_of(client)], start + offset) {
+            let (event, first_refused) = &mut events[client];
+            let key = format!("{client}-{event}");
+            let wait = match c.try_admit(&tenants[tenant_of(client)], &key, start + offset) {
                 Ok(()) => {
                     admitted += u64::from(counted);
+                    if let Some(first) = first_refused.take()
+                        && counted
+                    {
+                        waits.push(offset - first);
+                    }
+                    *event += 1;
                     rtt
                 }
                 Err(retry_after) => {
                     refused += u64::from(counted);
+                    first_refused.get_or_insert(offset);
                     honour(retry_after)
                 }
             };
             next.push(Reverse((offset + wait, client)));
         }
+        waits.sort();
         let per_s = |n: u64| n as f64 / measure.as_secs_f64();
-        (per_s(admitted), per_s(refused))
+        Looped {
+            admitted_per_s: per_s(admitted),
+            refused_per_s: per_s(refused),
+            wait_p99: waits
+                .get(waits.len() * 99 / 100)
+                .copied()
+                .unwrap_or_default(),
+            wait_max: waits.last().copied().unwrap_or_default(),
+        }
     }
 
     #[test]
     fn closed_clients_that_wait_as_told_get_the_whole_rate() {
         // 1,000 clients of 20 tenants, each able to send 200/s (5 ms answers), want far more
-        // than a 3,000/s limit. Told when to come back, they take all of it, and they are
-        // refused about once per admission at most.
+        // than a 3,000/s limit. Told when to come back, they take all of it, each refused event
+        // is admitted when it comes back, and the longest wait is the biggest tenant's own
+        // queue (its ~280 clients at its 150/s share: 1.9 s).
         let told = closed_loop(1000, 3000.0, Duration::from_millis(5), |told| told);
-        let (admitted, refused) = told;
-        assert!(admitted >= 3000.0 * 0.9, "admitted {admitted}/s of 3000/s");
-        assert!(admitted <= 3000.0 * 1.1, "admitted {admitted}/s of 3000/s");
+        assert!(told.admitted_per_s >= 3000.0 * 0.9, "{told:?}");
+        assert!(told.admitted_per_s <= 3000.0 * 1.1, "{told:?}");
+        assert!(told.refused_per_s <= told.admitted_per_s, "{told:?}");
+        assert!(told.wait_max <= Duration::from_millis(2500), "{told:?}");
+        assert!(told.wait_p99 <= told.wait_max, "{told:?}");
+        // What the places are for: the same clients pausing a fixed second get about 60 %,
+        // and wait longer.
+        let fixed = closed_loop(1000, 3000.0, Duration::from_millis(5), |_| RETRY_AFTER);
         assert!(
-            refused <= admitted * 1.5,
-            "refused {refused}/s, admitted {admitted}/s"
+            fixed.admitted_per_s < told.admitted_per_s * 0.8,
+            "{fixed:?}, {told:?}"
         );
-        // What the schedule is for: the same clients pausing a fixed second get about half.
-        let (fixed, _) = closed_loop(1000, 3000.0, Duration::from_millis(5), |_| RETRY_AFTER);
-        assert!(
-            fixed < admitted * 0.8,
-            "fixed pause {fixed}/s, told {admitted}/s"
-        );
+        assert!(fixed.wait_max > told.wait_max, "{fixed:?}, {told:?}");
     }
 
     #[test]

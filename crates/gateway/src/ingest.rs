@@ -45,7 +45,7 @@ pub(crate) async fn single(
     let (class, subject) = check(&state, &event, &tenant)?;
     let ticket = state
         .admission()
-        .admit(door, class, &tenant)
+        .admit(door, class, &tenant, &event.event_id)
         .map_err(|refusal| refused(class, refusal))?;
     let published = state
         .publish(class, &subject, &event, &traceparent(&headers))
@@ -163,7 +163,7 @@ pub(crate) async fn batch(
             Ok(event) => match check(&state, &event, &tenant).and_then(|(class, subject)| {
                 let ticket = state
                     .admission()
-                    .admit(door, class, &tenant)
+                    .admit(door, class, &tenant, &event.event_id)
                     .map_err(|refusal| refused(class, refusal))?;
                 Ok((class, subject, ticket))
             }) {
