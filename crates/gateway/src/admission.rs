@@ -13,10 +13,12 @@
 //!   processes, lowers it while the delay keeps growing and raises it additively while the delay
 //!   stays under target, until the limit is far above demand and it opens again. The rate is
 //!   shared max-min fairly between the tenants sending bulk: each tenant is guaranteed
-//!   `rate / active tenants` (its own bucket), and what some leave unused goes to those that
+//!   `rate / active tenants` (its own timeline), and what some leave unused goes to those that
 //!   want more (a shared bucket at the whole rate, which every admission draws on), so one
-//!   tenant's flood cannot take another's share, and a share nobody uses is not refused. A refused bulk
-//!   event is answered 503 with `Retry-After` before it is stored: nothing acked is dropped.
+//!   tenant's flood cannot take another's share, and a share nobody uses is not refused. A
+//!   refused bulk event is answered 503 before it is stored (nothing acked is dropped), with the
+//!   place it booked on its tenant's timeline as `Retry-After(-Ms)`: back then with the same
+//!   event id, it is admitted.
 //!
 //! The controller is pure ([`BulkController`]): time comes in as arguments, so its tests run
 //! without sleeping.
