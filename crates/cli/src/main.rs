@@ -91,6 +91,15 @@ enum Command {
     },
     /// Print the SHA-256 of an API key, for [gateway].api_keys.
     HashKey { key: String },
+    /// Ask the role running with this configuration whether it is live (`/healthz` on
+    /// [admin].listen) or, with --ready, ready (`/readyz`); exits 1 if not (container health
+    /// checks).
+    Health {
+        #[arg(long)]
+        ready: bool,
+        #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +325,17 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             }
         }
         Command::HashKey { key } => println!("{}", gateway::hash_key(&key)),
+        Command::Health { ready, timeout } => {
+            let probe = if ready {
+                cli::probe::Probe::Ready
+            } else {
+                cli::probe::Probe::Live
+            };
+            let body = cli::probe::check(config.admin.listen, probe, timeout)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{body}");
+        }
     }
     Ok(())
 }

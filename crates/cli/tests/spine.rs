@@ -569,6 +569,14 @@ async fn ready_means_the_gateway_is_listening() {
         tokio::net::TcpStream::connect(gateway).await.is_ok(),
         "ready, but the gateway does not listen yet"
     );
+    // `crm health` asks the same questions, as a container health check does.
+    use cli::probe::{Probe, check};
+    let wait = std::time::Duration::from_secs(2);
+    let ready = check(admin, Probe::Ready, wait).await.expect("ready");
+    assert!(ready.contains(r#""ready":true"#), "{ready}");
+    assert_eq!(check(admin, Probe::Live, wait).await.as_deref(), Ok("ok"));
     let running = starting.await.expect("join").expect("started");
     running.run_until(async {}).await.expect("stops");
+    let gone = check(admin, Probe::Live, wait).await.expect_err("stopped");
+    assert!(gone.contains(&admin.to_string()), "{gone}");
 }
