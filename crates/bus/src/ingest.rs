@@ -1,4 +1,5 @@
-//! Reading `crm.ingest.<tenant>.<type>` messages, as every CRM_INGEST consumer must.
+//! Reading `crm.ingest.<tenant>.<type>` and `crm.lane.<lane>.<tenant>.<type>` messages, as every
+//! consumer must: the event, checked against the tenant and type its subject names.
 
 use crate::headers;
 use async_nats::jetstream;
@@ -23,4 +24,29 @@ pub fn decode_ingest(message: &jetstream::Message) -> Result<(Event, EventType, 
         ));
     }
     Ok((event, kind, encoding))
+}
+
+/// The event a lane message carries, decoded (protobuf, as the router writes lanes) and checked
+/// against its subject `crm.lane.<lane>.<tenant>.<type>`: a lane worker applies an event only for
+/// the tenant and type its subject names, so subject permissions on the lanes bound what a
+/// producer can change. `Err` is the dead-letter reason (`invalid_event`, `subject_mismatch`)
+/// and why.
+pub fn decode_lane(
+    message: &jetstream::Message,
+) -> Result<(Event, EventType), (&'static str, String)> {
+    let event = events::decode(&message.payload, Encoding::Protobuf)
+        .map_err(|err| ("invalid_event", err.to_string()))?;
+    let kind = EventType::of(&event).ok_or(("invalid_event", "payload: is required".to_owned()))?;
+    match events::tenant_and_type_tokens(&message.subject) {
+        Some((tenant, token)) if tenant == event.tenant_id && token == kind.as_str() => {
+            Ok((event, kind))
+        }
+        _ => Err((
+            "subject_mismatch",
+            format!(
+                "subject {} does not match the event (tenant_id {:?}, type {kind})",
+                message.subject, event.tenant_id
+            ),
+        )),
+    }
 }

@@ -23,7 +23,7 @@ pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion};
 pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};
 pub use health::{HealthRecorder, e2e_latency};
-pub use ingest::decode_ingest;
+pub use ingest::{decode_ingest, decode_lane};
 pub use liveness::Liveness;
 pub use provision::{Action, Change, Definitions, FieldDiff, ObjectKind, ProvisionReport};
 pub use publish::{PublishOptions, Published};

@@ -14,7 +14,7 @@ use crate::{
 };
 use bus::{Handler, Outcome, headers, jetstream};
 use bytes::Bytes;
-use events::{Encoding, EventType, Lane};
+use events::{EventType, Lane};
 use std::{
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -168,12 +168,9 @@ impl Notifier {
     }
 
     async fn deliver(&self, lane: Lane, message: &jetstream::Message) -> Outcome {
-        let event = match events::decode(&message.payload, Encoding::Protobuf) {
-            Ok(event) => event,
-            Err(err) => return Outcome::poison("invalid_event", err),
-        };
-        let Some(kind) = EventType::of(&event) else {
-            return Outcome::poison("invalid_event", "payload: is required");
+        let (event, kind) = match bus::decode_lane(message) {
+            Ok(decoded) => decoded,
+            Err((reason, err)) => return Outcome::poison(reason, err),
         };
         let targets: Vec<&Endpoint> = self
             .endpoints

@@ -7,7 +7,7 @@
 use bus::{
     Bus, CancellationToken, Handler, Outcome, WaitPolicy, WorkerConfig, jetstream, run_worker,
 };
-use events::{DlqStage, Encoding, Event, Lane};
+use events::{DlqStage, Event, Lane};
 use std::sync::Arc;
 use store::{FailureClass, Store, StoreError};
 
@@ -62,12 +62,12 @@ impl Handler for Projector {
         let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
         for (index, message) in batch.iter().enumerate() {
-            match events::decode(&message.payload, Encoding::Protobuf) {
-                Ok(event) => {
+            match bus::decode_lane(message) {
+                Ok((event, _)) => {
                     events.push(event);
                     positions.push(index);
                 }
-                Err(err) => outcomes[index] = Outcome::poison("invalid_event", err),
+                Err((reason, err)) => outcomes[index] = Outcome::poison(reason, err),
             }
         }
         if events.is_empty() {

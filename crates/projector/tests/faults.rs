@@ -148,3 +148,44 @@ async fn a_postgres_outage_is_waited_out_not_dead_lettered() {
     assert_eq!(store.processed_count().await.expect("count"), 30);
     assert!(dlq(&bus).await.is_empty());
 }
+
+/// A lane message is applied only for the tenant its subject names: a producer allowed to write
+/// one tenant's lane subjects cannot change another tenant's profiles by putting that tenant in
+/// the payload. The mismatch is dead-lettered with its reason; the rest of the batch applies.
+#[tokio::test]
+async fn a_lane_message_for_another_tenant_than_its_subject_is_dead_lettered() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    let db = TempSqlite::new();
+    let store = Store::connect(&db.url()).await.expect("store");
+    route(&bus, &["cust-1".to_owned(), "cust-2".to_owned()]).await;
+    // Tenant "globex" in the payload, on acme's subject.
+    let spoofed = events::sample::event(EventType::PageViewed, "globex", "victim");
+    let subject =
+        events::lane_subject(Lane::Standard, "acme", EventType::PageViewed).expect("subject");
+    bus.publish(
+        &subject,
+        Bytes::from(events::encode_proto(&spoofed)),
+        &PublishOptions::with_msg_id("test/spoofed".to_owned())
+            .header(headers::EVENT_ID, &spoofed.event_id),
+    )
+    .await
+    .expect("publish");
+
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(projector::run(
+        bus.clone(),
+        store.clone(),
+        config(),
+        shutdown.clone(),
+    ));
+    eventually("the lane settled", || lane_settled(&bus)).await;
+    shutdown.cancel();
+    worker.await.expect("join").expect("projector ok");
+
+    assert_eq!(store.processed_count().await.expect("count"), 2);
+    let letters = dlq(&bus).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "subject_mismatch");
+    assert!(letters[0].error.contains("globex"), "{letters:?}");
+}
