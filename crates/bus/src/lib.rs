@@ -2,6 +2,7 @@
 //! and consumers from `nats/`, publish with a JetStream ack, and the one consumer runtime
 //! ([`run_worker`], [`settle`]) every role reads with.
 
+pub mod audit;
 mod connect;
 pub mod control;
 mod dlq;
@@ -19,6 +20,7 @@ mod usage;
 pub mod worker;
 
 pub use async_nats::{self, HeaderMap, jetstream};
+pub use audit::{AuditRecord, actor};
 pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion};
 pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};

@@ -89,13 +89,14 @@ macro_rules! embedded {
 }
 
 /// The definitions shipped in the repository, compiled into the binary.
-const EMBEDDED: [(&str, &str); 17] = embedded![
+const EMBEDDED: [(&str, &str); 18] = embedded![
     "streams/CRM_INGEST.json",
     "streams/CRM_INGEST_PRIORITY.json",
     "streams/CRM_LANE_CRITICAL.json",
     "streams/CRM_LANE_HIGH.json",
     "streams/CRM_LANE_STANDARD.json",
     "streams/CRM_DLQ.json",
+    "streams/CRM_AUDIT.json",
     "consumers/CRM_INGEST/router.json",
     "consumers/CRM_INGEST/router_express.json",
     "consumers/CRM_INGEST/analytics.json",
@@ -756,7 +757,7 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let defs = Definitions::embedded().expect("embedded definitions are valid");
-        assert_eq!(defs.streams.len(), 6);
+        assert_eq!(defs.streams.len(), 7);
         assert_eq!(defs.consumers.len(), 11);
         assert!(defs.streams.iter().any(|s| s.name == "CRM_INGEST"
             && s.config["duplicate_window"].as_u64() == Some(120_000_000_000)));

@@ -5,7 +5,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
-use bus::{Bus, Definitions, PublishOptions, jetstream::consumer::DeliverPolicy};
+use bus::{AuditRecord, Bus, Definitions, PublishOptions, jetstream::consumer::DeliverPolicy};
 use clap::{Parser, Subcommand};
 use cli::{
     config::Config,
@@ -91,6 +91,16 @@ enum Command {
     },
     /// Print the SHA-256 of an API key, for [gateway].api_keys.
     HashKey { key: String },
+    /// Operator actions and configuration changes: who, what, when, result (JSON lines, oldest
+    /// first).
+    Audit {
+        /// Only this action (dlq_replay, dlq_purge, replay, provision, rules_reload).
+        #[arg(long)]
+        action: Option<String>,
+        /// The newest this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Ask the role running with this configuration whether it is live (`/healthz` on
     /// [admin].listen) or, with --ready, ready (`/readyz`); exits 1 if not (container health
     /// checks).
@@ -259,10 +269,26 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 Some(dir) => Definitions::from_dir(&dir)?,
                 None => Definitions::embedded()?,
             };
-            let report = connect("crm-provision")
-                .await?
-                .provision(&definitions)
-                .await?;
+            let bus = connect("crm-provision").await?;
+            let result = bus.provision(&definitions).await;
+            let changes: Vec<String> = result.as_ref().map_or_else(
+                |_| Vec::new(),
+                |report| {
+                    report
+                        .changes
+                        .iter()
+                        .filter(|c| c.action != bus::Action::Unchanged)
+                        .map(ToString::to_string)
+                        .collect()
+                },
+            );
+            let report = audited(
+                &bus,
+                AuditRecord::new(&bus::actor(), "provision", "streams and consumers")
+                    .detail(serde_json::json!({ "changes": changes })),
+                result,
+            )
+            .await?;
             print!("{report}");
             if report.is_noop() {
                 println!("nothing to do: every stream and consumer is as defined");
@@ -310,10 +336,13 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 },
                 (None, None) => DeliverPolicy::All,
             };
-            let count = connect("crm-replay")
-                .await?
-                .replay_stream(&stream, start, limit)
-                .await?;
+            let bus = connect("crm-replay").await?;
+            let result = bus.replay_stream(&stream, start, limit).await;
+            let record = AuditRecord::new(&bus::actor(), "replay", stream.clone()).detail(
+                serde_json::json!({ "start": format!("{start:?}"), "limit": limit,
+                    "replayed": result.as_ref().ok() }),
+            );
+            let count = audited(&bus, record, result).await?;
             println!("re-drove {count} events from {stream} into ingest");
         }
         Command::Status { listen, json } => {
@@ -325,6 +354,12 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             }
         }
         Command::HashKey { key } => println!("{}", gateway::hash_key(&key)),
+        Command::Audit { action, limit } => {
+            let bus = connect("crm-audit").await?;
+            for record in bus.audit_list(action.as_deref(), limit).await? {
+                println!("{}", serde_json::to_string(&record)?);
+            }
+        }
         Command::Health { ready, timeout } => {
             let probe = if ready {
                 cli::probe::Probe::Ready
@@ -338,6 +373,27 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Store the audit record of an action that produced `result` (its outcome included), then hand
+/// `result` back. An action whose record cannot be stored fails, saying what was done.
+async fn audited<T, E>(bus: &Bus, record: AuditRecord, result: Result<T, E>) -> Result<T>
+where
+    E: std::fmt::Display + Into<anyhow::Error>,
+{
+    let record = record.outcome(&result);
+    if let Err(err) = bus.audit(&record).await {
+        let done = match &result {
+            Ok(_) => "done".to_owned(),
+            Err(failed) => format!("failed ({failed})"),
+        };
+        anyhow::bail!(
+            "{} {} was {done}, but its audit record could not be stored: {err}",
+            record.action,
+            record.target
+        );
+    }
+    result.map_err(Into::into)
 }
 
 async fn dlq(bus: Bus, command: DlqCommand) -> Result<()> {
@@ -389,7 +445,14 @@ async fn dlq(bus: Bus, command: DlqCommand) -> Result<()> {
                 None => None,
             };
             for seq in seqs {
-                let published = bus.dlq_replay(seq, replacement.clone()).await?;
+                let result = bus.dlq_replay(seq, replacement.clone()).await;
+                let record = AuditRecord::new(&bus::actor(), "dlq_replay", format!("CRM_DLQ seq {seq}"))
+                    .detail(serde_json::json!({
+                        "fixed_event": replacement.as_ref().map(|(subject, _)| subject),
+                        "into": result.as_ref().ok().map(|p| format!("{} seq {}", p.stream, p.sequence)),
+                        "duplicate": result.as_ref().ok().map(|p| p.duplicate),
+                    }));
+                let published = audited(&bus, record, result).await?;
                 if published.duplicate {
                     println!(
                         "dead letter {seq} was already re-driven into {} seq {} within the \
@@ -405,7 +468,14 @@ async fn dlq(bus: Bus, command: DlqCommand) -> Result<()> {
             }
         }
         DlqCommand::Purge { stage } => {
-            let purged = bus.dlq_purge(stage.as_deref()).await?;
+            let result = bus.dlq_purge(stage.as_deref()).await;
+            let record = AuditRecord::new(
+                &bus::actor(),
+                "dlq_purge",
+                format!("CRM_DLQ stage {}", stage.as_deref().unwrap_or("(all)")),
+            )
+            .detail(serde_json::json!({ "purged": result.as_ref().ok() }));
+            let purged = audited(&bus, record, result).await?;
             println!("purged {purged} dead letters");
         }
     }

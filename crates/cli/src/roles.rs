@@ -330,6 +330,7 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
                 rules.clone(),
                 path.clone(),
                 Duration::from_secs(1),
+                Some((bus.clone(), bus::control::instance_id(process_name))),
                 shutdown.clone(),
             ));
             rules

@@ -68,12 +68,29 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
 }
 
 /// Reload `path` when it changes (checked every `interval`) or on SIGHUP, until `shutdown`.
+/// With `audit` (a connection and the actor to name), each reload, taken or refused, is recorded
+/// in the audit log.
 pub async fn watch_rules(
     handle: RulesHandle,
     path: PathBuf,
     interval: Duration,
+    audit: Option<(bus::Bus, String)>,
     shutdown: bus::CancellationToken,
 ) {
+    let reload = |trigger: &'static str| {
+        let result = handle.reload(&path);
+        let audit = audit.clone();
+        let target = path.display().to_string();
+        async move {
+            let Some((bus, actor)) = audit else { return };
+            let record = bus::AuditRecord::new(&actor, "rules_reload", target)
+                .outcome(&result)
+                .detail(serde_json::json!({ "trigger": trigger }));
+            if let Err(err) = bus.audit(&record).await {
+                tracing::error!(error = %err, "the rules reload's audit record could not be stored");
+            }
+        }
+    };
     let mut last = modified(&path);
     let mut ticker = tokio::time::interval(interval);
     #[cfg(unix)]
@@ -92,12 +109,12 @@ pub async fn watch_rules(
         let hup = std::future::pending::<()>();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = hup => { let _ = handle.reload(&path); last = modified(&path); }
+            _ = hup => { reload("sighup").await; last = modified(&path); }
             _ = ticker.tick() => {
                 let now = modified(&path);
                 if now != last {
                     last = now;
-                    let _ = handle.reload(&path);
+                    reload("file_changed").await;
                 }
             }
         }
