@@ -48,6 +48,20 @@ async fn lane_settled(bus: &Bus) -> bool {
     info.num_pending == 0 && info.num_ack_pending == 0
 }
 
+/// Run the projector until the standard lane has nothing pending or unacked, then stop it.
+async fn project_until_settled(bus: &Bus, store: &Store) {
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(projector::run(
+        bus.clone(),
+        store.clone(),
+        config(),
+        shutdown.clone(),
+    ));
+    eventually("the lane settled", || lane_settled(bus)).await;
+    shutdown.cancel();
+    worker.await.expect("join").expect("projector ok");
+}
+
 fn config() -> ProjectorConfig {
     ProjectorConfig {
         max_batch: 64,
@@ -76,16 +90,7 @@ async fn an_event_the_store_refuses_is_dead_lettered_alone() {
     customers.insert(17, "poison".into());
     route(&bus, &customers).await;
 
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(projector::run(
-        bus.clone(),
-        store.clone(),
-        config(),
-        shutdown.clone(),
-    ));
-    eventually("the lane settled", || lane_settled(&bus)).await;
-    shutdown.cancel();
-    worker.await.expect("join").expect("projector ok");
+    project_until_settled(&bus, &store).await;
 
     assert_eq!(
         store.processed_count().await.expect("count"),
@@ -172,16 +177,7 @@ async fn a_lane_message_for_another_tenant_than_its_subject_is_dead_lettered() {
     .await
     .expect("publish");
 
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(projector::run(
-        bus.clone(),
-        store.clone(),
-        config(),
-        shutdown.clone(),
-    ));
-    eventually("the lane settled", || lane_settled(&bus)).await;
-    shutdown.cancel();
-    worker.await.expect("join").expect("projector ok");
+    project_until_settled(&bus, &store).await;
 
     assert_eq!(store.processed_count().await.expect("count"), 2);
     let letters = dlq(&bus).await;

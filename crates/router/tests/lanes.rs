@@ -207,3 +207,61 @@ async fn the_priority_ingest_stream_is_routed_by_its_own_worker_with_its_own_lan
     assert_eq!(standard.len(), 300);
     assert!(standard.iter().all(|id| id.starts_with("crm/ingest/")));
 }
+
+const GOOD_RULES: &str = "[[critical]]\nreason = \"only_deals\"\ntypes = [\"deal_lost\"]\n";
+
+/// Rules reloads are audited: each reload of the routing rules file, taken or refused, is a
+/// record in CRM_AUDIT naming the process, the file and the outcome.
+#[tokio::test]
+async fn each_rules_reload_taken_or_refused_is_in_the_audit_log() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    let dir = std::env::temp_dir().join(format!("crm-rules-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("routing.toml");
+    std::fs::write(&path, GOOD_RULES).expect("write");
+    let handle = RulesHandle::load(&path).expect("good rules");
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(router::watch_rules(
+        handle,
+        path.clone(),
+        Duration::from_millis(20),
+        Some((bus.clone(), "router-test".to_owned())),
+        shutdown.clone(),
+    ));
+    let reloads = || async {
+        bus.audit_list(Some("rules_reload"), 10)
+            .await
+            .expect("audit list")
+    };
+
+    // A change the watcher takes. (Written twice a moment apart: a file system with a coarse
+    // clock may not show the first change in its modification time.)
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::write(&path, format!("{GOOD_RULES}\n")).expect("write");
+    eventually("the reload is audited", || async {
+        !reloads().await.is_empty()
+    })
+    .await;
+    let taken = reloads().await;
+    assert_eq!(taken[0].actor, "router-test");
+    assert_eq!(taken[0].target, path.display().to_string());
+    assert_eq!(taken[0].outcome, "ok");
+    assert_eq!(taken[0].detail["trigger"], "file_changed");
+
+    // A bad file: refused, the old rules stay, and the refusal is recorded with its error.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::write(&path, "[[critical]]\nreason = 7\n").expect("write");
+    eventually("the refusal is audited", || async {
+        reloads().await.iter().any(|r| r.outcome != "ok")
+    })
+    .await;
+    let refused = reloads().await.into_iter().find(|r| r.outcome != "ok");
+    assert!(
+        refused.is_some_and(|r| r.outcome.contains("routing.toml")),
+        "the error names the file"
+    );
+    shutdown.cancel();
+    watcher.await.expect("join");
+    let _ = std::fs::remove_dir_all(&dir);
+}
