@@ -18,10 +18,7 @@ pub fn decode_ingest(message: &jetstream::Message) -> Result<(Event, EventType, 
     let subject = events::parse_ingest_subject(&message.subject).map_err(|err| err.to_string())?;
     let kind = EventType::of(&event).ok_or("payload: is required")?;
     if subject.tenant != event.tenant_id || subject.kind != kind {
-        return Err(format!(
-            "subject {} does not match the event (tenant_id {:?}, type {kind})",
-            message.subject, event.tenant_id
-        ));
+        return Err(mismatch(message, &event, kind));
     }
     Ok((event, kind, encoding))
 }
@@ -41,12 +38,14 @@ pub fn decode_lane(
         Some((tenant, token)) if tenant == event.tenant_id && token == kind.as_str() => {
             Ok((event, kind))
         }
-        _ => Err((
-            "subject_mismatch",
-            format!(
-                "subject {} does not match the event (tenant_id {:?}, type {kind})",
-                message.subject, event.tenant_id
-            ),
-        )),
+        _ => Err(("subject_mismatch", mismatch(message, &event, kind))),
     }
+}
+
+/// Why `message`'s subject does not carry `event` of `kind`.
+fn mismatch(message: &jetstream::Message, event: &Event, kind: EventType) -> String {
+    format!(
+        "subject {} does not match the event (tenant_id {:?}, type {kind})",
+        message.subject, event.tenant_id
+    )
 }

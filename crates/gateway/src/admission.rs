@@ -257,7 +257,7 @@ pub struct BulkController {
     /// in the order they were refused, at the rate in force, without holding a connection).
     reservations: HashMap<String, Instant>,
     /// Each active tenant's guaranteed share (`rate / active tenants`), as a timeline.
-    buckets: HashMap<String, Timeline>,
+    timelines: HashMap<String, Timeline>,
     /// The whole rate, drawn on by every admission: what a tenant takes beyond its share comes
     /// from here, so a share left unused goes to the tenants that want more. `None` while open.
     shared: Option<Bucket>,
@@ -282,7 +282,7 @@ impl BulkController {
             publish_congested: false,
             published_since_tick: false,
             reservations: HashMap::new(),
-            buckets: HashMap::new(),
+            timelines: HashMap::new(),
             shared: None,
             last_seen: HashMap::new(),
         }
@@ -344,7 +344,7 @@ impl BulkController {
         // Max-min fairness, work-conserving: a tenant within its share always gets in; beyond
         // it, it takes what the others leave in the shared bucket; else it books a place.
         let timeline = self
-            .buckets
+            .timelines
             .entry(tenant.to_owned())
             .or_insert(Timeline { next: now });
         let next = timeline.next.max(now);
@@ -398,7 +398,7 @@ impl BulkController {
         self.last_tick = now;
         self.last_seen
             .retain(|_, seen| now.duration_since(*seen) <= ACTIVE_WINDOW);
-        self.buckets
+        self.timelines
             .retain(|tenant, _| self.last_seen.contains_key(tenant));
         self.reservations
             .retain(|_, slot| now.saturating_duration_since(*slot) <= SLOT_GRACE);
@@ -432,7 +432,7 @@ impl BulkController {
                 }
                 self.limit = if self.open_ticks >= OPEN_AFTER_TICKS {
                     self.open_ticks = 0;
-                    self.buckets.clear();
+                    self.timelines.clear();
                     self.shared = None;
                     self.reservations.clear();
                     None
