@@ -165,7 +165,15 @@ fn main() -> std::process::ExitCode {
             | Command::Analytics
             | Command::Notifier
     );
-    telemetry::init_tracing_at(if role { "info" } else { "warn" });
+    // A role's spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard flushes
+    // them when main returns.
+    let _traces = if role {
+        let service = format!("crm-{}", role_name(&cli.command));
+        Some(telemetry::init_tracing_as(&service, "info"))
+    } else {
+        telemetry::init_tracing_at("warn");
+        None
+    };
     let exit = |err: anyhow::Error| {
         eprintln!("error: {err:#}");
         std::process::ExitCode::FAILURE
@@ -188,6 +196,18 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli, config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => exit(err),
+    }
+}
+
+/// The role a command runs, for the service name of its spans.
+fn role_name(command: &Command) -> &'static str {
+    match command {
+        Command::Gateway => "gateway",
+        Command::Router => "router",
+        Command::Projector => "projector",
+        Command::Analytics => "analytics",
+        Command::Notifier => "notifier",
+        _ => "all",
     }
 }
 

@@ -18,6 +18,7 @@ use events::{Encoding, Event, EventType, FieldError, ValidationErrors};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tracing::{Instrument, Span};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -47,8 +48,11 @@ pub(crate) async fn single(
         .admission()
         .admit(door, class, &tenant, &event.event_id)
         .map_err(|refusal| refused(class, refusal))?;
+    let (span, traceparent) = request_span("POST /v1/events", &headers);
+    span.record("event_id", event.event_id.as_str());
     let published = state
-        .publish(class, &subject, &event, &traceparent(&headers))
+        .publish(class, &subject, &event, &traceparent)
+        .instrument(span)
         .await;
     state.admission().published(ticket);
     let published = published.map_err(|err| unavailable(&subject, &err))?;
@@ -185,7 +189,7 @@ pub(crate) async fn batch(
 
     // One trace for the whole request. `buffered` starts the publishes in batch order, so the
     // stream keeps that order unless a retry intervenes.
-    let traceparent = traceparent(&headers);
+    let (span, traceparent) = request_span("POST /v1/events:batch", &headers);
     let state = &state;
     let traceparent = traceparent.as_str();
     let mut settled = futures::stream::iter(admitted)
@@ -195,12 +199,16 @@ pub(crate) async fn batch(
             (index, subject, event.event_id, outcome)
         })
         .buffered(BATCH_PUBLISH_CONCURRENCY);
-    while let Some((index, subject, event_id, outcome)) = settled.next().await {
-        results[index] = match outcome {
-            Ok(published) => ItemResult::published(index, event_id, published),
-            Err(err) => ItemResult::failed(index, Some(event_id), unavailable(&subject, &err)),
-        };
+    async {
+        while let Some((index, subject, event_id, outcome)) = settled.next().await {
+            results[index] = match outcome {
+                Ok(published) => ItemResult::published(index, event_id, published),
+                Err(err) => ItemResult::failed(index, Some(event_id), unavailable(&subject, &err)),
+            };
+        }
     }
+    .instrument(span)
+    .await;
     Ok(Json(BatchResponse { results }))
 }
 
@@ -263,11 +271,22 @@ fn encoding(headers: &HeaderMap, accepted: &str) -> Result<Encoding, Problem> {
         .ok_or_else(|| Problem::unsupported_media_type(content_type(headers), accepted))
 }
 
-/// The caller's `traceparent` when well-formed, else a new trace.
-fn traceparent(headers: &HeaderMap) -> String {
-    headers
-        .get(nats::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| nats::is_traceparent(v))
-        .map_or_else(nats::new_traceparent, str::to_owned)
+/// The request's span, a child of the caller's `traceparent` when it sent a well-formed one
+/// (none while tracing is off), and the `traceparent` its events carry: the span's own when spans
+/// are exported, else the caller's, else a new trace.
+fn request_span(route: &'static str, headers: &HeaderMap) -> (Span, String) {
+    let span = if bus::trace::enabled() {
+        tracing::info_span!(
+            "gateway",
+            otel.name = route,
+            otel.kind = "server",
+            event_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    } else {
+        Span::none()
+    };
+    let parent = headers.get(nats::TRACEPARENT).and_then(|v| v.to_str().ok());
+    let traceparent = bus::trace::adopt(&span, parent, true).unwrap_or_else(nats::new_traceparent);
+    (span, traceparent)
 }

@@ -20,6 +20,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 use tokio::{sync::Semaphore, time::Instant};
+use tracing::Instrument;
 
 /// Longest part of a response body quoted in errors and dead letters.
 pub const BODY_EXCERPT_BYTES: usize = 512;
@@ -180,6 +181,16 @@ impl Notifier {
         if targets.is_empty() {
             return Outcome::Done;
         }
+        // One span per event delivered (its webhooks carry the span's context), child of the lane
+        // message's trace.
+        let traced = bus::trace::message_span("deliver", lane.as_str(), message);
+        let traceparent = match &traced {
+            Some((_, next)) => next.clone(),
+            None => headers::get(message.headers.as_ref(), headers::TRACEPARENT)
+                .filter(|value| headers::is_traceparent(value))
+                .map(str::to_owned),
+        };
+        let span = traced.map_or_else(tracing::Span::none, |(span, _)| span);
         let info = message.info().ok();
         let delivery = Delivery {
             event_id: &event.event_id,
@@ -187,14 +198,14 @@ impl Notifier {
             body: Bytes::from(events::encode_json(&event)),
             attempt: info.as_ref().map_or(1, |info| info.delivered),
             stream_seq: info.as_ref().map_or(0, |info| info.stream_sequence),
-            traceparent: headers::get(message.headers.as_ref(), headers::TRACEPARENT)
-                .filter(|value| headers::is_traceparent(value)),
+            traceparent: traceparent.as_deref(),
         };
         let results = futures::future::join_all(
             targets
                 .iter()
                 .map(|endpoint| self.deliver_to(endpoint, &delivery)),
         )
+        .instrument(span)
         .await;
         combine(results)
     }

@@ -251,6 +251,8 @@ struct Routed {
     reason: String,
     payload: bytes::Bytes,
     headers: bus::HeaderMap,
+    /// The routing decision's span (while tracing is on), ended when the lane has acked.
+    span: Option<tracing::Span>,
 }
 
 impl Handler for Router {
@@ -270,9 +272,14 @@ impl Handler for Router {
                         .send_with_headers(&routed.subject, routed.payload, routed.headers)
                         .await
                     {
-                        Ok(ack) => {
-                            sent.push((index, routed.subject, routed.lane, routed.reason, ack))
-                        }
+                        Ok(ack) => sent.push((
+                            index,
+                            routed.subject,
+                            routed.lane,
+                            routed.reason,
+                            ack,
+                            routed.span,
+                        )),
                         Err(err) => outcomes.push((index, lane_refused(routed.lane, &err))),
                     }
                 }
@@ -282,7 +289,7 @@ impl Handler for Router {
             }
         }
         let acks = futures::future::join_all(sent.into_iter().map(
-            |(index, subject, lane, reason, ack)| async move {
+            |(index, subject, lane, reason, ack, _span)| async move {
                 let outcome = match self.bus.await_ack(&subject, ack).await {
                     Ok(_) => {
                         metrics::counter!(
@@ -338,6 +345,7 @@ impl Router {
         if source == BULK_LABEL && is_express_subject(&message.subject) {
             return Ok(None);
         }
+        let traced = bus::trace::message_span("route", source, message);
         let (event, kind, encoding) = bus::decode_ingest(message)?;
         let rules = self.rules.current();
         let context = match (&self.context, rules.needs_customer_context(&event)) {
@@ -353,19 +361,30 @@ impl Router {
             _ => None,
         };
         let decision = rules.classify(&event, context.as_ref());
+        let (span, traceparent) = match traced {
+            Some((span, next)) => {
+                span.record("lane", decision.lane.as_str());
+                (Some(span), next)
+            }
+            None => (
+                None,
+                headers::get(message.headers.as_ref(), headers::TRACEPARENT).map(str::to_owned),
+            ),
+        };
         let routed = self
             .lane_message(
                 message,
                 &event,
                 kind,
                 encoding,
-                decision.lane,
-                &decision.reason,
+                (decision.lane, &decision.reason),
+                traceparent.as_deref(),
             )
             .map_err(|err| err.to_string())?;
         Ok(Some(Routed {
             lane: decision.lane,
             reason: decision.reason,
+            span,
             ..routed
         }))
     }
@@ -378,8 +397,8 @@ impl Router {
         event: &Event,
         kind: EventType,
         encoding: Encoding,
-        lane: Lane,
-        reason: &str,
+        (lane, reason): (Lane, &str),
+        traceparent: Option<&str>,
     ) -> Result<Routed, BusError> {
         let subject = events::lane_subject(lane, &event.tenant_id, kind)
             .map_err(|err| BusError::with_source(BusErrorKind::Rejected, "lane subject", err))?;
@@ -396,7 +415,7 @@ impl Router {
         lane_headers.insert(headers::MSG_ID, msg_id.as_str());
         lane_headers.insert(headers::EVENT_ID, event.event_id.as_str());
         lane_headers.insert(headers::ROUTE_REASON, reason);
-        if let Some(value) = headers::get(original, headers::TRACEPARENT) {
+        if let Some(value) = traceparent {
             lane_headers.insert(headers::TRACEPARENT, value);
         }
         match headers::get(original, headers::INGESTED_AT) {
@@ -419,6 +438,7 @@ impl Router {
             reason: reason.to_owned(),
             payload,
             headers: lane_headers,
+            span: None,
         })
     }
 }

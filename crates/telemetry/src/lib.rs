@@ -4,6 +4,7 @@
 mod admin;
 pub mod metrics;
 mod readiness;
+mod traces;
 
 pub use admin::{
     AdminError, LivenessCheck, METRICS_CONTENT_TYPE, admin_router, always_live, serve_admin,
@@ -11,10 +12,10 @@ pub use admin::{
 pub use metrics::describe_all;
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use readiness::{Readiness, ReadinessReport};
+pub use traces::TracingGuard;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use std::{io::IsTerminal, sync::OnceLock, time::Duration};
-use tracing_subscriber::EnvFilter;
+use std::{sync::OnceLock, time::Duration};
 
 /// Environment variable holding the log filter (`tracing` env-filter syntax); default `info`.
 pub const LOG_ENV: &str = "CRM_LOG";
@@ -86,7 +87,8 @@ fn install() -> Result<PrometheusHandle, RecorderError> {
 }
 
 /// Log to stderr: filter from `CRM_LOG` (default `info`), JSON lines when `CRM_LOG_FORMAT=json`.
-/// Safe to call more than once: only the first call installs a subscriber.
+/// Safe to call more than once: only the first call installs a subscriber. Spans are not
+/// exported; a role uses [`init_tracing_as`].
 pub fn init_tracing() {
     init_tracing_at("info");
 }
@@ -95,22 +97,13 @@ pub fn init_tracing() {
 /// commands (`crm status`, `crm dlq list`, …) log at `warn`, so their output is not interleaved
 /// with connection notices.
 pub fn init_tracing_at(default_filter: &str) {
-    let spec = std::env::var(LOG_ENV).ok();
-    let (filter, invalid) = match spec.as_deref().map(EnvFilter::try_new) {
-        None => (EnvFilter::new(default_filter), None),
-        Some(Ok(filter)) => (filter, None),
-        Some(Err(error)) => (EnvFilter::new(default_filter), Some(error)),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let installed = if std::env::var(LOG_FORMAT_ENV).is_ok_and(|format| format == "json") {
-        builder.json().try_init().is_ok()
-    } else {
-        builder.try_init().is_ok()
-    };
-    if let (true, Some(error)) = (installed, invalid) {
-        tracing::warn!(spec = spec.as_deref(), %error, "{LOG_ENV} is not a valid filter; logging at {default_filter}");
-    }
+    drop(traces::install(None, default_filter));
+}
+
+/// [`init_tracing_at`] for a process that handles events (`service` names it, e.g. `crm-router`;
+/// `OTEL_SERVICE_NAME` overrides it): when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, its spans are exported there over OTLP/HTTP.
+/// Keep the guard until the process ends: dropping it sends what is still buffered.
+pub fn init_tracing_as(service: &str, default_filter: &str) -> TracingGuard {
+    traces::install(Some(service), default_filter)
 }
