@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::pbjson_types")
+        // pbjson-types has no FieldMask JSON: ours writes and reads the canonical string form.
+        .extern_path(".google.protobuf.FieldMask", "crate::FieldMask")
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_protos(&files, &[&proto_root])?;

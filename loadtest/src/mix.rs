@@ -4,13 +4,13 @@
 
 use crate::scenario::Mix;
 use events::{
-    Event, EventType, SCHEMA_VERSION,
+    Event, EventType, FieldMask, SCHEMA_VERSION,
     pb::{
         ConsentChanged, ConsentChannel, Contact, ContactUpdated, DealStageChanged, DealWon,
         EmailClicked, EmailOpened, Money, PageViewed, PaymentFailed, TicketEscalated, TicketOpened,
         TicketSeverity, event::Payload,
     },
-    pbjson_types::{FieldMask, Timestamp},
+    pbjson_types::Timestamp,
 };
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution, Zipf, weighted::WeightedIndex};

@@ -39,6 +39,10 @@ pub enum DecodeError {
         message: String,
         line: usize,
         column: usize,
+        /// The field whose value could not be read, as a validation error names it
+        /// (`payload.deal_won.amount.minor_units`; an unknown member is named too); `None` when
+        /// the body is not JSON at all or the problem is with the body as a whole.
+        field: Option<String>,
     },
     #[error("invalid protobuf: {0}")]
     Protobuf(String),
@@ -50,12 +54,51 @@ pub fn decode(bytes: &[u8], encoding: Encoding) -> Result<Event, DecodeError> {
         Encoding::Protobuf => {
             Event::decode(bytes).map_err(|err| DecodeError::Protobuf(err.to_string()))
         }
-        Encoding::Json => serde_json::from_slice(bytes).map_err(|err| DecodeError::Json {
+        Encoding::Json => {
+            let mut reader = serde_json::Deserializer::from_slice(bytes);
+            let event = serde_path_to_error::deserialize(&mut reader).map_err(|err| {
+                let field = field_path(err.path());
+                DecodeError::json(err.inner(), field)
+            })?;
+            reader.end().map_err(|err| DecodeError::json(&err, None))?;
+            Ok(event)
+        }
+    }
+}
+
+impl DecodeError {
+    /// A JSON error, at `field` when known.
+    pub fn json(err: &serde_json::Error, field: Option<String>) -> Self {
+        Self::Json {
             message: err.to_string(),
             line: err.line(),
             column: err.column(),
-        }),
+            field,
+        }
     }
+}
+
+/// A JSON path (`dealWon.amount.minorUnits`) as validation names fields: proto names, the payload
+/// member under `payload.` (`payload.deal_won.amount.minor_units`).
+fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    for (depth, segment) in path.iter().enumerate() {
+        match segment {
+            Segment::Map { key } => {
+                let snake = crate::field_mask::snake(key);
+                if !field.is_empty() {
+                    field.push('.');
+                } else if depth == 0 && crate::EventType::from_name(&snake).is_some() {
+                    field.push_str("payload.");
+                }
+                field.push_str(&snake);
+            }
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    (!field.is_empty()).then_some(field)
 }
 
 /// Protobuf binary encoding.
@@ -112,6 +155,27 @@ mod tests {
     }
 
     #[test]
+    fn json_errors_name_the_field_as_validation_does() {
+        let field = |body: &str| match decode(body.as_bytes(), Encoding::Json) {
+            Err(DecodeError::Json { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(r#"{"dealWon": {"amount": {"minorUnits": "ten"}}}"#).as_deref(),
+            Some("payload.deal_won.amount.minor_units")
+        );
+        assert_eq!(
+            field(r#"{"ticket_opened": {"severity": "LOUD"}}"#).as_deref(),
+            Some("payload.ticket_opened.severity")
+        );
+        assert_eq!(
+            field(r#"{"occurredAt": "yesterday"}"#).as_deref(),
+            Some("occurred_at")
+        );
+        assert_eq!(field("[1]"), None);
+    }
+
+    #[test]
     fn bad_bytes_are_errors_not_panics() {
         assert!(matches!(
             decode(b"{\"eventId\": 5", Encoding::Json),
@@ -119,7 +183,11 @@ mod tests {
         ));
         assert!(matches!(
             decode(b"{\"noSuchField\": 1}", Encoding::Json),
-            Err(DecodeError::Json { .. })
+            Err(DecodeError::Json { field: Some(field), .. }) if field == "no_such_field"
+        ));
+        assert!(matches!(
+            decode(b"{\"eventId\": \"x\"} trailing", Encoding::Json),
+            Err(DecodeError::Json { field: None, .. })
         ));
         assert!(matches!(
             decode(&[0xff, 0xff, 0xff], Encoding::Protobuf),

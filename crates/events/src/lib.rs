@@ -4,6 +4,7 @@
 //! (no system `protoc`) and adds what every role needs around the generated types.
 
 mod codec;
+mod field_mask;
 mod id;
 mod kind;
 pub mod sample;
@@ -23,6 +24,7 @@ pub mod pb {
 }
 
 pub use codec::{DecodeError, Encoding, decode, encode_json, encode_proto};
+pub use field_mask::FieldMask;
 pub use id::{is_uuid_v7, new_event_id};
 pub use kind::EventType;
 pub use pb::Event;

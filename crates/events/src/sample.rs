@@ -1,5 +1,6 @@
 //! Valid example events of every type, for `crm publish`, tests and load generation.
 
+use crate::FieldMask;
 use crate::{
     EventType, SCHEMA_VERSION, new_event_id,
     pb::{
@@ -8,7 +9,7 @@ use crate::{
         PaymentFailed, TicketEscalated, TicketOpened, TicketSeverity, event::Payload,
     },
 };
-use pbjson_types::{FieldMask, Timestamp};
+use pbjson_types::Timestamp;
 
 fn usd(minor_units: i64) -> Option<Money> {
     Some(Money {

@@ -105,10 +105,11 @@ impl Validator {
         }
     }
 
-    /// Optional free text: bounded, no control characters.
+    /// Optional free text: at most `max_len` characters (as JSON Schema's `maxLength` counts
+    /// them), no control characters.
     fn text(&mut self, field: &str, value: &str, max_len: usize) {
-        if value.len() > max_len {
-            self.push(field, format!("must be at most {max_len} bytes"));
+        if value.chars().count() > max_len {
+            self.push(field, format!("must be at most {max_len} characters"));
         } else {
             self.no_control(field, value);
         }
@@ -141,7 +142,7 @@ impl Validator {
         if key.len() > MAX_ID_LEN {
             self.push(
                 "idempotency_key",
-                format!("must be at most {MAX_ID_LEN} bytes"),
+                format!("must be at most {MAX_ID_LEN} characters"),
             );
         } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
             self.push("idempotency_key", "must be printable ASCII without spaces");
@@ -301,7 +302,7 @@ impl Validator {
                     if !value.is_empty()
                         && self.no_control(&path, value)
                         && (!value.contains('@')
-                            || value.len() > 254
+                            || value.chars().count() > 254
                             || value.contains(char::is_whitespace))
                     {
                         self.push(path, "must be an email address");
@@ -373,8 +374,9 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FieldMask;
     use crate::{EventType, sample};
-    use pbjson_types::{FieldMask, Timestamp};
+    use pbjson_types::Timestamp;
 
     fn now() -> DateTime<Utc> {
         Utc::now()

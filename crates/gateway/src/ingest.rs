@@ -145,13 +145,8 @@ pub(crate) async fn batch(
         ));
     }
     let body = body.map_err(|r| Problem::unreadable_body(&r, state.max_body_bytes()))?;
-    let request: BatchRequest = serde_json::from_slice(&body).map_err(|err| {
-        Problem::undecodable(events::DecodeError::Json {
-            message: err.to_string(),
-            line: err.line(),
-            column: err.column(),
-        })
-    })?;
+    let request: BatchRequest = serde_json::from_slice(&body)
+        .map_err(|err| Problem::undecodable(events::DecodeError::json(&err, None)))?;
     if request.events.len() > MAX_BATCH_EVENTS {
         return Err(Problem::too_large(format!(
             "a batch holds at most {MAX_BATCH_EVENTS} events, not {}",

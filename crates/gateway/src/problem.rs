@@ -80,12 +80,23 @@ impl Problem {
         problem
     }
 
+    /// A body that is not an event; a JSON member whose value could not be read is named in
+    /// `errors` as a validation error would name it.
     pub fn undecodable(err: DecodeError) -> Self {
         let (slug, title) = match err {
             DecodeError::Json { .. } => ("invalid-json", "Body is not a valid JSON event"),
             DecodeError::Protobuf(_) => ("invalid-protobuf", "Body is not a valid protobuf event"),
         };
-        Self::new(StatusCode::BAD_REQUEST, slug, title, err.to_string())
+        let mut problem = Self::new(StatusCode::BAD_REQUEST, slug, title, err.to_string());
+        if let DecodeError::Json {
+            field: Some(field),
+            message,
+            ..
+        } = err
+        {
+            problem.errors.push(FieldError { field, message });
+        }
+        problem
     }
 
     pub fn invalid_event(errors: ValidationErrors) -> Self {

@@ -14,142 +14,8 @@ use std::{
 use test_support::NatsServer;
 use tokio::sync::{Notify, oneshot};
 
-const KEY: &str = "acme-secret-key";
-
-struct Gateway {
-    server: NatsServer,
-    bus: Bus,
-    addr: SocketAddr,
-    http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), gateway::GatewayError>>,
-}
-
-async fn start() -> Gateway {
-    start_with(|_| {}, None).await
-}
-
-/// Rules without a critical or high rule: every event is bulk and goes to CRM_INGEST.
-fn bulk_only_rules() -> gateway::RulesSource {
-    let rules = Arc::new(routing::Rules::from_toml("").expect("empty rules are valid"));
-    Arc::new(move || rules.clone())
-}
-
-async fn start_with(
-    tweak: impl FnOnce(&mut GatewayConfig),
-    profiles: Option<Arc<dyn ReadModel>>,
-) -> Gateway {
-    start_classified(tweak, profiles, bulk_only_rules()).await
-}
-
-async fn start_classified(
-    tweak: impl FnOnce(&mut GatewayConfig),
-    profiles: Option<Arc<dyn ReadModel>>,
-    rules: gateway::RulesSource,
-) -> Gateway {
-    let server = NatsServer::start();
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connects");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provisions");
-    let mut config = GatewayConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        api_keys: vec![ApiKey {
-            sha256: hash_key(KEY),
-            tenant: "acme".into(),
-        }],
-        ..GatewayConfig::default()
-    };
-    tweak(&mut config);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let gateway::Serving { addr, task, .. } =
-        gateway::serve(&config, bus.clone(), rules, profiles, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serves");
-    Gateway {
-        server,
-        bus,
-        addr,
-        http: reqwest::Client::new(),
-        stop: Some(stop),
-        task,
-    }
-}
-
-impl Gateway {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn post(
-        &self,
-        path: &str,
-        content_type: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> reqwest::RequestBuilder {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(KEY)
-            .header("content-type", content_type)
-            .body(body)
-    }
-
-    async fn post_event(&self, event: &Event) -> Response {
-        self.post("/v1/events", "application/json", events::encode_json(event))
-            .send()
-            .await
-            .expect("request")
-    }
-
-    async fn ingest_messages(&self) -> u64 {
-        messages_in(&self.bus, "CRM_INGEST").await
-    }
-
-    async fn stored(&self, seq: u64) -> bus::jetstream::message::StreamMessage {
-        self.bus
-            .jetstream()
-            .get_stream("CRM_INGEST")
-            .await
-            .expect("stream")
-            .get_raw_message(seq)
-            .await
-            .expect("stored message")
-    }
-}
-
-fn deal_won() -> Event {
-    events::sample::event(EventType::DealWon, "acme", "cust-1")
-}
-
-/// Status, then the problem body after checking it is `application/problem+json`.
-async fn problem(response: Response) -> (StatusCode, Value) {
-    let status = response.status();
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json",
-        "{status}"
-    );
-    let body: Value = response.json().await.expect("problem json");
-    assert_eq!(body["status"], status.as_u16(), "{body}");
-    assert!(
-        body["type"]
-            .as_str()
-            .is_some_and(|t| t.starts_with("https://crm-events.dev/problems/")),
-        "{body}"
-    );
-    (status, body)
-}
-
-fn fields(problem: &Value) -> Vec<&str> {
-    problem["errors"]
-        .as_array()
-        .map(|errors| errors.iter().filter_map(|e| e["field"].as_str()).collect())
-        .unwrap_or_default()
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn json_event_is_acked_after_storage_with_its_headers() {
@@ -739,12 +605,6 @@ async fn openapi_is_served_and_shutdown_is_graceful() {
         .expect("stops in time")
         .expect("join")
         .expect("clean shutdown");
-}
-
-/// How many messages `stream` holds.
-async fn messages_in(bus: &Bus, stream: &str) -> u64 {
-    let mut stream = bus.jetstream().get_stream(stream).await.expect("stream");
-    stream.info().await.expect("info").state.messages
 }
 
 async fn stored_in(bus: &Bus, stream: &str, seq: u64) -> bus::jetstream::message::StreamMessage {

@@ -162,7 +162,7 @@ pub(crate) fn occurred_at_ns(event: &Event) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{EventType, pbjson_types::FieldMask, sample};
+    use events::{EventType, FieldMask, sample};
 
     fn fields(event: &Event) -> Vec<(&'static str, String)> {
         writes(event)

@@ -3,13 +3,13 @@
 #![allow(dead_code, unused_macros)]
 
 use events::{
-    Event,
+    Event, FieldMask,
     pb::{
         ConsentChanged, ConsentChannel, Contact, ContactUpdated, CustomerTier, DealLost,
         DealStageChanged, DealWon, Money, TicketEscalated, TicketOpened, TicketSeverity,
         event::Payload,
     },
-    pbjson_types::{FieldMask, Timestamp},
+    pbjson_types::Timestamp,
     sample,
 };
 
