@@ -22,7 +22,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check bench loadtest chaos chaos-short soak clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test bench loadtest chaos chaos-short soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -75,7 +75,7 @@ alerts-test: $(PROMTOOL) ## check the alert rules and run their unit tests (prom
 	$(PROMTOOL) check rules $(ALERT_RULES)
 	$(PROMTOOL) test rules $(ALERT_TESTS)
 
-test: tools test-pg-check alerts-test ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
+test: tools test-pg-check alerts-test proto-check-test ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
 	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
@@ -89,11 +89,12 @@ lint: tools ## cargo fmt --check, clippy -D warnings, buf lint, promtool check r
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-proto-check: tools ## buf lint + buf breaking against the last commit on main
+proto-check: tools ## buf lint + buf breaking against the last release tag, else the merge base, else the previous commit
 	$(BUF) lint
-	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
-	    $(BUF) breaking --against '.git#branch=main'; echo "buf breaking: no breaking change against main"; \
-	else echo "buf breaking: main has no buf module yet, nothing to compare"; fi
+	BUF=$(BUF) .ci/proto-check
+
+proto-check-test: tools ## prove proto-check refuses a breaking change (in a scratch repository)
+	BUF=$(BUF) .ci/proto-check-test
 
 nats: tools ## run the dev nats-server (JetStream, store in .data/) in the foreground
 	@mkdir -p .data
