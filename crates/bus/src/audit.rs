@@ -1,5 +1,5 @@
 //! The audit log: every operator action and configuration change (dead-letter replay and purge,
-//! stream replay, provisioning, rules reloads), who did it, what, when and with what result, as
+//! stream replay, provisioning, rules reloads, API key changes), who did it, what, when and with what result, as
 //! one JSON record in CRM_AUDIT (`crm.audit.<action>`), stored with a JetStream ack: an action
 //! whose record cannot be stored says so. `crm audit` lists them.
 
@@ -18,7 +18,7 @@ pub struct AuditRecord {
     /// change (a rules reload).
     pub actor: String,
     /// What, as a subject token: `dlq_replay`, `dlq_purge`, `replay`, `provision`,
-    /// `rules_reload`.
+    /// `rules_reload`, `api_keys`.
     pub action: String,
     /// What it acted on (`CRM_DLQ seq 42`, `CRM_INGEST from seq 100`, a rules file, …).
     pub target: String,
@@ -96,6 +96,40 @@ impl Bus {
             )
             .await?;
         Ok(published.sequence)
+    }
+
+    /// Record a configured set under `action` when it differs from the set the last `action`
+    /// record holds (the first time: the whole set), with what was added and removed. `items`
+    /// identify entries without their secrets (an API key by tenant and a hash prefix). Returns
+    /// whether a record was made.
+    pub async fn audit_set_change(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        mut items: Vec<serde_json::Value>,
+    ) -> Result<bool, BusError> {
+        items.sort_by_key(ToString::to_string);
+        items.dedup();
+        let last = self.audit_list(Some(action), 1).await?;
+        let before: Vec<serde_json::Value> = last
+            .first()
+            .and_then(|record| record.detail.get("set"))
+            .and_then(serde_json::Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if !last.is_empty() && before == items {
+            return Ok(false);
+        }
+        let added: Vec<_> = items.iter().filter(|item| !before.contains(item)).collect();
+        let removed: Vec<_> = before.iter().filter(|item| !items.contains(item)).collect();
+        let record = AuditRecord::new(actor, action, target).detail(serde_json::json!({
+            "set": items,
+            "added": added,
+            "removed": removed,
+        }));
+        self.audit(&record).await?;
+        Ok(true)
     }
 
     /// The newest `limit` records (of `action`, when given), oldest first.

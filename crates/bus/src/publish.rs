@@ -177,8 +177,10 @@ fn publish_error(subject: &str, err: async_nats::jetstream::context::PublishErro
             BusErrorKind::Unavailable
         }
         PublishErrorKind::MaxAckPending => BusErrorKind::Unavailable,
+        // A message over the server's max_payload is refused as it is: retrying cannot help.
         PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::Other => BusErrorKind::Rejected,
     };
     BusError::with_source(kind, format!("publishing to {subject}"), err)

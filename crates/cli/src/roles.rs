@@ -297,6 +297,9 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    if roles.gateway {
+        audit_api_keys(&bus, &config.gateway.api_keys).await;
+    }
     let mut gateway_addr = None;
     // Beside other roles, the gateway runs on a runtime (thread) of its own: a thousand busy HTTP
     // connections are a thousand tasks, and on one shared runtime they would leave the router,
@@ -481,4 +484,29 @@ pub async fn run(config: Config, roles: Roles, process_name: &str) -> Result<()>
         .await?
         .run_until(termination())
         .await
+}
+
+/// Audit the gateway's API keys when they differ from the last recorded set: keys live in the
+/// configuration, so a change shows at the first start after it. A key is recorded by its tenant
+/// and the first 12 hex digits of its hash, never the key. A failure to record is logged; it does
+/// not stop the gateway.
+async fn audit_api_keys(bus: &bus::Bus, keys: &[gateway::ApiKey]) {
+    let set = keys
+        .iter()
+        .map(|key| {
+            serde_json::json!({
+                "tenant": key.tenant,
+                "sha256_prefix": key.sha256.get(..12).unwrap_or(&key.sha256),
+            })
+        })
+        .collect();
+    let actor = format!("gateway ({})", bus::audit::actor());
+    match bus
+        .audit_set_change(&actor, "api_keys", "[gateway] api_keys", set)
+        .await
+    {
+        Ok(true) => tracing::info!("API keys changed since the last recorded set; audited"),
+        Ok(false) => {}
+        Err(err) => tracing::warn!(%err, "could not audit the API key set"),
+    }
 }

@@ -96,3 +96,66 @@ fn operator_actions_are_recorded_with_who_what_when_and_result() {
     assert_eq!(newest.len(), 1);
     assert_eq!(newest[0]["action"], "dlq_replay");
 }
+
+mod common;
+
+/// API keys live in the configuration: the gateway records the set when it differs from the last
+/// recorded one (at the first start, the whole set), by tenant and hash prefix, never the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_api_key_set_is_audited_at_the_gateways_start() {
+    let server = NatsServer::start();
+    let db = test_support::TempSqlite::new();
+    let mut config = common::config(&server, &db.url());
+    let gateway_only = cli::roles::Roles {
+        gateway: true,
+        ..Default::default()
+    };
+    let key_records = |bus: bus::Bus| async move {
+        bus.audit_list(Some("api_keys"), 10)
+            .await
+            .expect("CRM_AUDIT reads")
+    };
+    let bus = common::bus(&server).await;
+
+    common::Platform::start(&config, gateway_only)
+        .await
+        .shutdown()
+        .await;
+    let first = key_records(bus.clone()).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let prefix = &gateway::hash_key(common::KEY)[..12];
+    assert_eq!(
+        first[0].detail["added"],
+        serde_json::json!([{"tenant": "acme", "sha256_prefix": prefix}])
+    );
+    assert!(
+        !first[0]
+            .detail
+            .to_string()
+            .contains(&gateway::hash_key(common::KEY))
+    );
+
+    // The same keys again: nothing to record.
+    common::Platform::start(&config, gateway_only)
+        .await
+        .shutdown()
+        .await;
+    assert_eq!(key_records(bus.clone()).await.len(), 1);
+
+    // A key for another tenant added, the old one rotated out.
+    config.gateway.api_keys = vec![gateway::ApiKey {
+        sha256: gateway::hash_key("globex-key"),
+        tenant: "globex".into(),
+    }];
+    common::Platform::start(&config, gateway_only)
+        .await
+        .shutdown()
+        .await;
+    let records = key_records(bus).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    let change = &records[1];
+    assert!(change.actor.starts_with("gateway"), "{change:?}");
+    assert_eq!(change.detail["added"][0]["tenant"], "globex");
+    assert_eq!(change.detail["removed"][0]["tenant"], "acme");
+    assert_eq!(change.detail["set"].as_array().map(Vec::len), Some(1));
+}

@@ -84,12 +84,17 @@ async fn collector() -> (String, Arc<Mutex<Vec<Seen>>>) {
             }
         }),
     );
+    (format!("http://{}", serve(app).await), spans)
+}
+
+/// Serve `app` on a free loopback port.
+async fn serve(app: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, spans)
+    addr
 }
 
 /// A webhook receiver that keeps the `traceparent` of every delivery.
@@ -111,12 +116,7 @@ async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
+    (format!("http://{}/hook", serve(app).await), seen)
 }
 
 fn free_port() -> u16 {

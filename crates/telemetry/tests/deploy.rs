@@ -111,3 +111,45 @@ fn crate_sources_use_only_declared_metrics() {
         "expected metric names in the sources, found {checked}"
     );
 }
+
+/// Every alert rule has, in `alerts_test.yml`, a case where it fires and one where it stays
+/// silent (promtool runs them; this checks that none is missing).
+#[test]
+fn every_alert_has_a_firing_and_a_silent_test() {
+    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let tests = include_str!("../../../deploy/prometheus/alerts_test.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    assert!(alerts.len() >= 19, "{alerts:?}");
+    let lines: Vec<&str> = tests.lines().map(str::trim).collect();
+    // `- {eval_time: …, alertname: X, exp_alerts: []}` is a silent case; `alertname: X` followed
+    // by `exp_alerts:` and a `- exp_labels` entry is a firing one.
+    let silent = |alert: &str| {
+        let needle = format!("alertname: {alert}, exp_alerts: []");
+        lines.iter().any(|line| line.contains(&needle))
+    };
+    let fires = |alert: &str| {
+        lines.windows(3).any(|w| {
+            w[0] == format!("alertname: {alert}")
+                && w[1] == "exp_alerts:"
+                && w[2].starts_with("- exp_labels")
+        })
+    };
+    let missing: Vec<String> = alerts
+        .iter()
+        .flat_map(|alert| {
+            let mut out = Vec::new();
+            if !fires(alert) {
+                out.push(format!("{alert}: no firing case"));
+            }
+            if !silent(alert) {
+                out.push(format!("{alert}: no silent case"));
+            }
+            out
+        })
+        .collect();
+    assert!(missing.is_empty(), "{missing:#?}");
+}
