@@ -309,11 +309,11 @@ async fn install_poison_trigger(store: &StoreHandle) -> Result<()> {
     match store.kind {
         StoreKind::Sqlite => {
             let pool = sqlx::SqlitePool::connect(&store.direct_url).await?;
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE TRIGGER IF NOT EXISTS crm_load_refuse_poison BEFORE INSERT ON processed_events \
                  WHEN NEW.customer_id = '{POISON_CUSTOMER}' \
                  BEGIN SELECT RAISE(ABORT, 'poison refused by crm-load'); END"
-            ))
+            )))
             .execute(&pool)
             .await
             .context("installing the poison trigger")?;
@@ -321,12 +321,12 @@ async fn install_poison_trigger(store: &StoreHandle) -> Result<()> {
         }
         StoreKind::Postgres => {
             let pool = sqlx::PgPool::connect(&store.direct_url).await?;
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE OR REPLACE FUNCTION crm_load_refuse_poison() RETURNS trigger AS $$ \
                  BEGIN IF NEW.customer_id = '{POISON_CUSTOMER}' THEN \
                  RAISE EXCEPTION 'poison refused by crm-load'; END IF; RETURN NEW; END $$ \
                  LANGUAGE plpgsql"
-            ))
+            )))
             .execute(&pool)
             .await
             .context("installing the poison trigger function")?;

@@ -293,19 +293,22 @@ async fn adopt_legacy_analytics(
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut events = 0;
+        // The table names are the constant ANALYTICS_TABLES, never input.
         for table in ANALYTICS_TABLES {
-            let copied = sqlx::query(&format!(
+            let copied = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO main.{table} SELECT * FROM projection.{table}"
-            ))
+            )))
             .execute(&mut *tx)
             .await?
             .rows_affected();
             if table == "analytics_processed" {
                 events = copied;
             }
-            sqlx::query(&format!("DELETE FROM projection.{table}"))
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM projection.{table}"
+            )))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok::<u64, sqlx::Error>(events)

@@ -153,3 +153,53 @@ fn every_alert_has_a_firing_and_a_silent_test() {
         .collect();
     assert!(missing.is_empty(), "{missing:#?}");
 }
+
+/// Every declared metric is recorded somewhere: its name quoted, or its constant used, in a
+/// source outside the catalogue. A declared metric nothing records is a dashboard panel that
+/// stays empty and an alert that can never fire.
+#[test]
+fn every_declared_metric_is_recorded_somewhere() {
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let catalogue = crates.join("telemetry/src/metrics.rs");
+    let catalogue_text = std::fs::read_to_string(&catalogue).expect("the catalogue");
+    // `pub const ROUTER_ROUTED_TOTAL: &str = "crm_router_routed_total";`
+    let constants: Vec<(String, String)> = catalogue_text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("pub const ")?;
+            let (ident, value) = rest.split_once(": &str = ")?;
+            let name = value.trim().trim_end_matches(';').trim_matches('"');
+            Some((ident.to_owned(), name.to_owned()))
+        })
+        .collect();
+    let mut files = Vec::new();
+    for krate in std::fs::read_dir(&crates).expect("crates dir").flatten() {
+        let src = krate.path().join("src");
+        if src.is_dir() && !krate.path().ends_with("test-support") {
+            rust_sources(&src, &mut files);
+        }
+    }
+    let sources: Vec<String> = files
+        .iter()
+        .filter(|file| **file != catalogue)
+        .map(|file| std::fs::read_to_string(file).expect("readable source"))
+        .collect();
+    let unrecorded: Vec<&str> = telemetry::metrics::ALL
+        .iter()
+        .map(|metric| metric.name)
+        .filter(|name| {
+            let quoted = format!("\"{name}\"");
+            let ident = constants
+                .iter()
+                .find(|(_, value)| value == name)
+                .map(|(ident, _)| ident.as_str());
+            !sources.iter().any(|text| {
+                text.contains(&quoted) || ident.is_some_and(|ident| text.contains(ident))
+            })
+        })
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "declared but recorded nowhere: {unrecorded:?}"
+    );
+}
