@@ -12,6 +12,8 @@ TOOLS := $(CURDIR)/.tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 BUF := $(TOOLS)/bin/buf
 PROMTOOL := $(TOOLS)/bin/promtool
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := $(TOOLS)/bin/cargo-deny
 ALERT_RULES := deploy/prometheus/alerts.yml
 ALERT_TESTS := deploy/prometheus/alerts_test.yml
 PYTHON ?= python3
@@ -22,7 +24,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test bench loadtest chaos chaos-short soak clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -88,6 +90,16 @@ lint: tools ## cargo fmt --check, clippy -D warnings, buf lint, promtool check r
 
 fmt: ## format the code
 	$(CARGO) fmt --all
+
+$(TOOLS)/.cargo-deny-$(CARGO_DENY_VERSION):
+	@echo "building cargo-deny $(CARGO_DENY_VERSION) into .tools/ (once, a few minutes)"
+	$(CARGO) install --quiet --locked --root $(TOOLS) cargo-deny --version $(CARGO_DENY_VERSION)
+	@rm -f $(TOOLS)/.cargo-deny-* && touch $@
+
+deny: $(TOOLS)/.cargo-deny-$(CARGO_DENY_VERSION) ## cargo deny: licences, bans, sources; advisories when the RustSec database is reachable
+	$(CARGO_DENY) --log-level error check licenses bans sources
+	@if $(CARGO_DENY) fetch db >/dev/null 2>&1; then $(CARGO_DENY) check --disable-fetch advisories; \
+	else echo "cargo deny: the RustSec advisory database (github.com) cannot be fetched from here; advisories NOT checked"; fi
 
 proto-check: tools ## buf lint + buf breaking against the last release tag, else the merge base, else the previous commit
 	$(BUF) lint

@@ -16,6 +16,7 @@ mod provision;
 mod publish;
 pub mod raw;
 pub mod retention;
+pub mod signals;
 pub mod trace;
 mod usage;
 pub mod worker;

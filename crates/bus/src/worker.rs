@@ -14,6 +14,7 @@ use crate::{
     Bus, BusError, BusErrorKind, DeadLetter, HealthRecorder,
     control::{PROCESSED_SUBJECT_PREFIX, ProcessedNotice, unix_ns},
     e2e_latency, headers,
+    signals::{Settled, WorkerSignals},
 };
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use events::{DlqStage, Lane};
@@ -302,16 +303,16 @@ pub struct Holding {
 }
 
 impl Holding {
-    fn enter(&self, role: &'static str) {
+    fn enter(&self, signals: &WorkerSignals) {
         if self.batches.fetch_add(1, Ordering::SeqCst) == 0 {
-            metrics::gauge!("crm_worker_waiting", "role" => role).set(1.0);
+            signals.waiting(true);
             self.entered.notify_waiters();
         }
     }
 
-    fn leave(&self, role: &'static str) {
+    fn leave(&self, signals: &WorkerSignals) {
         if self.batches.fetch_sub(1, Ordering::SeqCst) == 1 {
-            metrics::gauge!("crm_worker_waiting", "role" => role).set(0.0);
+            signals.waiting(false);
             self.released.notify_waiters();
         }
     }
@@ -349,6 +350,7 @@ pub struct Runtime {
     bus: Bus,
     config: Arc<WorkerConfig>,
     recorder: Arc<HealthRecorder>,
+    signals: Arc<WorkerSignals>,
     holding: Arc<Holding>,
     beat: crate::liveness::Beat,
     shutdown: CancellationToken,
@@ -368,7 +370,8 @@ impl Runtime {
                 shutdown.clone(),
             ));
         }
-        metrics::gauge!("crm_worker_waiting", "role" => config.role).set(0.0);
+        let signals = WorkerSignals::new(config.role, &labels, config.dlq_stage.as_str());
+        signals.waiting(false);
         let beat = bus
             .liveness()
             .register(&format!("{}/{}", config.role, labels.join("+")));
@@ -377,6 +380,7 @@ impl Runtime {
             beat,
             config: Arc::new(config),
             recorder,
+            signals: Arc::new(signals),
             holding: Arc::new(Holding::default()),
             shutdown,
         }
@@ -450,10 +454,11 @@ pub async fn run_worker<H: Handler>(
     let mut sources = open_all(&bus, &config).await?;
     let labels: Vec<&str> = config.sources.iter().map(|source| source.label).collect();
     let runtime = Runtime::new(bus.clone(), config, shutdown.clone());
-    let (config, recorder, holding) = (
+    let (config, recorder, holding, signals) = (
         runtime.config.clone(),
         runtime.recorder.clone(),
         runtime.holding.clone(),
+        runtime.signals.clone(),
     );
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let share_every = if config.lower_lane_share > 0.0 {
@@ -523,13 +528,8 @@ pub async fn run_worker<H: Handler>(
         };
         taken += 1;
         let label = sources[index].0.label;
-        stage(
-            config.role,
-            label,
-            "slot_wait",
-            fetch_wait.duration_since(slot_wait),
-        );
-        stage(config.role, label, "fetch_wait", fetch_wait.elapsed());
+        signals.stage(label, "slot_wait", fetch_wait.duration_since(slot_wait));
+        signals.stage(label, "fetch_wait", fetch_wait.elapsed());
         let mut batch = vec![first];
         let mut batch_labels = vec![label];
         let below = if config.top_up {
@@ -581,8 +581,7 @@ pub async fn run_worker<H: Handler>(
                 recorder.set_pending(source.label, info.pending);
             }
         }
-        metrics::histogram!("crm_worker_batch_size", "role" => config.role, "lane" => label)
-            .record(batch.len() as f64);
+        signals.batch_taken(label, batch.len());
         let (runtime, handler) = (runtime.clone(), handler.clone());
         tasks.spawn(async move {
             runtime
@@ -621,15 +620,6 @@ fn take_buffered(
     }
 }
 
-/// One sample of `crm_worker_stage_seconds`: where a consumer's time goes.
-pub fn stage(role: &'static str, lane: &'static str, stage: &'static str, took: Duration) {
-    metrics::histogram!(
-        "crm_worker_stage_seconds",
-        "role" => role, "lane" => lane, "stage" => stage
-    )
-    .record(took.as_secs_f64());
-}
-
 /// Run `work` while sending in-progress acks for `messages` every `interval`.
 async fn with_progress<T>(
     messages: &[jetstream::Message],
@@ -662,8 +652,13 @@ impl Runtime {
         mut batch: Vec<jetstream::Message>,
         mut labels: Vec<&'static str>,
     ) {
-        let (bus, config, recorder, holding) =
-            (&self.bus, &*self.config, &*self.recorder, &*self.holding);
+        let (bus, config, recorder, holding, signals) = (
+            &self.bus,
+            &*self.config,
+            &*self.recorder,
+            &*self.holding,
+            &*self.signals,
+        );
         let mut held_since: Option<tokio::time::Instant> = None;
         let mut attempt: i64 = 0;
         loop {
@@ -676,11 +671,7 @@ impl Runtime {
                 handler.handle(label, &batch),
             )
             .await;
-            metrics::histogram!(
-                "crm_worker_batch_duration_seconds",
-                "role" => config.role, "lane" => label
-            )
-            .record(started.elapsed().as_secs_f64());
+            signals.batch_handled(label, started.elapsed());
             if outcomes.len() != batch.len() {
                 tracing::error!(
                     role = config.role,
@@ -706,10 +697,10 @@ impl Runtime {
                         waiting_labels.push(source);
                     }
                     Outcome::Done => {
-                        settle(bus, config, source, &message, Outcome::Done).await;
+                        settle(bus, config, signals, source, &message, Outcome::Done).await;
                         done.push((source, message));
                     }
-                    outcome => settle(bus, config, source, &message, outcome).await,
+                    outcome => settle(bus, config, signals, source, &message, outcome).await,
                 }
             }
             for source in config.sources.iter().map(|s| s.label) {
@@ -718,26 +709,22 @@ impl Runtime {
                     .filter(|(l, _)| *l == source)
                     .map(|(_, m)| m)
                     .collect();
-                record_done(bus, config, recorder, source, &of_source, None).await;
+                record_done(bus, config, recorder, signals, source, &of_source, None).await;
             }
-            stage(config.role, label, "settle", settling.elapsed());
+            signals.stage(label, "settle", settling.elapsed());
             drop(working);
             if waiting.is_empty() {
                 if held_since.is_some() {
-                    holding.leave(config.role);
+                    holding.leave(signals);
                 }
                 return;
             }
             if held_since.is_none() {
                 held_since = Some(tokio::time::Instant::now());
-                holding.enter(config.role);
+                holding.enter(signals);
             }
             attempt += 1;
-            metrics::counter!(
-                "crm_worker_processed_total",
-                "role" => config.role, "lane" => label, "outcome" => "wait"
-            )
-            .increment(waiting.len() as u64);
+            signals.settled(label, Settled::Wait, waiting.len() as u64);
             let delay = backoff(
                 config.backoff_base.min(config.wait_max),
                 config.wait_max,
@@ -759,7 +746,7 @@ impl Runtime {
                 for message in &waiting {
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
-                holding.leave(config.role);
+                holding.leave(signals);
                 return;
             }
             batch = waiting;
@@ -809,6 +796,7 @@ pub async fn record_done(
     bus: &Bus,
     config: &WorkerConfig,
     recorder: &HealthRecorder,
+    signals: &WorkerSignals,
     label: &'static str,
     done: &[&jetstream::Message],
     ids: Option<Vec<String>>,
@@ -817,14 +805,10 @@ pub async fn record_done(
         return;
     }
     let now = unix_ns();
-    let e2e = metrics::histogram!(
-        "crm_lane_e2e_latency_seconds",
-        "role" => config.role, "lane" => label
-    );
     for message in done {
         let latency = e2e_latency(message.headers.as_ref(), now);
         if let Some(latency) = latency {
-            e2e.record(latency.as_secs_f64());
+            signals.e2e_latency(label, latency);
         }
         recorder.record(label, latency);
     }
@@ -899,6 +883,7 @@ pub fn settlement(config: &WorkerConfig, outcome: Outcome, delivered: i64) -> Se
 pub async fn settle(
     bus: &Bus,
     config: &WorkerConfig,
+    signals: &WorkerSignals,
     lane: &'static str,
     message: &jetstream::Message,
     outcome: Outcome,
@@ -910,15 +895,21 @@ pub async fn settle(
         _ => None,
     };
     let (label, result) = match settlement(config, outcome, delivered) {
-        Settlement::Ack => ("done", message.ack().await.map_err(|e| e.to_string())),
+        Settlement::Ack => (
+            Settled::Done,
+            message.ack().await.map_err(|e| e.to_string()),
+        ),
         Settlement::Redeliver(delay) => {
             tracing::debug!(
                 role = config.role, %lane, delivered, ?delay,
                 error = retry_error.unwrap_or_default(), "redelivering later"
             );
-            let label = if waiting { "wait" } else { "retry" };
             (
-                label,
+                if waiting {
+                    Settled::Wait
+                } else {
+                    Settled::Retry
+                },
                 message
                     .ack_with(AckKind::Nak(Some(delay)))
                     .await
@@ -932,22 +923,18 @@ pub async fn settle(
                 error: &error,
             };
             match bus.dead_letter(message, &letter).await {
-                Ok(_) => ("dead_lettered", Ok(())),
+                Ok(_) => (Settled::DeadLettered, Ok(())),
                 Err(err) => {
                     // The DLQ is full or unreachable: keep the message (it comes back after the
                     // delay and is dead-lettered then) and make it visible.
-                    metrics::counter!(
-                        "crm_dlq_write_failures_total",
-                        "stage" => config.dlq_stage.as_str()
-                    )
-                    .increment(1);
+                    signals.dead_letter_write_failed();
                     let delay = backoff(config.backoff_base, config.backoff_max, delivered);
                     tracing::error!(
                         role = config.role, %lane, reason, error = %err, ?delay,
                         "cannot write a dead letter; keeping the message"
                     );
                     (
-                        "dead_letter_failed",
+                        Settled::DeadLetterFailed,
                         message
                             .ack_with(AckKind::Nak(Some(delay)))
                             .await
@@ -957,11 +944,7 @@ pub async fn settle(
             }
         }
     };
-    metrics::counter!(
-        "crm_worker_processed_total",
-        "role" => config.role, "lane" => lane, "outcome" => label
-    )
-    .increment(1);
+    signals.settled(lane, label, 1);
     if let Err(error) = result {
         // The message comes back after its ack wait; effects are idempotent.
         tracing::warn!(role = config.role, %lane, error, "settling a message failed");
