@@ -6,8 +6,8 @@ use crate::{
     config::{ConfigError, NotifierConfig, Subscription},
     header,
     internal_events::{
-        Answered, BreakerClosed, BreakerOpened, Deferral, EndpointConfigured, InternalEvent,
-        WebhookAnswered, WebhookDeferred,
+        Answered, BreakerClosed, BreakerOpened, Deferral, EndpointConfigured, EndpointSignals,
+        InternalEvent, WebhookAnswered, WebhookDeferred,
     },
     retry::{StatusClass, classify, parse_retry_after, retry_delay},
     signature,
@@ -31,6 +31,7 @@ pub const REJECTED_REASON: &str = "webhook_rejected";
 /// A subscription with its limits and health.
 struct Endpoint {
     subscription: Subscription,
+    signals: EndpointSignals,
     slots: Arc<Semaphore>,
     breaker: Mutex<CircuitBreaker>,
     /// The endpoint's most recent failure, quoted when a request is not even tried, so the last
@@ -135,13 +136,15 @@ impl Notifier {
         let endpoints = subscriptions
             .into_iter()
             .map(|subscription| {
+                let signals = EndpointSignals::new(subscription.id.clone());
                 EndpointConfigured {
-                    endpoint: &subscription.id,
+                    endpoint: &signals,
                     tenant: &subscription.tenant,
                     host: subscription.url.host_str().unwrap_or_default(),
                 }
                 .emit();
                 Endpoint {
+                    signals,
                     slots: Arc::new(Semaphore::new(config.endpoint_concurrency)),
                     breaker: Mutex::new(CircuitBreaker::new(
                         config.breaker_failure_threshold,
@@ -226,7 +229,7 @@ impl Notifier {
         }
         let defer = |cause: Deferral, after: Duration| {
             WebhookDeferred {
-                endpoint: endpoint.id(),
+                endpoint: &endpoint.signals,
                 event_id: delivery.event_id,
                 cause,
                 retry_in: after,
@@ -311,7 +314,7 @@ impl Notifier {
             }
         };
         WebhookAnswered {
-            endpoint: endpoint.id(),
+            endpoint: &endpoint.signals,
             event_id: delivery.event_id,
             attempt: delivery.attempt,
             elapsed,
@@ -332,13 +335,13 @@ impl Notifier {
         };
         match transition {
             Some(Transition::Opened) => BreakerOpened {
-                endpoint: endpoint.id(),
+                endpoint: &endpoint.signals,
                 cool_down: self.breaker_cool_down,
                 last_error: error,
             }
             .emit(),
             Some(Transition::Closed) => BreakerClosed {
-                endpoint: endpoint.id(),
+                endpoint: &endpoint.signals,
             }
             .emit(),
             None => {}
