@@ -417,11 +417,7 @@ async fn a_posted_payment_failure_reaches_its_webhook_signed() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let hook = format!("http://{}/hook", test_support::serve(receiver).await);
 
     let nats = NatsServer::start();
     let db = TempSqlite::new();

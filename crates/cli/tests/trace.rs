@@ -12,7 +12,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
 };
-use test_support::{NatsServer, TempSqlite, eventually};
+use test_support::{NatsServer, TempSqlite, eventually, serve};
 
 const KEY: &str = "trace-key";
 /// The caller's trace: the event's spans must join it.
@@ -85,16 +85,6 @@ async fn collector() -> (String, Arc<Mutex<Vec<Seen>>>) {
         }),
     );
     (format!("http://{}", serve(app).await), spans)
-}
-
-/// Serve `app` on a free loopback port.
-async fn serve(app: axum::Router) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
 }
 
 /// A webhook receiver that keeps the `traceparent` of every delivery.

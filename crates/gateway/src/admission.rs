@@ -532,6 +532,7 @@ pub struct Admission {
     bulk_inflight: std::sync::Arc<Semaphore>,
     bulk: Mutex<BulkController>,
     pipeline: Mutex<PipelineView>,
+    signals: crate::observe::AdmissionSignals,
 }
 
 /// Why an event was not admitted.
@@ -600,6 +601,7 @@ impl Admission {
             bulk_inflight: std::sync::Arc::new(Semaphore::new(bulk_inflight.max(1))),
             bulk: Mutex::new(BulkController::new(config.clone(), Instant::now())),
             pipeline: Mutex::new(PipelineView::default()),
+            signals: crate::observe::AdmissionSignals::new(),
         }
     }
 
@@ -641,8 +643,7 @@ impl Admission {
         };
         match outcome {
             Ok(permit) => {
-                metrics::counter!("crm_gateway_admitted_total", "class" => class.as_str())
-                    .increment(1);
+                self.signals.admitted(class);
                 Ok(Ticket {
                     _permit: permit,
                     class,
@@ -650,12 +651,7 @@ impl Admission {
                 })
             }
             Err(refusal) => {
-                metrics::counter!(
-                    "crm_gateway_refused_total",
-                    "class" => class.as_str(),
-                    "reason" => refusal.as_str()
-                )
-                .increment(1);
+                self.signals.refused(class, refusal);
                 Err(refusal)
             }
         }
@@ -692,10 +688,10 @@ impl Admission {
         let mut bulk = self.bulk();
         bulk.tick(reading, now);
         let report = bulk.report(bus::control::unix_ms());
-        metrics::gauge!("crm_gateway_bulk_rate_limit").set(report.bulk_rate);
-        if let Some(reading) = reading {
-            metrics::gauge!("crm_gateway_pipeline_delay_seconds").set(reading.delay_ms / 1000.0);
-        }
+        self.signals.controller(
+            report.bulk_rate,
+            reading.map(|reading| reading.delay_ms / 1000.0),
+        );
         report
     }
 }
@@ -713,7 +709,7 @@ pub(crate) async fn reads_budget(
     match state.admission().try_read() {
         Some(_permit) => next.run(request).await,
         None => {
-            metrics::counter!("crm_gateway_shed_total").increment(1);
+            crate::observe::read_shed();
             crate::problem::Problem::overloaded().into_response()
         }
     }

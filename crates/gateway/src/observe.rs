@@ -1,12 +1,17 @@
 //! The gateway's metrics, each recorded in one place, and the load-shedding answer.
 
-use crate::{admission::Door, problem::Problem, routes};
+use crate::{
+    admission::{Class, Door, Refusal},
+    problem::Problem,
+    routes,
+};
 use axum::{
     BoxError,
     extract::{MatchedPath, Request},
     middleware::Next,
     response::Response,
 };
+use metrics::{Counter, Gauge};
 use std::time::Instant;
 
 pub const REQUESTS_TOTAL: &str = "crm_gateway_requests_total";
@@ -101,5 +106,70 @@ mod tests {
         }
         assert_eq!(label_of(Some("/v1/customers/c-1")), "other");
         assert_eq!(label_of(None), "other");
+    }
+}
+
+/// A read refused because every slot of `max_inflight` is taken.
+pub(crate) fn read_shed() {
+    metrics::counter!(SHED_TOTAL).increment(1);
+    tracing::debug!("read shed: too many in flight");
+}
+
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Critical => 0,
+        Class::High => 1,
+        Class::Bulk => 2,
+    }
+}
+
+const CLASSES: [Class; 3] = [Class::Critical, Class::High, Class::Bulk];
+const REFUSALS: [&str; 3] = ["budget", "rate", "misdirected"];
+
+/// Admission's counters and gauges, registered once when the gateway starts.
+#[derive(Debug)]
+pub(crate) struct AdmissionSignals {
+    admitted: [Counter; 3],
+    refused: [[Counter; 3]; 3],
+    bulk_rate_limit: Gauge,
+    pipeline_delay: Gauge,
+}
+
+impl AdmissionSignals {
+    pub(crate) fn new() -> Self {
+        Self {
+            admitted: CLASSES.map(
+                |class| metrics::counter!("crm_gateway_admitted_total", "class" => class.as_str()),
+            ),
+            refused: CLASSES.map(|class| {
+                REFUSALS.map(|reason| {
+                    metrics::counter!(
+                        "crm_gateway_refused_total",
+                        "class" => class.as_str(),
+                        "reason" => reason
+                    )
+                })
+            }),
+            bulk_rate_limit: metrics::gauge!("crm_gateway_bulk_rate_limit"),
+            pipeline_delay: metrics::gauge!("crm_gateway_pipeline_delay_seconds"),
+        }
+    }
+
+    pub(crate) fn admitted(&self, class: Class) {
+        self.admitted[class_index(class)].increment(1);
+    }
+
+    pub(crate) fn refused(&self, class: Class, refusal: Refusal) {
+        if let Some(reason) = REFUSALS.iter().position(|r| *r == refusal.as_str()) {
+            self.refused[class_index(class)][reason].increment(1);
+        }
+    }
+
+    /// The bulk rate in force and, when the pipeline reported, its delay.
+    pub(crate) fn controller(&self, bulk_rate: f64, pipeline_delay_s: Option<f64>) {
+        self.bulk_rate_limit.set(bulk_rate);
+        if let Some(delay) = pipeline_delay_s {
+            self.pipeline_delay.set(delay);
+        }
     }
 }

@@ -113,11 +113,7 @@ impl Receiver {
             script: Box::new(script),
         });
         let app = Router::new().fallback(record).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = test_support::serve(app).await;
         Self { addr, inner }
     }
 

@@ -7,6 +7,7 @@
 //! bound for the other lanes go on.
 
 mod rules;
+mod signals;
 
 pub use rules::{RulesHandle, watch_rules};
 
@@ -16,6 +17,7 @@ use bus::{
 };
 use events::{DlqStage, Encoding, Event, EventType, Lane};
 use futures::{StreamExt, future::BoxFuture};
+use signals::RouterSignals;
 use std::{sync::Arc, time::Duration};
 
 /// The consumer the router reads CRM_INGEST with: every subject, of which it routes all but the
@@ -90,6 +92,7 @@ struct Router {
     bus: Bus,
     rules: RulesHandle,
     context: Option<Arc<dyn ContextLookup>>,
+    signals: Arc<RouterSignals>,
 }
 
 /// How the router consumes: the express consumer first, every `BULK_SHARE_EVERY`-th batch from
@@ -171,10 +174,12 @@ pub async fn run_placed(
             shutdown.clone(),
         ))
     });
+    let signals = Arc::new(RouterSignals::new());
     let router = Arc::new(Router {
         bus: bus.clone(),
         rules: rules.clone(),
         context: context.clone(),
+        signals: signals.clone(),
     });
     // One worker failing stops the other: the router must not go on half alive unnoticed.
     let stop = shutdown.child_token();
@@ -193,6 +198,7 @@ pub async fn run_placed(
                 bus: priority_bus.clone(),
                 rules,
                 context,
+                signals,
             });
             bus::run_worker(priority_bus, config, handler, stop).await
         }
@@ -280,7 +286,9 @@ impl Handler for Router {
                             ack,
                             routed.span,
                         )),
-                        Err(err) => outcomes.push((index, lane_refused(routed.lane, &err))),
+                        Err(err) => {
+                            outcomes.push((index, lane_refused(&self.signals, routed.lane, &err)))
+                        }
                     }
                 }
                 // The bulk consumer lets express types go: the express consumer routes them.
@@ -292,15 +300,10 @@ impl Handler for Router {
             |(index, subject, lane, reason, ack, _span)| async move {
                 let outcome = match self.bus.await_ack(&subject, ack).await {
                     Ok(_) => {
-                        metrics::counter!(
-                            "crm_router_routed_total",
-                            "lane" => lane.as_str(),
-                            "reason" => reason
-                        )
-                        .increment(1);
+                        self.signals.routed(lane, &reason);
                         Outcome::Done
                     }
-                    Err(err) => lane_refused(lane, &err),
+                    Err(err) => lane_refused(&self.signals, lane, &err),
                 };
                 (index, outcome)
             },
@@ -315,12 +318,11 @@ impl Handler for Router {
 /// What a failed lane publish means for the event: it waits (the lane is full or unreachable:
 /// retried later, never dead-lettered), unless the lane refuses this very message (too large
 /// for it), which no retry can fix.
-fn lane_refused(lane: Lane, err: &BusError) -> Outcome {
+fn lane_refused(signals: &RouterSignals, lane: Lane, err: &BusError) -> Outcome {
     match err.kind() {
         BusErrorKind::Rejected => Outcome::poison("lane_rejected", err),
         kind => {
-            metrics::counter!("crm_router_lane_refusals_total", "lane" => lane.as_str(), "kind" => kind_label(kind))
-                .increment(1);
+            signals.lane_refused(lane, kind_label(kind));
             Outcome::wait(err)
         }
     }

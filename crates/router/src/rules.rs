@@ -44,13 +44,11 @@ impl RulesHandle {
         match read(path) {
             Ok(rules) => {
                 self.replace(rules);
-                metrics::counter!("crm_rules_reloads_total", "result" => "ok").increment(1);
-                tracing::info!(path = %path.display(), "routing rules reloaded");
+                crate::signals::rules_reloaded(path);
                 Ok(())
             }
             Err(error) => {
-                metrics::counter!("crm_rules_reloads_total", "result" => "error").increment(1);
-                tracing::error!(path = %path.display(), error, "routing rules refused; keeping the previous rules");
+                crate::signals::rules_refused(path, &error);
                 Err(error)
             }
         }

@@ -345,6 +345,17 @@ where
     }
 }
 
+/// Serve `app` on a free loopback port for the rest of the test (a webhook receiver, a collector,
+/// a fake upstream).
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,24 +2,15 @@
 
 #![allow(dead_code)] // not every test file uses every helper
 
-use axum::Router;
 use crm_load::{
     driver::{Driver, PhaseContext, PhaseSent, Target, run_phase},
     mix::tenant_id,
     scenario::{DriverConfig, Load, Mix},
     tracker::Run,
 };
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-/// Serve `app` on a free loopback port for the rest of the test.
-pub async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
+pub use test_support::serve;
 
 /// Run one phase of `load` for `duration` (one tenant, default mix) through `config`'s driver
 /// at `target`, accounted in `run`.
