@@ -154,14 +154,11 @@ impl WorkerSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metrics_exporter_prometheus::PrometheusBuilder;
 
     /// Every signal, recorded once, renders with exactly the catalogue's labels.
     #[test]
     fn every_signal_has_the_catalogues_name_and_labels() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
+        let text = test_support::render_metrics(|| {
             let signals = WorkerSignals::new("projector", &["critical"], "projector");
             signals.batch_taken("critical", 3);
             signals.batch_handled("critical", Duration::from_millis(2));
@@ -178,7 +175,6 @@ mod tests {
             signals.settled("elsewhere", Settled::Done, 1);
             signals.stage("critical", "invented", Duration::from_millis(1));
         });
-        let text = handle.render();
         let mut seen = std::collections::BTreeSet::new();
         for line in text.lines().filter(|line| line.starts_with("crm_")) {
             let (series, _) = line.rsplit_once(' ').expect("name{labels} value");

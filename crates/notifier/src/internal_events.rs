@@ -210,9 +210,7 @@ mod tests {
     /// An endpoint's handles, registered once, count every event under its endpoint and result.
     #[test]
     fn an_endpoints_events_count_under_its_own_labels() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
+        let text = test_support::render_metrics(|| {
             let signals = EndpointSignals::new(Arc::from("billing"));
             EndpointConfigured {
                 endpoint: &signals,
@@ -253,7 +251,6 @@ mod tests {
             }
             .emit();
         });
-        let text = handle.render();
         for result in RESULTS {
             assert!(
                 text.contains(&format!(

@@ -81,9 +81,7 @@ mod tests {
 
     #[test]
     fn routes_and_refusals_count_under_their_labels() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
+        let text = test_support::render_metrics(|| {
             let signals = RouterSignals::new();
             signals.routed(Lane::Critical, "consent");
             signals.routed(Lane::Critical, "consent");
@@ -93,7 +91,6 @@ mod tests {
             rules_reloaded(std::path::Path::new("routing.toml"));
             rules_refused(std::path::Path::new("routing.toml"), "bad");
         });
-        let text = handle.render();
         for line in [
             "crm_router_routed_total{lane=\"critical\",reason=\"consent\"} 2",
             "crm_router_routed_total{lane=\"standard\",reason=\"default\"} 1",

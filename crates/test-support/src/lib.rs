@@ -356,6 +356,15 @@ pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// What `record` records, rendered as Prometheus text by a recorder of its own (the process's
+/// global recorder is left alone), to check a component's signals: names, labels, values.
+pub fn render_metrics(record: impl FnOnce()) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, record);
+    handle.render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
