@@ -3,6 +3,7 @@
 //! severity, consent changes), paced by the adaptive throttler so that under load analytics is
 //! deferred — left in the stream, never dropped — and drained when pressure falls.
 
+mod internal_events;
 mod signals;
 mod throttler;
 
@@ -263,8 +264,7 @@ impl Handler for Counter {
                     positions.push(index);
                 }
                 Err(_) => {
-                    metrics::counter!("crm_analytics_skipped_total", "reason" => "invalid_event")
-                        .increment(1);
+                    internal_events::skipped("invalid_event");
                 }
             }
         }
@@ -281,8 +281,7 @@ impl Handler for Counter {
                         .iter()
                         .filter(|a| **a == store::Applied::Duplicate)
                         .count();
-                    metrics::counter!("crm_analytics_duplicates_total")
-                        .increment(duplicates as u64);
+                    internal_events::duplicates(duplicates as u64);
                     Outcome::Done
                 }
                 Err(err) => match err.class() {

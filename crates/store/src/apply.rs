@@ -278,7 +278,7 @@ impl Store {
                     let commit = crate::stage(op, "write", writing);
                     tx.commit().await.map_err(failed)?;
                     crate::stage(op, "commit", commit);
-                    metrics::counter!("crm_store_writer_yields_total").increment(1);
+                    crate::signals::writer_yielded();
                     let yielded = std::time::Instant::now();
                     if let Some(pass) = writer.take() {
                         writer = Some(pass.yield_to_priority().await);
@@ -408,7 +408,7 @@ impl Store {
         });
         result.changed_customers = changed.into_iter().collect();
         result.context_changed = context.into_iter().collect();
-        metrics::counter!("crm_projector_conflicts_total").increment(result.conflicts);
+        crate::signals::conflicts(result.conflicts);
         Ok(result)
     }
 }

@@ -38,8 +38,7 @@ impl ContextCache {
             .await
             .map_err(|shared| Arc::try_unwrap(shared).unwrap_or_else(StoreError::Shared))?;
         let result = if entry.is_fresh() { "miss" } else { "hit" };
-        metrics::counter!("crm_cache_requests_total", "cache" => "customer_context", "result" => result)
-            .increment(1);
+        crate::signals::context_lookup(result);
         Ok(entry.into_value())
     }
 

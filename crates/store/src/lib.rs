@@ -16,6 +16,7 @@ mod model;
 mod prune;
 mod read;
 mod registers;
+mod signals;
 mod writes;
 
 pub use analytics::{AnalyticsSummary, ConsentCounts, MinuteCount, MoneyTotal, StageValue};
@@ -327,18 +328,7 @@ async fn adopt_legacy_analytics(
     Ok(())
 }
 
-/// Record how long a transaction spent in `stage` since `since` (`crm_store_stage_seconds`);
-/// returns now, where the next stage starts.
-pub(crate) fn stage(
-    op: &'static str,
-    stage: &'static str,
-    since: std::time::Instant,
-) -> std::time::Instant {
-    let now = std::time::Instant::now();
-    metrics::histogram!("crm_store_stage_seconds", "op" => op, "stage" => stage)
-        .record(now.duration_since(since).as_secs_f64());
-    now
-}
+pub(crate) use signals::stage;
 
 /// `url` without a password, for messages.
 fn redacted(url: &str) -> String {

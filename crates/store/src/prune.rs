@@ -91,7 +91,7 @@ pub async fn run_ledger_pruner(
 fn ledger_pruned(outcome: Result<u64, StoreError>, retention: Duration, took: Duration) {
     match outcome {
         Ok(rows) => {
-            metrics::counter!("crm_store_ledger_pruned_total").increment(rows);
+            crate::signals::ledger_pruned(rows);
             if rows > 0 {
                 tracing::info!(
                     rows,
