@@ -111,14 +111,14 @@ impl Bus {
     ) -> Result<bool, BusError> {
         items.sort_by_key(ToString::to_string);
         items.dedup();
-        let last = self.audit_list(Some(action), 1).await?;
+        let last = self.last_audit(action).await?;
         let before: Vec<serde_json::Value> = last
-            .first()
+            .as_ref()
             .and_then(|record| record.detail.get("set"))
             .and_then(serde_json::Value::as_array)
             .cloned()
             .unwrap_or_default();
-        if !last.is_empty() && before == items {
+        if last.is_some() && before == items {
             return Ok(false);
         }
         let added: Vec<_> = items.iter().filter(|item| !before.contains(item)).collect();
@@ -130,6 +130,29 @@ impl Bus {
         }));
         self.audit(&record).await?;
         Ok(true)
+    }
+
+    /// The newest record of `action`, read by subject (one direct get, whatever the log holds).
+    async fn last_audit(&self, action: &str) -> Result<Option<AuditRecord>, BusError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .jetstream()
+            .get_stream(AUDIT_STREAM)
+            .await
+            .map_err(|e| BusError::unavailable("opening CRM_AUDIT", e))?;
+        match stream
+            .get_last_raw_message_by_subject(&format!("crm.audit.{action}"))
+            .await
+        {
+            Ok(message) => Ok(serde_json::from_slice::<AuditRecord>(&message.payload)
+                .ok()
+                .map(|record| AuditRecord {
+                    seq: Some(message.sequence),
+                    ..record
+                })),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(BusError::unavailable("reading CRM_AUDIT", err)),
+        }
     }
 
     /// The newest `limit` records (of `action`, when given), oldest first.

@@ -99,19 +99,20 @@ pub fn adopt(span: &Span, parent: Option<&str>, fresh: bool) -> Option<String> {
 }
 
 /// A hop's span for one message a consumer handles, child of the message's `traceparent`, and
-/// the `traceparent` what it sends on should carry: `None` while tracing is off (pass the
-/// message's own on). `source` names the consumer (a worker's lane, the router's ingest
-/// consumer); a router records where the event went in the span's `lane` field. The caller keeps
-/// the span until the message's work is done.
+/// the `traceparent` what it sends on should carry. While tracing is off the span is
+/// [`Span::none`] and the message's own `traceparent` is passed on as it came. `source` names the
+/// consumer (a worker's lane, the router's ingest consumer); a router records where the event
+/// went in the span's `lane` field. The caller keeps the span until the message's work is done.
 pub fn message_span(
     name: &'static str,
     source: &'static str,
     message: &async_nats::jetstream::Message,
-) -> Option<(Span, Option<String>)> {
-    if !enabled() {
-        return None;
-    }
+) -> (Span, Option<String>) {
     let headers = message.headers.as_ref();
+    if !enabled() {
+        let own = crate::headers::get(headers, crate::headers::TRACEPARENT).map(str::to_owned);
+        return (Span::none(), own);
+    }
     let span = tracing::info_span!(
         "consume",
         otel.name = name,
@@ -126,7 +127,23 @@ pub fn message_span(
         crate::headers::get(headers, crate::headers::TRACEPARENT),
         false,
     );
-    Some((span, next))
+    (span, next)
+}
+
+/// One [`message_span`] per message of a batch, for a handler that sends nothing on (the spans
+/// last while the caller holds them); empty while tracing is off.
+pub fn batch_spans(
+    name: &'static str,
+    source: &'static str,
+    batch: &[async_nats::jetstream::Message],
+) -> Vec<Span> {
+    if !enabled() {
+        return Vec::new();
+    }
+    batch
+        .iter()
+        .map(|message| message_span(name, source, message).0)
+        .collect()
 }
 
 #[cfg(test)]

@@ -709,7 +709,7 @@ pub(crate) async fn reads_budget(
     match state.admission().try_read() {
         Some(_permit) => next.run(request).await,
         None => {
-            crate::observe::read_shed();
+            crate::observe::shed_one("read");
             crate::problem::Problem::overloaded().into_response()
         }
     }

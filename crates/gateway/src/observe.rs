@@ -78,12 +78,89 @@ pub(crate) async fn track(request: Request, next: Next) -> Response {
 /// `HandleErrorLayer` callback for the shedding stack.
 pub(crate) async fn shed(err: BoxError) -> Problem {
     if err.is::<tower::load_shed::error::Overloaded>() {
-        metrics::counter!(SHED_TOTAL).increment(1);
-        tracing::debug!("request shed: too many in flight");
+        shed_one("request");
         Problem::overloaded()
     } else {
         tracing::error!(error = %err, "middleware failed");
         Problem::internal("the request could not be handled")
+    }
+}
+
+/// A request (`what`: `request`, `read`) refused because every slot of `max_inflight` is taken.
+pub(crate) fn shed_one(what: &str) {
+    metrics::counter!(SHED_TOTAL).increment(1);
+    tracing::debug!("{what} shed: too many in flight");
+}
+
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Critical => 0,
+        Class::High => 1,
+        Class::Bulk => 2,
+    }
+}
+
+fn refusal_index(refusal: Refusal) -> usize {
+    match refusal {
+        Refusal::Budget => 0,
+        Refusal::Rate { .. } => 1,
+        Refusal::Misdirected => 2,
+    }
+}
+
+const CLASSES: [Class; 3] = [Class::Critical, Class::High, Class::Bulk];
+/// Every refusal, in [`refusal_index`] order (the retry wait plays no part in the label).
+const REFUSALS: [Refusal; 3] = [
+    Refusal::Budget,
+    Refusal::Rate {
+        retry_after: std::time::Duration::ZERO,
+    },
+    Refusal::Misdirected,
+];
+
+/// Admission's counters and gauges, registered once when the gateway starts.
+#[derive(Debug)]
+pub(crate) struct AdmissionSignals {
+    admitted: [Counter; 3],
+    refused: [[Counter; 3]; 3],
+    bulk_rate_limit: Gauge,
+    pipeline_delay: Gauge,
+}
+
+impl AdmissionSignals {
+    pub(crate) fn new() -> Self {
+        Self {
+            admitted: CLASSES.map(
+                |class| metrics::counter!("crm_gateway_admitted_total", "class" => class.as_str()),
+            ),
+            refused: CLASSES.map(|class| {
+                REFUSALS.map(|reason| {
+                    metrics::counter!(
+                        "crm_gateway_refused_total",
+                        "class" => class.as_str(),
+                        "reason" => reason.as_str()
+                    )
+                })
+            }),
+            bulk_rate_limit: metrics::gauge!("crm_gateway_bulk_rate_limit"),
+            pipeline_delay: metrics::gauge!("crm_gateway_pipeline_delay_seconds"),
+        }
+    }
+
+    pub(crate) fn admitted(&self, class: Class) {
+        self.admitted[class_index(class)].increment(1);
+    }
+
+    pub(crate) fn refused(&self, class: Class, refusal: Refusal) {
+        self.refused[class_index(class)][refusal_index(refusal)].increment(1);
+    }
+
+    /// The bulk rate in force and, when the pipeline reported, its delay.
+    pub(crate) fn controller(&self, bulk_rate: f64, pipeline_delay_s: Option<f64>) {
+        self.bulk_rate_limit.set(bulk_rate);
+        if let Some(delay) = pipeline_delay_s {
+            self.pipeline_delay.set(delay);
+        }
     }
 }
 
@@ -107,69 +184,31 @@ mod tests {
         assert_eq!(label_of(Some("/v1/customers/c-1")), "other");
         assert_eq!(label_of(None), "other");
     }
-}
 
-/// A read refused because every slot of `max_inflight` is taken.
-pub(crate) fn read_shed() {
-    metrics::counter!(SHED_TOTAL).increment(1);
-    tracing::debug!("read shed: too many in flight");
-}
-
-fn class_index(class: Class) -> usize {
-    match class {
-        Class::Critical => 0,
-        Class::High => 1,
-        Class::Bulk => 2,
-    }
-}
-
-const CLASSES: [Class; 3] = [Class::Critical, Class::High, Class::Bulk];
-const REFUSALS: [&str; 3] = ["budget", "rate", "misdirected"];
-
-/// Admission's counters and gauges, registered once when the gateway starts.
-#[derive(Debug)]
-pub(crate) struct AdmissionSignals {
-    admitted: [Counter; 3],
-    refused: [[Counter; 3]; 3],
-    bulk_rate_limit: Gauge,
-    pipeline_delay: Gauge,
-}
-
-impl AdmissionSignals {
-    pub(crate) fn new() -> Self {
-        Self {
-            admitted: CLASSES.map(
-                |class| metrics::counter!("crm_gateway_admitted_total", "class" => class.as_str()),
-            ),
-            refused: CLASSES.map(|class| {
-                REFUSALS.map(|reason| {
-                    metrics::counter!(
-                        "crm_gateway_refused_total",
-                        "class" => class.as_str(),
-                        "reason" => reason
-                    )
-                })
-            }),
-            bulk_rate_limit: metrics::gauge!("crm_gateway_bulk_rate_limit"),
-            pipeline_delay: metrics::gauge!("crm_gateway_pipeline_delay_seconds"),
-        }
-    }
-
-    pub(crate) fn admitted(&self, class: Class) {
-        self.admitted[class_index(class)].increment(1);
-    }
-
-    pub(crate) fn refused(&self, class: Class, refusal: Refusal) {
-        if let Some(reason) = REFUSALS.iter().position(|r| *r == refusal.as_str()) {
-            self.refused[class_index(class)][reason].increment(1);
-        }
-    }
-
-    /// The bulk rate in force and, when the pipeline reported, its delay.
-    pub(crate) fn controller(&self, bulk_rate: f64, pipeline_delay_s: Option<f64>) {
-        self.bulk_rate_limit.set(bulk_rate);
-        if let Some(delay) = pipeline_delay_s {
-            self.pipeline_delay.set(delay);
+    /// Each admission outcome counts under its own class and reason.
+    #[test]
+    fn admission_outcomes_count_under_their_labels() {
+        let text = test_support::render_metrics(|| {
+            let signals = AdmissionSignals::new();
+            signals.admitted(Class::High);
+            signals.refused(Class::Critical, Refusal::Budget);
+            signals.refused(
+                Class::Bulk,
+                Refusal::Rate {
+                    retry_after: std::time::Duration::from_millis(300),
+                },
+            );
+            signals.refused(Class::Bulk, Refusal::Misdirected);
+        });
+        for line in [
+            "crm_gateway_admitted_total{class=\"high\"} 1",
+            "crm_gateway_admitted_total{class=\"critical\"} 0",
+            "crm_gateway_refused_total{class=\"critical\",reason=\"budget\"} 1",
+            "crm_gateway_refused_total{class=\"bulk\",reason=\"rate\"} 1",
+            "crm_gateway_refused_total{class=\"bulk\",reason=\"misdirected\"} 1",
+            "crm_gateway_refused_total{class=\"bulk\",reason=\"budget\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
         }
     }
 }

@@ -186,14 +186,8 @@ impl Notifier {
         }
         // One span per event delivered (its webhooks carry the span's context), child of the lane
         // message's trace.
-        let traced = bus::trace::message_span("deliver", lane.as_str(), message);
-        let traceparent = match &traced {
-            Some((_, next)) => next.clone(),
-            None => headers::get(message.headers.as_ref(), headers::TRACEPARENT)
-                .filter(|value| headers::is_traceparent(value))
-                .map(str::to_owned),
-        };
-        let span = traced.map_or_else(tracing::Span::none, |(span, _)| span);
+        let (span, traceparent) = bus::trace::message_span("deliver", lane.as_str(), message);
+        let traceparent = traceparent.filter(|value| headers::is_traceparent(value));
         let info = message.info().ok();
         let delivery = Delivery {
             event_id: &event.event_id,

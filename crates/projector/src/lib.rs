@@ -59,10 +59,7 @@ impl Projector {
 impl Handler for Projector {
     async fn handle(&self, source: &'static str, batch: &[jetstream::Message]) -> Vec<Outcome> {
         // Each event's span (child of its lane message's trace) lasts until its batch commits.
-        let _spans: Vec<_> = batch
-            .iter()
-            .filter_map(|message| bus::trace::message_span("project", source, message))
-            .collect();
+        let _spans = bus::trace::batch_spans("project", source, batch);
         let mut outcomes = vec![Outcome::Done; batch.len()];
         let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());

@@ -257,8 +257,8 @@ struct Routed {
     reason: String,
     payload: bytes::Bytes,
     headers: bus::HeaderMap,
-    /// The routing decision's span (while tracing is on), ended when the lane has acked.
-    span: Option<tracing::Span>,
+    /// The routing decision's span (none while tracing is off), ended when the lane has acked.
+    span: tracing::Span,
 }
 
 impl Handler for Router {
@@ -347,7 +347,7 @@ impl Router {
         if source == BULK_LABEL && is_express_subject(&message.subject) {
             return Ok(None);
         }
-        let traced = bus::trace::message_span("route", source, message);
+        let (span, traceparent) = bus::trace::message_span("route", source, message);
         let (event, kind, encoding) = bus::decode_ingest(message)?;
         let rules = self.rules.current();
         let context = match (&self.context, rules.needs_customer_context(&event)) {
@@ -363,16 +363,7 @@ impl Router {
             _ => None,
         };
         let decision = rules.classify(&event, context.as_ref());
-        let (span, traceparent) = match traced {
-            Some((span, next)) => {
-                span.record("lane", decision.lane.as_str());
-                (Some(span), next)
-            }
-            None => (
-                None,
-                headers::get(message.headers.as_ref(), headers::TRACEPARENT).map(str::to_owned),
-            ),
-        };
+        span.record("lane", decision.lane.as_str());
         let routed = self
             .lane_message(
                 message,
@@ -440,7 +431,7 @@ impl Router {
             reason: reason.to_owned(),
             payload,
             headers: lane_headers,
-            span: None,
+            span: tracing::Span::none(),
         })
     }
 }
