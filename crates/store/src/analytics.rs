@@ -9,11 +9,12 @@ use crate::{
     Applied, Store, StoreError,
     apply::{ROWS_PER_STATEMENT, claim_in_ledger, now_ns, write_deals},
     registers::Plan,
-    with_pool, with_read_pool,
+    with_read_pool, with_writer,
     writes::{channel_label, occurred_at_ns, severity_label},
 };
 use events::{Event, EventType, pb::event::Payload};
 use serde::Serialize;
+use sqlx::Connection as _;
 use std::collections::BTreeMap;
 
 const INSERT_LEDGER: &str =
@@ -110,10 +111,9 @@ impl Store {
         let mut by_event: Vec<usize> = (0..events.len()).collect();
         by_event.sort_by_key(|&i| (&events[i].tenant_id, events::dedupe_id(&events[i])));
         let db = self.analytics_db();
-        with_pool!(db, pool => {
-            let acquire = std::time::Instant::now();
-            let _writer = db.enter_writer().await;
-            let mut tx = pool.begin().await.map_err(failed)?;
+        let acquire = std::time::Instant::now();
+        with_writer!(db, failed, writer => {
+            let mut tx = writer.connection().begin().await.map_err(failed)?;
             let writing = crate::stage("analytics", "acquire", acquire);
             let applied = claim_in_ledger!(tx, failed, events, by_event, INSERT_LEDGER,
                 |row, event| row

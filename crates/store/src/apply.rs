@@ -3,10 +3,11 @@
 use crate::{
     Store, StoreError, WritePriority,
     registers::{Key, Lost, Plan, SettledFields, Version, settle_fields},
-    with_pool,
+    with_writer,
     writes::occurred_at_ns,
 };
 use events::{Event, EventType, pb::event::Payload};
+use sqlx::Connection as _;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// What became of one event of a batch.
@@ -173,7 +174,7 @@ pub(crate) use {execute_rows, upsert_deal_amounts, upsert_deal_states, write_dea
 /// ledger before. The first of several events with one key within the batch (a repeat, or a
 /// client's retry under the same idempotency key) takes the row; the others find it gone. A
 /// macro rather than a function because the transaction's type differs per backend (see
-/// [`with_pool!`]).
+/// [`with_writer!`]).
 macro_rules! claim_in_ledger {
     ($tx:expr, $failed:expr, $events:expr, $order:expr, $insert:expr,
      |$row:ident, $event:ident| $bind:expr) => {{
@@ -252,10 +253,10 @@ impl Store {
         };
         let mut changed: BTreeSet<(String, String)> = BTreeSet::new();
         let mut context: BTreeSet<(String, String)> = BTreeSet::new();
-        with_pool!(self, pool => {
-            let acquire = std::time::Instant::now();
-            let mut writer = self.enter_writer().await;
-            let mut tx = pool.begin().await.map_err(failed)?;
+        let acquire = std::time::Instant::now();
+        with_writer!(self, failed, writer => {
+            let watch = writer.watch();
+            let mut tx = writer.connection().begin().await.map_err(failed)?;
             let mut writing = crate::stage(op, "acquire", acquire);
             // On SQLite, while the priority path is active, a bulk batch is written in segments:
             // when a priority transaction waits for the writer at a segment boundary, what is
@@ -267,23 +268,21 @@ impl Store {
             // writers run side by side: one segment, in the global lock order above.
             let segment = if self.priority == WritePriority::Bulk
                 && self.yield_segment > 0
-                && writer.as_ref().is_some_and(crate::gate::Pass::priority_active)
+                && watch.priority_active()
             {
                 self.yield_segment
             } else {
                 by_event.len()
             };
             for (number, order) in by_event.chunks(segment).enumerate() {
-                if number > 0 && writer.as_ref().is_some_and(crate::gate::Pass::priority_waits) {
+                if number > 0 && watch.priority_waits() {
                     let commit = crate::stage(op, "write", writing);
                     tx.commit().await.map_err(failed)?;
                     crate::stage(op, "commit", commit);
                     crate::signals::writer_yielded();
                     let yielded = std::time::Instant::now();
-                    if let Some(pass) = writer.take() {
-                        writer = Some(pass.yield_to_priority().await);
-                    }
-                    tx = pool.begin().await.map_err(failed)?;
+                    writer = writer.yield_to_priority().await;
+                    tx = writer.connection().begin().await.map_err(failed)?;
                     writing = crate::stage(op, "yielded", yielded);
                 }
                 let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,

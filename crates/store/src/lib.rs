@@ -31,7 +31,7 @@ pub use prune::run_ledger_pruner;
 
 use serde::{Deserialize, Serialize};
 use sqlx::{
-    PgPool, SqlitePool,
+    PgPool, SqliteConnection, SqlitePool,
     postgres::PgPoolOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
 };
@@ -97,19 +97,27 @@ enum Pool {
     Postgres(PgPool),
 }
 
+/// Where write transactions run.
+#[derive(Debug, Clone)]
+enum Write {
+    /// SQLite's one write connection, behind the writer's queue (priority transactions first,
+    /// see [`gate`]).
+    Sqlite(std::sync::Arc<gate::WriteGate<SqliteConnection>>),
+    /// PostgreSQL's writers run side by side.
+    Postgres(PgPool),
+}
+
 /// Connection pools to SQLite or PostgreSQL: one for writes, one for reads, so that a burst of
 /// reads (the router's context lookups, profile and analytics reads) can never keep a projector
 /// or analytics transaction waiting for a connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
     /// Transactions that write. On SQLite a single connection: SQLite has one writer at a time
-    /// anyway, and writers queueing for the connection (in order) beats writers spinning on
-    /// the database lock.
-    pool: Pool,
+    /// anyway, and writers queueing for the connection (priority first) beats writers spinning
+    /// on the database lock.
+    write: Write,
     /// Plain reads (WAL lets them run beside the writer).
     read: Pool,
-    /// SQLite: the writer's queue, priority transactions first (see [`gate`]).
-    gate: Option<std::sync::Arc<gate::WriteGate>>,
     /// SQLite: events per segment of a bulk batch while the priority path is active (0: none).
     yield_segment: usize,
     /// Where this handle's write transactions queue.
@@ -120,17 +128,28 @@ pub struct Store {
     analytics: Option<std::sync::Arc<Store>>,
 }
 
-/// Runs `$body` with `$pool` bound to whichever write pool the store has. The SQL is the same
-/// for both backends: `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
-macro_rules! with_pool {
-    ($store:expr, $pool:ident => $body:expr) => {
-        match &$store.pool {
-            $crate::Pool::Sqlite($pool) => $body,
-            $crate::Pool::Postgres($pool) => $body,
+/// Runs `$body` with `$writer` bound to a write connection held for the body: on SQLite the
+/// writer's [`gate::Pass`] (queued as the store's [`WritePriority`]), on PostgreSQL a
+/// [`gate::Pooled`] connection; `$failed` maps a failure to get one. Both offer
+/// `connection()`, `watch()` and `yield_to_priority()`. The SQL is the same for both backends:
+/// `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
+macro_rules! with_writer {
+    ($store:expr, $failed:expr, $writer:ident => $body:expr) => {
+        match &$store.write {
+            $crate::Write::Sqlite(gate) => {
+                #[allow(unused_mut)]
+                let mut $writer = gate.enter($store.priority).await;
+                $body
+            }
+            $crate::Write::Postgres(pool) => {
+                #[allow(unused_mut)]
+                let mut $writer = $crate::gate::Pooled(pool.acquire().await.map_err($failed)?);
+                $body
+            }
         }
     };
 }
-/// [`with_pool!`] for reads: the read pool.
+/// Runs `$body` with `$pool` bound to whichever read pool the store has.
 macro_rules! with_read_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.read {
@@ -139,7 +158,7 @@ macro_rules! with_read_pool {
         }
     };
 }
-pub(crate) use {with_pool, with_read_pool};
+pub(crate) use {with_read_pool, with_writer};
 
 enum OpenError {
     Connect(sqlx::Error),
@@ -148,6 +167,16 @@ enum OpenError {
 
 /// SQLite readers, every one opened with the store.
 const SQLITE_READERS: u32 = 4;
+
+/// SQLite's write connection, taken out of the pool that opened it and migrated it, for the
+/// writer's gate to own.
+async fn sqlite_writer(
+    write: &SqlitePool,
+) -> Result<std::sync::Arc<gate::WriteGate<SqliteConnection>>, sqlx::Error> {
+    let connection = write.acquire().await?.detach();
+    write.close().await;
+    Ok(std::sync::Arc::new(gate::WriteGate::new(connection)))
+}
 /// Readers of analytics' file (the summary endpoints: rare reads).
 const ANALYTICS_READERS: u32 = 1;
 
@@ -373,7 +402,7 @@ impl Store {
             source,
         };
         let migrate_error = |source| StoreError::Migrate { backend, source };
-        let (pool, read, analytics) = if backend == "sqlite" {
+        let (write, read, analytics) = if backend == "sqlite" {
             let sqlite = SqliteConnectOptions::from_str(url)
                 .map_err(connect_error)?
                 .journal_mode(SqliteJournalMode::Wal)
@@ -405,10 +434,10 @@ impl Store {
                             backend,
                             source: sqlx::migrate::MigrateError::Execute(err),
                         })?;
+                    let write = sqlite_writer(&write).await.map_err(connect_error)?;
                     Some(std::sync::Arc::new(Self {
-                        pool: Pool::Sqlite(write),
+                        write: Write::Sqlite(write),
                         read: Pool::Sqlite(read),
-                        gate: Some(Default::default()),
                         // Analytics counts; it applies no projector batches.
                         yield_segment: 0,
                         priority: WritePriority::Bulk,
@@ -417,7 +446,8 @@ impl Store {
                 }
                 None => None,
             };
-            (Pool::Sqlite(write), Pool::Sqlite(read), analytics)
+            let write = sqlite_writer(&write).await.map_err(connect_error)?;
+            (Write::Sqlite(write), Pool::Sqlite(read), analytics)
         } else {
             let write = PgPoolOptions::new()
                 .max_connections(16)
@@ -435,13 +465,11 @@ impl Store {
                 .connect(url)
                 .await
                 .map_err(connect_error)?;
-            (Pool::Postgres(write), Pool::Postgres(read), None)
+            (Write::Postgres(write), Pool::Postgres(read), None)
         };
-        let gate = matches!(pool, Pool::Sqlite(_)).then(Default::default);
         Ok(Self {
-            pool,
+            write,
             read,
-            gate,
             yield_segment: options.sqlite_yield_segment,
             priority: WritePriority::Bulk,
             analytics,
@@ -462,19 +490,11 @@ impl Store {
         }
     }
 
-    /// Wait for this handle's turn at the writer (SQLite); `None` where writers run side by side.
-    pub(crate) async fn enter_writer(&self) -> Option<gate::Pass> {
-        match &self.gate {
-            Some(gate) => Some(gate.enter(self.priority).await),
-            None => None,
-        }
-    }
-
     /// Which backend this is: `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
-        match self.pool {
-            Pool::Sqlite(_) => "sqlite",
-            Pool::Postgres(_) => "postgres",
+        match self.write {
+            Write::Sqlite(_) => "sqlite",
+            Write::Postgres(_) => "postgres",
         }
     }
 
@@ -507,7 +527,7 @@ mod tests {
     /// What a commit promises is what was asked for; FULL unless told otherwise.
     #[tokio::test]
     async fn sqlite_synchronous_is_full_by_default_and_normal_on_request() {
-        use super::{Pool, SqliteSynchronous, StoreOptions};
+        use super::{SqliteSynchronous, StoreOptions, Write, WritePriority};
         // PRAGMA synchronous reads 2 for FULL, 1 for NORMAL.
         for (synchronous, pragma) in [
             (None, 2),
@@ -526,11 +546,12 @@ mod tests {
                 }
             }
             .expect("connect");
-            let Pool::Sqlite(writer) = &store.pool else {
+            let Write::Sqlite(gate) = &store.write else {
                 panic!("a SQLite store")
             };
+            let mut writer = gate.enter(WritePriority::Bulk).await;
             let value: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(writer)
+                .fetch_one(writer.connection())
                 .await
                 .expect("pragma");
             assert_eq!(value, pragma, "{synchronous:?}");

@@ -2,7 +2,7 @@
 //! rows are kept for `[store] ledger_retention` (longer than anything can redeliver or replay an
 //! event) and then deleted, a bounded chunk per statement.
 
-use crate::{Store, StoreError, apply::now_ns, with_pool};
+use crate::{Store, StoreError, apply::now_ns, with_writer};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -41,11 +41,11 @@ impl Store {
         for (delete, analytics) in DELETE_CHUNKS {
             let db = if analytics { self.analytics_db() } else { self };
             loop {
-                let deleted = with_pool!(db, pool => {
+                let deleted = with_writer!(db, failed, writer => {
                     sqlx::query(delete)
                         .bind(cutoff_ns)
                         .bind(i64::from(PRUNE_CHUNK_ROWS))
-                        .execute(pool)
+                        .execute(writer.connection())
                         .await
                         .map_err(failed)?
                         .rows_affected()

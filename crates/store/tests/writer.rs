@@ -157,3 +157,54 @@ async fn ledger_positions(db: &TempSqlite) -> (i64, i64) {
             .expect("bulk");
     (vip, bulk)
 }
+
+/// The writer passes from one transaction straight to the next: a priority transaction does not
+/// wait for anything to run on the runtime of the bulk transaction before it. (In a role process
+/// the bulk runtime's threads run at a lower OS priority; under load they may not be scheduled
+/// for a while, and a critical commit must not wait for them.) Here the bulk runtime's only
+/// thread is kept busy right after its transaction commits.
+#[test]
+fn the_writer_is_handed_over_without_the_bulk_runtime() {
+    let db = TempSqlite::new();
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = main.block_on(Store::connect(&db.url())).expect("connect");
+    let (committed, wait_for_commit) = std::sync::mpsc::channel();
+    let bulk = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("bulk runtime");
+            runtime.block_on(async move {
+                store
+                    .apply_batch(&[update("bulk", 0, "title", "engineer")])
+                    .await
+                    .expect("bulk batch");
+                committed.send(()).expect("send");
+                // Busy: nothing else on this runtime runs for a while.
+                std::thread::sleep(std::time::Duration::from_secs(5));
+            });
+        })
+    };
+    wait_for_commit.recv().expect("the bulk batch committed");
+    let started = std::time::Instant::now();
+    let applied = main
+        .block_on(
+            store
+                .with_write_priority(WritePriority::Priority)
+                .apply_batch(&[update("vip", 1, "title", "ceo")]),
+        )
+        .expect("priority batch");
+    let waited = started.elapsed();
+    assert_eq!(applied.outcomes, vec![Applied::Applied]);
+    assert!(
+        waited < std::time::Duration::from_secs(2),
+        "the priority transaction waited {waited:?} for the busy bulk runtime"
+    );
+    bulk.join().expect("bulk thread");
+}
