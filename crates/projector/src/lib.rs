@@ -29,6 +29,10 @@ pub struct ProjectorConfig {
     /// The critical lane by a worker of its own (small transactions, own connection); `false`
     /// reads all three lanes with one worker, critical batches topped up with bulk events.
     pub critical_worker: bool,
+    /// Critical batches in flight. On SQLite they still commit one at a time, but a critical
+    /// event that arrives while another critical batch waits for the writer then waits at the
+    /// writer beside it (priority transactions first), not behind it for a whole turn.
+    pub critical_concurrency: usize,
 }
 
 impl Default for ProjectorConfig {
@@ -39,6 +43,7 @@ impl Default for ProjectorConfig {
             lower_lane_share: 0.05,
             max_deliveries: 10,
             critical_worker: true,
+            critical_concurrency: 4,
         }
     }
 }
@@ -179,7 +184,7 @@ pub async fn run_placed(
     }
     let mut critical = worker.clone().lanes(&[Lane::Critical]);
     critical.max_batch = config.max_batch.min(CRITICAL_MAX_BATCH);
-    critical.concurrency = 1;
+    critical.concurrency = config.critical_concurrency.max(1);
     // The latency path commits what has arrived; only bulk waits to fill its batches.
     critical.fill_linger = std::time::Duration::ZERO;
     let mut bulk = worker.lanes(&[Lane::High, Lane::Standard]);
