@@ -103,6 +103,44 @@ async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
     assert!(again.changed_customers.is_empty());
 }
 
+/// A priority transaction that starts waiting while the first segment of a bulk transaction is
+/// being written does not wait for the rest of that segment: nothing of the bulk transaction is
+/// committed yet, so it rolls back, lets the priority one in, and writes the segment again; every
+/// bulk event is still applied exactly once. (One segment here, so the whole batch gives way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_transaction_does_not_wait_for_the_segment_being_written() {
+    let db = TempSqlite::new();
+    let store = Store::connect_with(&store::StoreOptions {
+        sqlite_yield_segment: BULK as usize,
+        ..store::StoreOptions::new(db.url())
+    })
+    .await
+    .expect("connect");
+    let arrival = priority_during_bulk(&db, &store, true).await;
+    let first_bulk = first_bulk_position(&db).await;
+    assert!(
+        arrival.vip < first_bulk,
+        "the priority event went into the ledger before any bulk event ({} < {first_bulk})",
+        arrival.vip
+    );
+    assert!(
+        arrival
+            .result
+            .outcomes
+            .iter()
+            .all(|o| *o == Applied::Applied)
+    );
+    assert_eq!(arrival.result.changed_customers.len(), BULK as usize);
+    for (customer, applied) in [("bulk-0", 1), ("bulk-49999", 1), ("vip", 2)] {
+        let profile = store
+            .profile(common::TENANT, customer)
+            .await
+            .expect("read")
+            .expect("a profile");
+        assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
+    }
+}
+
 /// With no priority traffic for a while, a bulk batch is written in one piece (segments cost
 /// statements): the first priority transaction after the quiet spell waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,6 +174,18 @@ async fn with_yield_segment_zero_bulk_batches_are_never_segmented() {
         arrival.vip,
         arrival.last_bulk
     );
+}
+
+/// Where in the ledger (insertion order) the first bulk event went.
+async fn first_bulk_position(db: &TempSqlite) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url())
+        .await
+        .expect("connect");
+    sqlx::query_scalar("SELECT MIN(rowid) FROM processed_events WHERE customer_id LIKE 'bulk-%'")
+        .fetch_one(&mut conn)
+        .await
+        .expect("bulk")
 }
 
 /// Where in the ledger (insertion order) the last event of customer `vip` and the last bulk
