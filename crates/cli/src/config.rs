@@ -77,7 +77,8 @@ pub struct StoreConfig {
     /// `normal` (faster; survives a process crash only). See [`store::SqliteSynchronous`].
     pub sqlite_synchronous: store::SqliteSynchronous,
     /// SQLite only: events per segment of a bulk projector batch while critical events are being
-    /// committed; a critical commit waits for at most one segment of bulk work. Smaller: faster
+    /// committed; a critical commit waits for at most one segment of bulk work (for none when the
+    /// segment is the first of its transaction: it is rolled back and written again). Smaller: faster
     /// critical commits, more statements for bulk (32: about a fifth of the projector's
     /// throughput alone). 0: never segment. See [`store::StoreOptions::sqlite_yield_segment`].
     pub sqlite_yield_segment: usize,
