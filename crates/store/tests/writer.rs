@@ -86,14 +86,7 @@ async fn a_priority_transaction_goes_in_between_the_segments_of_a_bulk_batch() {
     assert_eq!(result.outcomes.len(), BULK as usize);
     assert!(result.outcomes.iter().all(|o| *o == Applied::Applied));
     assert_eq!(result.changed_customers.len(), BULK as usize);
-    for (customer, applied) in [("bulk-0", 1), ("bulk-49999", 1), ("vip", 2)] {
-        let profile = store
-            .profile(common::TENANT, customer)
-            .await
-            .expect("read")
-            .expect("a profile");
-        assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
-    }
+    applied_once(&store).await;
     // Applying the batch again has no second effect, segment by segment.
     let again = store
         .apply_batch(&arrival.bulk)
@@ -131,14 +124,7 @@ async fn a_priority_transaction_does_not_wait_for_the_segment_being_written() {
             .all(|o| *o == Applied::Applied)
     );
     assert_eq!(arrival.result.changed_customers.len(), BULK as usize);
-    for (customer, applied) in [("bulk-0", 1), ("bulk-49999", 1), ("vip", 2)] {
-        let profile = store
-            .profile(common::TENANT, customer)
-            .await
-            .expect("read")
-            .expect("a profile");
-        assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
-    }
+    applied_once(&store).await;
 }
 
 /// With no priority traffic for a while, a bulk batch is written in one piece (segments cost
@@ -174,6 +160,19 @@ async fn with_yield_segment_zero_bulk_batches_are_never_segmented() {
         arrival.vip,
         arrival.last_bulk
     );
+}
+
+/// The first and last bulk customers have one event applied, `vip` two (the warm-up and the one
+/// that arrived during the bulk batch).
+async fn applied_once(store: &Store) {
+    for (customer, applied) in [("bulk-0", 1), ("bulk-49999", 1), ("vip", 2)] {
+        let profile = store
+            .profile(common::TENANT, customer)
+            .await
+            .expect("read")
+            .expect("a profile");
+        assert_eq!(profile.events_applied, applied, "{customer}: {profile:?}");
+    }
 }
 
 /// Where in the ledger (insertion order) the first bulk event went.
