@@ -2,7 +2,9 @@
 //! arrives while another critical batch waits for the writer queues at the writer beside it,
 //! not behind it, so it goes in before the bulk transaction queued next.
 
-use bus::{Bus, CancellationToken, ConnectOptions, Definitions, PublishOptions, headers};
+mod common;
+
+use bus::{Bus, CancellationToken, PublishOptions, headers};
 use bytes::Bytes;
 use events::{Event, EventType, Lane};
 use projector::ProjectorConfig;
@@ -39,12 +41,7 @@ async fn ledger_position(db: &TempSqlite, event: &Event) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_event_does_not_wait_behind_a_critical_batch_that_waits_for_the_writer() {
     let server = NatsServer::start();
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
+    let bus = common::provisioned(&server).await;
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("store");
     let shutdown = CancellationToken::new();

@@ -1,22 +1,15 @@
 //! The projector under faults, against a real nats-server and real databases: an event the
 //! store refuses is dead-lettered alone, and a store outage is waited out, never dead-lettered.
 
-use bus::{Bus, CancellationToken, ConnectOptions, Definitions, PublishOptions, headers};
+mod common;
+
+use bus::{Bus, CancellationToken, PublishOptions, headers};
 use bytes::Bytes;
+use common::provisioned;
 use events::{EventType, Lane};
 use projector::ProjectorConfig;
 use store::Store;
 use test_support::{NatsServer, TcpProxy, TempPostgres, TempSqlite, eventually};
-
-async fn provisioned(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
-    bus
-}
 
 /// Publish one event per customer to the standard lane, as the router would.
 async fn route(bus: &Bus, customers: &[String]) {

@@ -290,17 +290,6 @@ impl Store {
             // written again after it gave way (it then goes through: no livelock).
             let (mut next, mut in_transaction, mut again) = (0, 0, false);
             while let Some(&order) = segments.get(next) {
-                if in_transaction > 0 && watch.priority_waits() {
-                    let commit = crate::stage(op, "write", writing);
-                    tx.commit().await.map_err(failed)?;
-                    crate::stage(op, "commit", commit);
-                    crate::signals::writer_yielded();
-                    let yielded = std::time::Instant::now();
-                    writer = writer.yield_to_priority().await;
-                    tx = writer.connection().begin().await.map_err(failed)?;
-                    writing = crate::stage(op, "yielded", yielded);
-                    in_transaction = 0;
-                }
                 // The first segment of a transaction gives way between its statements: a
                 // priority transaction that starts waiting meanwhile does not wait for the rest
                 // of it. Nothing of the transaction is committed yet, so it rolls back (no
@@ -313,136 +302,151 @@ impl Store {
                         }
                     };
                 }
-                let written: Option<Written> = async {
-                    preempt!();
-                    let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,
-                        |row, event| row
-                            .push_bind(&event.tenant_id)
-                            .push_bind(events::dedupe_id(event))
-                            .push_bind(&event.event_id)
-                            .push_bind(&event.customer_id)
-                            .push_bind(EventType::of(event).map_or("", EventType::as_str))
-                            .push_bind(processed_at_ns));
-                    let claimed = applied.clone();
-                    preempt!();
-                    applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
-                    // Customer aggregates, one row per customer, in customer order.
-                    let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
-                    for &index in &applied {
-                        let event = &events[index];
-                        let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
-                        let at = occurred_at_ns(event);
-                        match customers.last_mut() {
-                            Some((t, c, failures, count, latest))
-                                if *t == event.tenant_id && *c == event.customer_id =>
-                            {
-                                *failures += payment_failed;
-                                *count += 1;
-                                *latest = (*latest).max(at);
-                            }
-                            _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
-                        }
-                    }
-                    // The customers rows are the distinct touched customers, already in order.
-                    let changed: Vec<(String, String)> =
-                        customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())).collect();
-                    for chunk in customers.chunks(ROWS_PER_STATEMENT) {
-                        let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
-                        upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
-                            row.push_bind(tenant).push_bind(customer).push_bind(failures)
-                                .push_bind(count).push_bind(latest);
-                        });
-                        upsert.push(CUSTOMERS_ON_CONFLICT);
-                        upsert.build().execute(&mut *tx).await.map_err(failed)?;
-                    }
-                    // Register writes: reduced in memory, one multi-row statement per table.
-                    let mut plan = Plan::default();
-                    for &index in &applied {
-                        plan.add(&events[index]);
-                    }
-                    let mut conflicts = 0_u64;
-                    preempt!();
-                    let mut context_changed: BTreeSet<(String, String)> =
-                        std::mem::take(&mut plan.deal_customers);
-                    if !plan.fields.is_empty() {
-                        let mut stored = BTreeMap::new();
-                        for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
-                            let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
-                            select.push_values(chunk, |mut row, (tenant, customer, field)| {
-                                row.push_bind(tenant).push_bind(customer).push_bind(field);
-                            });
-                            select.push(")");
-                            let rows: Vec<(String, String, String, String, i64, String)> =
-                                select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                            for (tenant, customer, field, value, at, id) in rows {
-                                stored.insert((tenant, customer, field), Version { value, at, id });
-                            }
-                        }
-                        let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
-                        let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
-                        for chunk in winners.chunks(ROWS_PER_STATEMENT) {
-                            let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
-                            upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
-                                row.push_bind(tenant).push_bind(customer).push_bind(field)
-                                    .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
-                            });
-                            upsert.push(FIELDS_ON_CONFLICT);
-                            let rows: Vec<Key> =
-                                upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
-                            won.extend(rows);
-                        }
-                        for (key, version) in &winners {
-                            if won.contains(key) {
-                                if key.2 == "tier" {
-                                    context_changed.insert((key.0.clone(), key.1.clone()));
+                // `None`: the writer goes to a waiting priority transaction first, at this
+                // boundary or part-way through the segment.
+                let written: Option<Written> = if in_transaction > 0 && watch.priority_waits() {
+                    None
+                } else {
+                    async {
+                        preempt!();
+                        let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,
+                            |row, event| row
+                                .push_bind(&event.tenant_id)
+                                .push_bind(events::dedupe_id(event))
+                                .push_bind(&event.event_id)
+                                .push_bind(&event.customer_id)
+                                .push_bind(EventType::of(event).map_or("", EventType::as_str))
+                                .push_bind(processed_at_ns));
+                        let claimed = applied.clone();
+                        preempt!();
+                        applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
+                        // Customer aggregates, one row per customer, in customer order.
+                        let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
+                        for &index in &applied {
+                            let event = &events[index];
+                            let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
+                            let at = occurred_at_ns(event);
+                            match customers.last_mut() {
+                                Some((t, c, failures, count, latest))
+                                    if *t == event.tenant_id && *c == event.customer_id =>
+                                {
+                                    *failures += payment_failed;
+                                    *count += 1;
+                                    *latest = (*latest).max(at);
                                 }
-                                continue;
-                            }
-                            // A concurrent transaction (PostgreSQL) stored a newer version after the
-                            // read: this write lost to it.
-                            let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
-                                .bind(&key.0).bind(&key.1).bind(&key.2)
-                                .fetch_one(&mut *tx).await.map_err(failed)?;
-                            if value != version.value {
-                                lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                                _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
                             }
                         }
-                        for lost in &lost {
-                            tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
-                                losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                        // The customers rows are the distinct touched customers, already in order.
+                        let changed: Vec<(String, String)> =
+                            customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())).collect();
+                        for chunk in customers.chunks(ROWS_PER_STATEMENT) {
+                            let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
+                            upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
+                                row.push_bind(tenant).push_bind(customer).push_bind(failures)
+                                    .push_bind(count).push_bind(latest);
+                            });
+                            upsert.push(CUSTOMERS_ON_CONFLICT);
+                            upsert.build().execute(&mut *tx).await.map_err(failed)?;
                         }
-                        execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
-                            .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
-                            .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
-                            .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
-                        conflicts += lost.len() as u64;
+                        // Register writes: reduced in memory, one multi-row statement per table.
+                        let mut plan = Plan::default();
+                        for &index in &applied {
+                            plan.add(&events[index]);
+                        }
+                        let mut conflicts = 0_u64;
+                        preempt!();
+                        let mut context_changed: BTreeSet<(String, String)> =
+                            std::mem::take(&mut plan.deal_customers);
+                        if !plan.fields.is_empty() {
+                            let mut stored = BTreeMap::new();
+                            for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
+                                let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
+                                select.push_values(chunk, |mut row, (tenant, customer, field)| {
+                                    row.push_bind(tenant).push_bind(customer).push_bind(field);
+                                });
+                                select.push(")");
+                                let rows: Vec<(String, String, String, String, i64, String)> =
+                                    select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                                for (tenant, customer, field, value, at, id) in rows {
+                                    stored.insert((tenant, customer, field), Version { value, at, id });
+                                }
+                            }
+                            let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
+                            let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
+                            for chunk in winners.chunks(ROWS_PER_STATEMENT) {
+                                let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
+                                upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
+                                    row.push_bind(tenant).push_bind(customer).push_bind(field)
+                                        .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
+                                });
+                                upsert.push(FIELDS_ON_CONFLICT);
+                                let rows: Vec<Key> =
+                                    upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                                won.extend(rows);
+                            }
+                            for (key, version) in &winners {
+                                if won.contains(key) {
+                                    if key.2 == "tier" {
+                                        context_changed.insert((key.0.clone(), key.1.clone()));
+                                    }
+                                    continue;
+                                }
+                                // A concurrent transaction (PostgreSQL) stored a newer version after the
+                                // read: this write lost to it.
+                                let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
+                                    .bind(&key.0).bind(&key.1).bind(&key.2)
+                                    .fetch_one(&mut *tx).await.map_err(failed)?;
+                                if value != version.value {
+                                    lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                                }
+                            }
+                            for lost in &lost {
+                                tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
+                                    losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                            }
+                            execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
+                                .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
+                                .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
+                                .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
+                            conflicts += lost.len() as u64;
+                        }
+                        preempt!();
+                        let consents: Vec<_> = plan.consents.iter().collect();
+                        execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
+                            |row, ((tenant, customer, channel), version)| row
+                                .push_bind(tenant).push_bind(customer).push_bind(channel)
+                                .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
+                        let tickets: Vec<_> = plan.tickets.iter().collect();
+                        execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
+                            |row, ((tenant, customer, ticket), version)| row
+                                .push_bind(tenant).push_bind(customer).push_bind(ticket)
+                                .push_bind(&version.value.0).push_bind(version.value.1)
+                                .push_bind(version.at).push_bind(&version.id));
+                        preempt!();
+                        write_deals!(tx, failed, "deals", plan);
+                        // Lifetime value is derived from the deal registers when read: nothing to update.
+                        Ok::<_, StoreError>(Some(Written { claimed, changed, context: context_changed, conflicts }))
                     }
-                    preempt!();
-                    let consents: Vec<_> = plan.consents.iter().collect();
-                    execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
-                        |row, ((tenant, customer, channel), version)| row
-                            .push_bind(tenant).push_bind(customer).push_bind(channel)
-                            .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
-                    let tickets: Vec<_> = plan.tickets.iter().collect();
-                    execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
-                        |row, ((tenant, customer, ticket), version)| row
-                            .push_bind(tenant).push_bind(customer).push_bind(ticket)
-                            .push_bind(&version.value.0).push_bind(version.value.1)
-                            .push_bind(version.at).push_bind(&version.id));
-                    preempt!();
-                    write_deals!(tx, failed, "deals", plan);
-                    // Lifetime value is derived from the deal registers when read: nothing to update.
-                    Ok::<_, StoreError>(Some(Written { claimed, changed, context: context_changed, conflicts }))
-                            }
-                .await?;
+                    .await?
+                };
                 let Some(written) = written else {
-                    tx.rollback().await.map_err(failed)?;
+                    if in_transaction > 0 {
+                        // At a boundary: the segments written so far commit.
+                        let commit = crate::stage(op, "write", writing);
+                        tx.commit().await.map_err(failed)?;
+                        crate::stage(op, "commit", commit);
+                    } else {
+                        // Part-way through the transaction's first segment: nothing to keep.
+                        tx.rollback().await.map_err(failed)?;
+                        again = true;
+                    }
                     crate::signals::writer_yielded();
                     let yielded = std::time::Instant::now();
                     writer = writer.yield_to_priority().await;
                     tx = writer.connection().begin().await.map_err(failed)?;
                     writing = crate::stage(op, "yielded", yielded);
-                    again = true;
+                    in_transaction = 0;
                     continue;
                 };
                 for &index in &written.claimed {

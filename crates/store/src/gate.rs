@@ -30,8 +30,7 @@ pub enum WritePriority {
 
 #[derive(Debug)]
 struct Queue<C> {
-    held: bool,
-    /// The connection while nobody holds the writer.
+    /// The connection while nobody holds the writer (`None`: a [`Pass`] holds it).
     idle: Option<C>,
     priority: VecDeque<oneshot::Sender<Pass<C>>>,
     bulk: VecDeque<oneshot::Sender<Pass<C>>>,
@@ -65,7 +64,6 @@ impl<C> WriteGate<C> {
     pub(crate) fn new(connection: C) -> Self {
         Self {
             queue: Mutex::new(Queue {
-                held: false,
                 idle: Some(connection),
                 priority: VecDeque::new(),
                 bulk: VecDeque::new(),
@@ -97,11 +95,10 @@ impl<C> WriteGate<C> {
             if priority == WritePriority::Priority {
                 queue.last_priority = Some(std::time::Instant::now());
             }
-            if !queue.held {
-                queue.held = true;
+            if let Some(connection) = queue.idle.take() {
                 return Pass {
                     gate: Some(self.clone()),
-                    connection: queue.idle.take(),
+                    connection: Some(connection),
                 };
             }
             let (sender, receiver) = oneshot::channel();
@@ -216,7 +213,6 @@ impl<C> Drop for Pass<C> {
                 .pop_front()
                 .or_else(|| queue.bulk.pop_front())
             else {
-                queue.held = false;
                 queue.idle = connection;
                 return;
             };
