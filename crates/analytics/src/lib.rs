@@ -46,6 +46,11 @@ pub struct AnalyticsConfig {
     /// Compare the ingest forecast with the workers' measured throughput while they are busy,
     /// rather than only with `throttle.capacity_per_sec`.
     pub measure_capacity: bool,
+    /// How long the priority ingest stream's counter collects events after the first before it
+    /// counts them in one transaction (never deferred, only gathered: critical and high-value
+    /// events arrive a few at a time, and a transaction each made most of analytics' commits).
+    #[serde(with = "humantime_serde")]
+    pub priority_gather: Duration,
     /// The controller's parameters.
     pub throttle: ThrottleConfig,
 }
@@ -58,6 +63,7 @@ impl Default for AnalyticsConfig {
             pause_for: Duration::from_secs(10),
             health_roles: vec!["projector".into()],
             measure_capacity: true,
+            priority_gather: Duration::from_millis(100),
             throttle: ThrottleConfig::default(),
         }
     }
@@ -141,6 +147,7 @@ pub async fn run(
     priority_config.max_deliveries = config.max_deliveries;
     priority_config.wait_policy = WaitPolicy::Hold;
     priority_config.max_batch = config.max_batch;
+    priority_config.gather = config.priority_gather;
     let priority_stop = shutdown.child_token();
     let priority = tokio::spawn(bus::run_worker(
         bus.clone(),

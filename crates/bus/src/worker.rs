@@ -140,6 +140,10 @@ pub struct WorkerConfig {
     /// When the stream holds more for the batch's source than has reached the worker, wait up
     /// to this long for it to fill the batch (zero: take only what is buffered).
     pub fill_linger: Duration,
+    /// Collect a batch for up to this long after its first message arrived, even when the
+    /// stream holds nothing more yet (zero: take what is there). For consumers whose work need
+    /// not be done at once: fewer, fuller transactions.
+    pub gather: Duration,
     /// Fill a batch that its source cannot fill with what the sources below it have buffered,
     /// in priority order: one transaction then carries a few priority events and many bulk ones,
     /// instead of a transaction for the few.
@@ -184,6 +188,7 @@ impl WorkerConfig {
             pull_batch: 0,
             concurrency: 1,
             fill_linger: Duration::from_millis(10),
+            gather: Duration::ZERO,
             top_up: false,
             lower_lane_share: 0.05,
             max_deliveries: 10,
@@ -543,8 +548,12 @@ pub async fn run_worker<H: Handler>(
             // it (briefly) rather than commit a batch of what one pull happened to bring. A
             // batch costs a commit, so a backlog taken in part batches drains at a fraction of
             // the rate; the wait is for messages already stored, about one round trip.
-            let lingering = position == 0 && !config.fill_linger.is_zero();
-            let deadline = tokio::time::Instant::now() + config.fill_linger;
+            // With `gather`, the lead source is given that long from the batch's first message
+            // whether or not more is stored yet: one transaction then carries what arrived
+            // meanwhile instead of one each.
+            let lead = position == 0;
+            let now = tokio::time::Instant::now();
+            let (linger_until, gather_until) = (now + config.fill_linger, now + config.gather);
             loop {
                 take_buffered(
                     messages,
@@ -559,9 +568,16 @@ pub async fn run_worker<H: Handler>(
                         .and_then(|m| m.info().ok())
                         .is_some_and(|i| i.pending > 0)
                 };
-                if !lingering || batch.len() >= config.max_batch || !backlog() {
+                if !lead || batch.len() >= config.max_batch {
                     break;
                 }
+                let deadline = if !config.fill_linger.is_zero() && backlog() {
+                    linger_until.max(gather_until)
+                } else if !config.gather.is_zero() {
+                    gather_until
+                } else {
+                    break;
+                };
                 match tokio::time::timeout_at(deadline, messages.next()).await {
                     Ok(Some(Ok(message))) => {
                         batch.push(message);

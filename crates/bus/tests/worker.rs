@@ -408,6 +408,49 @@ async fn a_backlog_is_taken_in_full_batches() {
     assert_eq!(sizes.len(), backlog.div_ceil(256), "batch sizes: {sizes:?}");
 }
 
+/// Batch sizes of a worker on the standard lane while `count` events trickle in `gap` apart.
+async fn trickled(bus: &Bus, gather: Duration, count: usize, gap: Duration) -> Vec<usize> {
+    let mut config = config().lanes(&[Lane::Standard]);
+    config.gather = gather;
+    let handler = Arc::new(BatchSizes {
+        sizes: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config,
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    for i in 0..count {
+        fill(bus, Lane::Standard, 1, &format!("trickle-{gather:?}-{i}")).await;
+        tokio::time::sleep(gap).await;
+    }
+    let seen = handler.clone();
+    test_support::eventually("every trickled event handled", move || {
+        let seen = seen.clone();
+        async move { seen.sizes.lock().expect("lock").iter().sum::<usize>() >= count }
+    })
+    .await;
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker ok");
+    let sizes = handler.sizes.lock().expect("lock").clone();
+    sizes
+}
+
+#[tokio::test]
+async fn a_gathering_worker_takes_events_that_trickle_in_as_one_batch() {
+    let server = NatsServer::start();
+    let bus = provisioned(&server).await;
+    // Ten events 30 ms apart, nothing stored ahead of any of them: without `gather` each is a
+    // batch (a transaction) of its own …
+    let alone = trickled(&bus, Duration::ZERO, 10, Duration::from_millis(30)).await;
+    assert!(alone.len() >= 5, "batch sizes without gather: {alone:?}");
+    // … with it, the first one's batch waits for the rest (well inside its 2 s).
+    let gathered = trickled(&bus, Duration::from_secs(2), 10, Duration::from_millis(30)).await;
+    assert_eq!(gathered, [10], "batch sizes with gather");
+}
+
 /// Hangs in the handler for the first batch (a call that never returns) until released.
 struct Hangs {
     entered: tokio::sync::Notify,
