@@ -434,8 +434,7 @@ async fn trickled(bus: &Bus, gather: Duration, count: usize, gap: Duration) -> V
     .await;
     shutdown.cancel();
     worker.await.expect("join").expect("worker ok");
-    let sizes = handler.sizes.lock().expect("lock").clone();
-    sizes
+    handler.sizes.lock().expect("lock").clone()
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Applying a batch of events: the ledger, the registers and the aggregates, in one transaction.
 
 use crate::{
-    Store, StoreError, WritePriority,
+    Store, StoreError, Write, WritePriority,
+    combine::{Reply, Role},
     registers::{Key, Lost, Plan, SettledFields, Version, settle_fields},
     with_writer,
     writes::occurred_at_ns,
@@ -238,10 +239,54 @@ impl Store {
     /// no second effect (their customers' cached context then expires by TTL rather than by
     /// announcement). [`StoreError::class`](crate::StoreError::class) says whether trying again
     /// is worth it.
+    ///
+    /// On SQLite, priority batches that wait for the writer at the same time are applied in one
+    /// transaction ([`crate::combine`]); each caller gets its own events' outcomes.
     pub async fn apply_batch(&self, events: &[Event]) -> Result<BatchResult, StoreError> {
         if events.is_empty() {
             return Ok(BatchResult::default());
         }
+        let acquire = std::time::Instant::now();
+        let (Write::Sqlite(gate), Some(combiner), WritePriority::Priority) =
+            (&self.write, &self.combiner, self.priority)
+        else {
+            return self.apply_in(events, None, acquire).await;
+        };
+        match combiner.join(events) {
+            Role::Lead(leader) => {
+                let pass = gate.enter(WritePriority::Priority).await;
+                let taken = leader.take();
+                if taken.batches() == 1 {
+                    return self.apply_in(&taken.events, Some(pass), acquire).await;
+                }
+                crate::signals::priority_combined(taken.batches());
+                match self.apply_in(&taken.events, Some(pass), acquire).await {
+                    Ok(result) => Ok(taken.settle(result)),
+                    Err(err) => {
+                        tracing::debug!(error = %err, batches = taken.batches(),
+                            "a combined priority transaction failed; each batch goes alone");
+                        taken.alone();
+                        self.apply_in(events, None, std::time::Instant::now()).await
+                    }
+                }
+            }
+            Role::Follow(answer) => match answer.await {
+                Ok(Reply::Done(result)) => Ok(result),
+                Ok(Reply::Alone) | Err(_) => {
+                    self.apply_in(events, None, std::time::Instant::now()).await
+                }
+            },
+        }
+    }
+
+    /// [`Store::apply_batch`] in a transaction of its own; `pass`: SQLite's writer, when the
+    /// caller holds it already; `acquire`: when the caller began to wait for it.
+    async fn apply_in(
+        &self,
+        events: &[Event],
+        pass: Option<crate::gate::Pass<sqlx::SqliteConnection>>,
+        acquire: std::time::Instant,
+    ) -> Result<BatchResult, StoreError> {
         let failed = self.failed("applying a batch");
         let processed_at_ns = now_ns();
         let mut result = BatchResult {
@@ -264,8 +309,7 @@ impl Store {
         };
         let mut changed: BTreeSet<(String, String)> = BTreeSet::new();
         let mut context: BTreeSet<(String, String)> = BTreeSet::new();
-        let acquire = std::time::Instant::now();
-        with_writer!(self, failed, writer => {
+        with_writer!(self, failed, pass, writer => {
             let watch = writer.watch();
             let mut tx = writer.connection().begin().await.map_err(failed)?;
             let mut writing = crate::stage(op, "acquire", acquire);

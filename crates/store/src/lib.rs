@@ -10,6 +10,7 @@
 mod analytics;
 mod apply;
 mod cache;
+mod combine;
 mod error;
 mod gate;
 mod model;
@@ -122,6 +123,8 @@ pub struct Store {
     yield_segment: usize,
     /// Where this handle's write transactions queue.
     priority: WritePriority,
+    /// SQLite: priority batches waiting for the writer, applied together ([`combine`]).
+    combiner: Option<std::sync::Arc<combine::Combiner>>,
     /// SQLite: the analytics tables' own database file ([`sqlite_analytics_path`]), with its own
     /// writer, so analytics transactions and the projection's never wait for each other. `None`
     /// where the analytics tables live beside the projection (PostgreSQL, in-memory SQLite).
@@ -135,13 +138,26 @@ pub struct Store {
 /// `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
 macro_rules! with_writer {
     ($store:expr, $failed:expr, $writer:ident => $body:expr) => {
+        $crate::with_writer!(
+            $store,
+            $failed,
+            None::<$crate::gate::Pass<sqlx::SqliteConnection>>,
+            $writer => $body
+        )
+    };
+    // `$pass`: SQLite's writer when the caller already holds it (`None`: queue for it).
+    ($store:expr, $failed:expr, $pass:expr, $writer:ident => $body:expr) => {
         match &$store.write {
             $crate::Write::Sqlite(gate) => {
                 #[allow(unused_mut)]
-                let mut $writer = gate.enter($store.priority).await;
+                let mut $writer = match $pass {
+                    Some(pass) => pass,
+                    None => gate.enter($store.priority).await,
+                };
                 $body
             }
             $crate::Write::Postgres(pool) => {
+                drop($pass);
                 #[allow(unused_mut)]
                 let mut $writer = $crate::gate::Pooled(pool.acquire().await.map_err($failed)?);
                 $body
@@ -441,6 +457,7 @@ impl Store {
                         // Analytics counts; it applies no projector batches.
                         yield_segment: 0,
                         priority: WritePriority::Bulk,
+                        combiner: None,
                         analytics: None,
                     }))
                 }
@@ -468,6 +485,7 @@ impl Store {
             (Write::Postgres(write), Pool::Postgres(read), None)
         };
         Ok(Self {
+            combiner: matches!(write, Write::Sqlite(_)).then(Default::default),
             write,
             read,
             yield_segment: options.sqlite_yield_segment,

@@ -23,6 +23,12 @@ pub(crate) fn writer_yielded() {
     metrics::counter!("crm_store_writer_yields_total").increment(1);
 }
 
+/// Priority batches that shared one transaction (`batches` of them, so `batches - 1` commits
+/// saved).
+pub(crate) fn priority_combined(batches: usize) {
+    metrics::counter!("crm_store_priority_combined_total").increment(batches as u64);
+}
+
 /// Field writes that lost to a newer value (last writer wins).
 pub(crate) fn conflicts(count: u64) {
     metrics::counter!("crm_projector_conflicts_total").increment(count);

@@ -257,3 +257,138 @@ fn the_writer_is_handed_over_without_the_bulk_runtime() {
     );
     bulk.join().expect("bulk thread");
 }
+
+/// Start a bulk batch of [`BULK`] events that never gives way (no segments), so that priority
+/// batches queue behind it; returns its task once it holds the writer.
+async fn unyielding_bulk(store: &Store) -> tokio::task::JoinHandle<store::BatchResult> {
+    let big: Vec<_> = (0..BULK)
+        .map(|i| update(&format!("bulk-{i}"), i, "title", "engineer"))
+        .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (bulk, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let result = bulk.apply_batch(&big).await.expect("bulk batch");
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the bulk batch is still being written when the priority ones arrive"
+    );
+    task
+}
+
+async fn unsegmented(db: &TempSqlite) -> Store {
+    Store::connect_with(&store::StoreOptions {
+        sqlite_yield_segment: 0,
+        ..store::StoreOptions::new(db.url())
+    })
+    .await
+    .expect("connect")
+}
+
+/// Priority batches that wait for the writer at the same time (the projector's critical worker
+/// keeps several in flight) go in as one transaction, one commit, instead of one each; each
+/// caller is told its own events' outcomes and customers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_batches_that_wait_together_commit_together() {
+    let db = TempSqlite::new();
+    let store = unsegmented(&db).await;
+    let bulk = unyielding_bulk(&store).await;
+    let priority = store.with_write_priority(WritePriority::Priority);
+    let repeated = update("p-1", 1, "title", "ceo");
+    let batches = [
+        vec![update("p-0", 1, "title", "cto")],
+        vec![repeated.clone(), repeated],
+        vec![update("p-2", 1, "tier", "premium")],
+    ];
+    let (a, b, c) = tokio::join!(
+        priority.apply_batch(&batches[0]),
+        priority.apply_batch(&batches[1]),
+        priority.apply_batch(&batches[2]),
+    );
+    bulk.await.expect("join");
+    let (a, b, c) = (a.expect("a"), b.expect("b"), c.expect("c"));
+    assert_eq!(a.outcomes, [Applied::Applied]);
+    // The repeated event is a duplicate within its own batch's part.
+    assert_eq!(b.outcomes, [Applied::Applied, Applied::Duplicate]);
+    assert_eq!(c.outcomes, [Applied::Applied]);
+    let customer = |name: &str| vec![(common::TENANT.to_owned(), name.to_owned())];
+    assert_eq!(a.changed_customers, customer("p-0"));
+    assert_eq!(b.changed_customers, customer("p-1"));
+    assert_eq!(c.changed_customers, customer("p-2"));
+    assert_eq!(
+        c.context_changed,
+        customer("p-2"),
+        "a tier write changes routing context"
+    );
+    assert!(a.context_changed.is_empty() && b.context_changed.is_empty());
+    // One transaction: the ledger rows of all three batches carry the one processing time.
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url())
+        .await
+        .expect("connect");
+    let times: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT processed_at_ns) FROM processed_events WHERE customer_id LIKE 'p-%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("times");
+    assert_eq!(times, 1, "the three priority batches were one transaction");
+}
+
+/// A batch the store refuses, among priority batches that wait together, fails alone: the
+/// shared transaction rolls back and every batch is applied again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_among_combined_priority_batches_fails_alone() {
+    use sqlx::{Connection, Executor};
+    let db = TempSqlite::new();
+    let store = unsegmented(&db).await;
+    let mut admin = sqlx::SqliteConnection::connect(&db.url())
+        .await
+        .expect("connect");
+    admin
+        .execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
+             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
+        )
+        .await
+        .expect("trigger");
+    let bulk = unyielding_bulk(&store).await;
+    let priority = store.with_write_priority(WritePriority::Priority);
+    let batches = [
+        [update("p-0", 1, "title", "cto")],
+        [update("p-bad", 1, "title", "poison")],
+        [update("p-1", 1, "title", "ceo")],
+    ];
+    let (good, bad, also_good) = tokio::join!(
+        priority.apply_batch(&batches[0]),
+        priority.apply_batch(&batches[1]),
+        priority.apply_batch(&batches[2]),
+    );
+    bulk.await.expect("join");
+    assert_eq!(good.expect("good").outcomes, [Applied::Applied]);
+    assert_eq!(also_good.expect("also good").outcomes, [Applied::Applied]);
+    let err = bad.expect_err("refused");
+    assert_eq!(err.class(), store::FailureClass::Rejected, "{err}");
+    for (customer, title) in [("p-0", "cto"), ("p-1", "ceo")] {
+        let profile = store
+            .profile(common::TENANT, customer)
+            .await
+            .expect("read")
+            .expect("applied");
+        assert_eq!(profile.events_applied, 1, "{customer}: {profile:?}");
+        assert_eq!(
+            profile.fields.get("title").map(String::as_str),
+            Some(title),
+            "{customer}: {profile:?}"
+        );
+    }
+    assert_eq!(
+        store.profile(common::TENANT, "p-bad").await.expect("read"),
+        None
+    );
+}

@@ -22,6 +22,7 @@ pub const WORKER_BATCH_SIZE: &str = "crm_worker_batch_size";
 pub const WORKER_STAGE_SECONDS: &str = "crm_worker_stage_seconds";
 pub const STORE_STAGE_SECONDS: &str = "crm_store_stage_seconds";
 pub const STORE_WRITER_YIELDS_TOTAL: &str = "crm_store_writer_yields_total";
+pub const STORE_PRIORITY_COMBINED_TOTAL: &str = "crm_store_priority_combined_total";
 pub const WORKER_WAITING: &str = "crm_worker_waiting";
 pub const DLQ_WRITE_FAILURES_TOTAL: &str = "crm_dlq_write_failures_total";
 pub const ROUTER_LANE_REFUSALS_TOTAL: &str = "crm_router_lane_refusals_total";
@@ -141,6 +142,10 @@ pub const ALL: &[MetricDef] = &[
     def(STORE_WRITER_YIELDS_TOTAL, Counter, COUNT, &[],
         "SQLite: times a bulk batch committed what it had written and let a waiting priority \
          transaction take the writer before its next segment"),
+    def(STORE_PRIORITY_COMBINED_TOTAL, Counter, COUNT, &[],
+        "SQLite: priority batches (the projector's critical worker) applied in a transaction \
+         shared with other priority batches that waited for the writer at the same time; each \
+         such transaction saves all its batches' commits but one"),
     def(WORKER_WAITING, Gauge, None, &["role"],
         "1 while the role holds a batch for a dependency that is down (the store) and takes no \
          new work, else 0"),
@@ -260,7 +265,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 47);
+        assert_eq!(ALL.len(), 48);
     }
 
     #[test]
