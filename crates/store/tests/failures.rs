@@ -269,16 +269,7 @@ async fn a_nul_byte_on_postgres_is_rejected_and_leaves_nothing() {
 async fn a_refused_sqlite_write_is_rejected_and_leaves_nothing() {
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("connect");
-    let mut admin = sqlx::SqliteConnection::connect(&db.url())
-        .await
-        .expect("connect");
-    admin
-        .execute(
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
-             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
-        )
-        .await
-        .expect("trigger");
+    common::refuse_poison_fields(&db.url()).await;
     // Analytics counts in a file of its own.
     let analytics_url = format!(
         "sqlite://{}",

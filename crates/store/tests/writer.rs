@@ -344,19 +344,9 @@ async fn priority_batches_that_wait_together_commit_together() {
 /// shared transaction rolls back and every batch is applied again on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_among_combined_priority_batches_fails_alone() {
-    use sqlx::{Connection, Executor};
     let db = TempSqlite::new();
     let store = unsegmented(&db).await;
-    let mut admin = sqlx::SqliteConnection::connect(&db.url())
-        .await
-        .expect("connect");
-    admin
-        .execute(
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
-             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
-        )
-        .await
-        .expect("trigger");
+    common::refuse_poison_fields(&db.url()).await;
     let bulk = unyielding_bulk(&store).await;
     let priority = store.with_write_priority(WritePriority::Priority);
     let batches = [

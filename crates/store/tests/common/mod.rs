@@ -40,6 +40,20 @@ macro_rules! conformance {
     };
 }
 
+/// Make the SQLite database at `url` refuse a profile field whose value is `poison` (a trigger,
+/// SQLITE_CONSTRAINT_TRIGGER: SQLite stores any text, so a refusal in the data is made this way).
+pub async fn refuse_poison_fields(url: &str) {
+    use sqlx::{Connection, Executor};
+    let mut admin = sqlx::SqliteConnection::connect(url).await.expect("connect");
+    admin
+        .execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
+             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
+        )
+        .await
+        .expect("trigger");
+}
+
 pub const TENANT: &str = "acme";
 /// 2023-11-14T22:13:20Z; test events occur `offset` seconds after it.
 pub const BASE: i64 = 1_700_000_000;
