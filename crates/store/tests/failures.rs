@@ -269,22 +269,13 @@ async fn a_nul_byte_on_postgres_is_rejected_and_leaves_nothing() {
 async fn a_refused_sqlite_write_is_rejected_and_leaves_nothing() {
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("connect");
-    common::refuse_poison_fields(&db.url()).await;
+    common::refuse_poison(&db.url(), "profile_fields", "value").await;
     // Analytics counts in a file of its own.
     let analytics_url = format!(
         "sqlite://{}",
         store::sqlite_analytics_path(&db.path()).display()
     );
-    let mut analytics = sqlx::SqliteConnection::connect(&analytics_url)
-        .await
-        .expect("connect");
-    analytics
-        .execute(
-            "CREATE TRIGGER refuse_poison_deal BEFORE INSERT ON analytics_deals \
-             WHEN NEW.deal_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
-        )
-        .await
-        .expect("trigger");
+    common::refuse_poison(&analytics_url, "analytics_deals", "deal_id").await;
     let good = vec![
         sample::event(EventType::ContactCreated, TENANT, "good"),
         won("good", 1, "d1", "USD", 500),

@@ -34,30 +34,13 @@ async fn priority_during_bulk(db: &TempSqlite, store: &Store, warm: bool) -> Arr
             .await
             .expect("priority batch");
     }
-    let big: Vec<_> = (0..BULK)
-        .map(|i| update(&format!("bulk-{i}"), i, "title", "engineer"))
-        .collect();
-    let done = Arc::new(AtomicBool::new(false));
-    let task = {
-        let (bulk, big, done) = (store.clone(), big.clone(), done.clone());
-        tokio::spawn(async move {
-            let result = bulk.apply_batch(&big).await;
-            done.store(true, Ordering::SeqCst);
-            result
-        })
-    };
-    // Sequencing, not timing: let the bulk batch take the writer first.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "the bulk batch is still being written when the priority one arrives"
-    );
+    let (big, task) = bulk_in_progress(store).await;
     let applied = priority
         .apply_batch(&[update("vip", 1, "title", "ceo")])
         .await
         .expect("priority batch");
     assert_eq!(applied.outcomes, vec![Applied::Applied]);
-    let result = task.await.expect("join").expect("bulk batch");
+    let result = task.await.expect("join");
     let (vip, last_bulk) = ledger_positions(db).await;
     Arrival {
         bulk: big,
@@ -258,15 +241,20 @@ fn the_writer_is_handed_over_without_the_bulk_runtime() {
     bulk.join().expect("bulk thread");
 }
 
-/// Start a bulk batch of [`BULK`] events that never gives way (no segments), so that priority
-/// batches queue behind it; returns its task once it holds the writer.
-async fn unyielding_bulk(store: &Store) -> tokio::task::JoinHandle<store::BatchResult> {
+/// Start a bulk batch of [`BULK`] events on `store`; returns its events and its task once it
+/// holds the writer (sequencing, not timing: it is still being written 200 ms later).
+async fn bulk_in_progress(
+    store: &Store,
+) -> (
+    Vec<events::Event>,
+    tokio::task::JoinHandle<store::BatchResult>,
+) {
     let big: Vec<_> = (0..BULK)
         .map(|i| update(&format!("bulk-{i}"), i, "title", "engineer"))
         .collect();
     let done = Arc::new(AtomicBool::new(false));
     let task = {
-        let (bulk, done) = (store.clone(), done.clone());
+        let (bulk, big, done) = (store.clone(), big.clone(), done.clone());
         tokio::spawn(async move {
             let result = bulk.apply_batch(&big).await.expect("bulk batch");
             done.store(true, Ordering::SeqCst);
@@ -278,9 +266,11 @@ async fn unyielding_bulk(store: &Store) -> tokio::task::JoinHandle<store::BatchR
         !done.load(Ordering::SeqCst),
         "the bulk batch is still being written when the priority ones arrive"
     );
-    task
+    (big, task)
 }
 
+/// A store whose bulk batches are never segmented, so never give the writer way: priority
+/// batches queue behind a bulk batch in progress.
 async fn unsegmented(db: &TempSqlite) -> Store {
     Store::connect_with(&store::StoreOptions {
         sqlite_yield_segment: 0,
@@ -297,7 +287,7 @@ async fn unsegmented(db: &TempSqlite) -> Store {
 async fn priority_batches_that_wait_together_commit_together() {
     let db = TempSqlite::new();
     let store = unsegmented(&db).await;
-    let bulk = unyielding_bulk(&store).await;
+    let (_, bulk) = bulk_in_progress(&store).await;
     let priority = store.with_write_priority(WritePriority::Priority);
     let repeated = update("p-1", 1, "title", "ceo");
     let batches = [
@@ -346,8 +336,8 @@ async fn priority_batches_that_wait_together_commit_together() {
 async fn a_refused_batch_among_combined_priority_batches_fails_alone() {
     let db = TempSqlite::new();
     let store = unsegmented(&db).await;
-    common::refuse_poison_fields(&db.url()).await;
-    let bulk = unyielding_bulk(&store).await;
+    common::refuse_poison(&db.url(), "profile_fields", "value").await;
+    let (_, bulk) = bulk_in_progress(&store).await;
     let priority = store.with_write_priority(WritePriority::Priority);
     let batches = [
         [update("p-0", 1, "title", "cto")],

@@ -40,18 +40,19 @@ macro_rules! conformance {
     };
 }
 
-/// Make the SQLite database at `url` refuse a profile field whose value is `poison` (a trigger,
-/// SQLITE_CONSTRAINT_TRIGGER: SQLite stores any text, so a refusal in the data is made this way).
-pub async fn refuse_poison_fields(url: &str) {
-    use sqlx::{Connection, Executor};
+/// Make the SQLite database at `url` refuse a row of `table` whose `column` is `poison` (a
+/// trigger, SQLITE_CONSTRAINT_TRIGGER: SQLite stores any text, so a refusal in the data is made
+/// this way).
+pub async fn refuse_poison(url: &str, table: &str, column: &str) {
+    use sqlx::Connection;
     let mut admin = sqlx::SqliteConnection::connect(url).await.expect("connect");
-    admin
-        .execute(
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON profile_fields \
-             WHEN NEW.value = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
-        )
-        .await
-        .expect("trigger");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER refuse_poison_{table} BEFORE INSERT ON {table} WHEN NEW.{column} = \
+         'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("trigger");
 }
 
 pub const TENANT: &str = "acme";
