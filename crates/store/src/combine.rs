@@ -188,3 +188,73 @@ fn part(result: &BatchResult, events: &[Event], range: std::ops::Range<usize>) -
         conflicts: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Applied;
+
+    fn event(customer: &str) -> Event {
+        events::sample::event(events::EventType::ContactCreated, "acme", customer)
+    }
+
+    fn lead(role: Role) -> Leader {
+        match role {
+            Role::Lead(leader) => leader,
+            Role::Follow(_) => panic!("expected to lead"),
+        }
+    }
+
+    fn follow(role: Role) -> oneshot::Receiver<Reply> {
+        match role {
+            Role::Follow(answer) => answer,
+            Role::Lead(_) => panic!("expected to follow"),
+        }
+    }
+
+    #[test]
+    fn batches_queued_behind_a_leader_follow_it_and_get_their_own_part() {
+        let combiner = Arc::new(Combiner::default());
+        let leader = lead(combiner.join(&[event("a")]));
+        let mut b = follow(combiner.join(&[event("b"), event("b")]));
+        let taken = leader.take();
+        assert_eq!(taken.batches(), 2);
+        assert_eq!(taken.own, 0..1);
+        // Queued after the take: a leader of its own.
+        let _next = lead(combiner.join(&[event("c")]));
+        let result = BatchResult {
+            outcomes: vec![Applied::Applied, Applied::Applied, Applied::Duplicate],
+            changed_customers: vec![("acme".into(), "a".into()), ("acme".into(), "b".into())],
+            context_changed: vec![("acme".into(), "b".into())],
+            conflicts: 2,
+        };
+        let own = taken.settle(result);
+        assert_eq!(own.outcomes, [Applied::Applied]);
+        assert_eq!(own.changed_customers, [("acme".to_owned(), "a".to_owned())]);
+        assert!(own.context_changed.is_empty());
+        assert_eq!(own.conflicts, 2);
+        match b.try_recv() {
+            Ok(Reply::Done(part)) => {
+                assert_eq!(part.outcomes, [Applied::Applied, Applied::Duplicate]);
+                assert_eq!(
+                    part.changed_customers,
+                    [("acme".to_owned(), "b".to_owned())]
+                );
+                assert_eq!(part.context_changed, [("acme".to_owned(), "b".to_owned())]);
+                assert_eq!(part.conflicts, 0);
+            }
+            other => panic!("expected its part, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leader_that_goes_away_before_taking_sends_every_queued_batch_alone() {
+        let combiner = Arc::new(Combiner::default());
+        let leader = lead(combiner.join(&[event("a")]));
+        let mut b = follow(combiner.join(&[event("b")]));
+        drop(leader);
+        assert!(matches!(b.try_recv(), Ok(Reply::Alone)));
+        // Nobody leads any more: the next batch does.
+        let _next = lead(combiner.join(&[event("c")]));
+    }
+}
