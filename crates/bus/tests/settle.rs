@@ -3,8 +3,8 @@
 //! without spending deliveries.
 
 use bus::{
-    Bus, CancellationToken, ConnectOptions, Definitions, Handler, Outcome, PublishOptions,
-    WaitPolicy, WorkerConfig, headers, jetstream, run_worker,
+    Bus, CancellationToken, Definitions, Handler, Outcome, PublishOptions, WaitPolicy,
+    WorkerConfig, headers, jetstream, run_worker,
 };
 use bytes::Bytes;
 use events::{DlqStage, EventType, Lane};
@@ -19,13 +19,7 @@ use std::{
 use test_support::{NatsServer, eventually};
 
 async fn provisioned(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
-    bus
+    test_support::provisioned_bus(&server.url()).await
 }
 
 async fn fill(bus: &Bus, lane: Lane, count: usize, tag: &str) {

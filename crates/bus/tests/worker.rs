@@ -1,8 +1,8 @@
 //! The worker runtime against a real nats-server.
 
 use bus::{
-    Bus, CancellationToken, ConnectOptions, Definitions, Handler, Outcome, PublishOptions,
-    WorkerConfig, headers, jetstream, run_worker,
+    Bus, CancellationToken, Handler, Outcome, PublishOptions, WorkerConfig, headers, jetstream,
+    run_worker,
 };
 use bytes::Bytes;
 use events::{DlqStage, EventType, Lane};
@@ -13,13 +13,7 @@ use std::{
 use test_support::NatsServer;
 
 async fn provisioned(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
-    bus
+    test_support::provisioned_bus(&server.url()).await
 }
 
 /// Publish `count` messages to a lane, pipelined.

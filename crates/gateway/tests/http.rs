@@ -1,6 +1,6 @@
 //! The gateway over real HTTP against a real nats-server (one per test, provisioned).
 
-use bus::{Bus, ConnectOptions, Definitions, headers};
+use bus::{Bus, ConnectOptions, headers};
 use events::{Encoding, Event, EventType, pb::event::Payload};
 use futures::{StreamExt, future::BoxFuture};
 use gateway::{ApiKey, GatewayConfig, ReadModel, hash_key};
@@ -854,12 +854,7 @@ async fn start_two_doors() -> TwoDoors {
     let (bus, main_addr, priority_addr, task) = main
         .spawn(async move {
             // Connected on the main door's runtime, as the gateway role does.
-            let bus = Bus::connect(&ConnectOptions::new(url))
-                .await
-                .expect("connects");
-            bus.provision(&Definitions::embedded().expect("definitions"))
-                .await
-                .expect("provisions");
+            let bus = test_support::provisioned_bus(&url).await;
             let config = GatewayConfig {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 priority_listen: Some("127.0.0.1:0".parse().expect("addr")),

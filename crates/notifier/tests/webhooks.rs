@@ -8,9 +8,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, Uri},
     response::{IntoResponse, Response},
 };
-use bus::{
-    Bus, CancellationToken, ConnectOptions, Definitions, PublishOptions, headers, jetstream,
-};
+use bus::{Bus, CancellationToken, PublishOptions, headers, jetstream};
 use events::{Encoding, Event, EventType, Lane};
 use notifier::{NotifierConfig, WebhookConfig, header};
 use std::{
@@ -141,12 +139,7 @@ impl Receiver {
 /// A nats-server of its own with every stream and consumer provisioned (keep the server alive).
 async fn platform() -> (NatsServer, Bus) {
     let server = NatsServer::start();
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
+    let bus = test_support::provisioned_bus(&server.url()).await;
     (server, bus)
 }
 

@@ -2,8 +2,6 @@
 //! arrives while another critical batch waits for the writer queues at the writer beside it,
 //! not behind it, so it goes in before the bulk transaction queued next.
 
-mod common;
-
 use bus::{Bus, CancellationToken, PublishOptions, headers};
 use bytes::Bytes;
 use events::{Event, EventType, Lane};
@@ -41,7 +39,7 @@ async fn ledger_position(db: &TempSqlite, event: &Event) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_event_does_not_wait_behind_a_critical_batch_that_waits_for_the_writer() {
     let server = NatsServer::start();
-    let bus = common::provisioned(&server).await;
+    let bus = test_support::provisioned_bus(&server.url()).await;
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("store");
     let shutdown = CancellationToken::new();

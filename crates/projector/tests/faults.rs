@@ -1,11 +1,8 @@
 //! The projector under faults, against a real nats-server and real databases: an event the
 //! store refuses is dead-lettered alone, and a store outage is waited out, never dead-lettered.
 
-mod common;
-
 use bus::{Bus, CancellationToken, PublishOptions, headers};
 use bytes::Bytes;
-use common::provisioned;
 use events::{EventType, Lane};
 use projector::ProjectorConfig;
 use store::Store;
@@ -66,7 +63,7 @@ fn config() -> ProjectorConfig {
 #[tokio::test]
 async fn an_event_the_store_refuses_is_dead_lettered_alone() {
     let server = NatsServer::start();
-    let bus = provisioned(&server).await;
+    let bus = test_support::provisioned_bus(&server.url()).await;
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("store");
     // Passes validation, refused by the store: a database rule this test adds.
@@ -101,7 +98,7 @@ async fn an_event_the_store_refuses_is_dead_lettered_alone() {
 #[tokio::test]
 async fn a_postgres_outage_is_waited_out_not_dead_lettered() {
     let server = NatsServer::start();
-    let bus = provisioned(&server).await;
+    let bus = test_support::provisioned_bus(&server.url()).await;
     let db = TempPostgres::create().await;
     let upstream: std::net::SocketAddr = {
         let url = db.url();
@@ -153,7 +150,7 @@ async fn a_postgres_outage_is_waited_out_not_dead_lettered() {
 #[tokio::test]
 async fn a_lane_message_for_another_tenant_than_its_subject_is_dead_lettered() {
     let server = NatsServer::start();
-    let bus = provisioned(&server).await;
+    let bus = test_support::provisioned_bus(&server.url()).await;
     let db = TempSqlite::new();
     let store = Store::connect(&db.url()).await.expect("store");
     route(&bus, &["cust-1".to_owned(), "cust-2".to_owned()]).await;

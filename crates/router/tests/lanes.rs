@@ -1,7 +1,7 @@
 //! The router against a real nats-server: a lane that refuses writes holds its events in
 //! CRM_INGEST (never dropped, never dead-lettered), and each routed event carries its id.
 
-use bus::{Bus, CancellationToken, ConnectOptions, Definitions, PublishOptions, headers};
+use bus::{Bus, CancellationToken, PublishOptions, headers};
 use bytes::Bytes;
 use events::{EventType, Lane};
 use router::{RouterConfig, RulesHandle};
@@ -9,13 +9,7 @@ use std::{collections::HashSet, time::Duration};
 use test_support::{NatsServer, eventually};
 
 async fn provisioned(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connect");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provision");
-    bus
+    test_support::provisioned_bus(&server.url()).await
 }
 
 async fn set_max_bytes(bus: &Bus, stream: &str, max_bytes: i64) {

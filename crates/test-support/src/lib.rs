@@ -332,6 +332,17 @@ impl Drop for TempPostgres {
     }
 }
 
+/// A bus connected to `url` with the embedded stream and consumer definitions provisioned.
+pub async fn provisioned_bus(url: &str) -> bus::Bus {
+    let bus = bus::Bus::connect(&bus::ConnectOptions::new(url))
+        .await
+        .expect("connect");
+    bus.provision(&bus::Definitions::embedded().expect("definitions"))
+        .await
+        .expect("provision");
+    bus
+}
+
 /// Poll `check` every 25 ms until it holds; panics naming `what` after 60 s.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use bus::{Bus, ConnectOptions, Definitions};
+use bus::Bus;
 use events::{Event, EventType};
 use gateway::{ApiKey, GatewayConfig, ReadModel, hash_key};
 use reqwest::{Response, StatusCode};
@@ -46,12 +46,7 @@ pub async fn start_classified(
     rules: gateway::RulesSource,
 ) -> Gateway {
     let server = NatsServer::start();
-    let bus = Bus::connect(&ConnectOptions::new(server.url()))
-        .await
-        .expect("connects");
-    bus.provision(&Definitions::embedded().expect("definitions"))
-        .await
-        .expect("provisions");
+    let bus = test_support::provisioned_bus(&server.url()).await;
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         api_keys: vec![ApiKey {
