@@ -24,7 +24,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak secrets clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -128,6 +128,11 @@ loadtest: tools release-bins ## run a load-test scenario on a throwaway platform
 
 release-bins:
 	$(CARGO) build --release --bin crm --bin crm-load
+
+secrets: ## NKeys for deploy/compose.yaml's roles and nats-server (deploy/secrets/, git-ignored; never replaced)
+	$(CARGO) run --quiet --bin crm -- nkeys --out deploy/secrets
+	@# The containers run as uid 10001: it must read its seed.
+	chmod 0644 deploy/secrets/*.nk
 
 CHAOS_OUT ?= loadtest/results/chaos
 chaos: tools test-pg-check release-bins ## the fault matrix, full form (≈ 45 min): every row of loadtest/scenarios/chaos/ under load; report in $(CHAOS_OUT)/report.md

@@ -47,6 +47,12 @@ pub struct ConnectOptions {
     pub name: String,
     /// A `.creds` file (JWT + NKey seed).
     pub credentials_file: Option<PathBuf>,
+    /// A file holding an NKey user seed (`SU…`): the role's identity on a server that lists its
+    /// public key (`nats/secure/accounts.conf`; `crm nkeys` makes a set).
+    pub nkey_file: Option<PathBuf>,
+    /// Where replies come to (`_INBOX` by default): a role's own prefix (`_INBOX_router`) lets the
+    /// server's permissions keep every other reply, pull deliveries included, away from it.
+    pub inbox_prefix: Option<String>,
     /// CA certificate(s) to trust for TLS.
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate and key for mutual TLS.
@@ -64,6 +70,8 @@ impl ConnectOptions {
             url: url.into(),
             name: "crm".into(),
             credentials_file: None,
+            nkey_file: None,
+            inbox_prefix: None,
             tls_ca_file: None,
             tls_client_cert: None,
             require_tls: false,
@@ -100,7 +108,14 @@ impl Bus {
             .connection_timeout(options.connect_timeout)
             .request_timeout(Some(options.request_timeout))
             .require_tls(options.require_tls)
-            .max_reconnects(None);
+            .max_reconnects(None)
+            .event_callback(|event| async move { log_event(&event) });
+        if let Some(prefix) = &options.inbox_prefix {
+            nats = nats.custom_inbox_prefix(prefix);
+        }
+        if let Some(path) = &options.nkey_file {
+            nats = nats.nkey(read_nkey_seed(path)?);
+        }
         if let Some(path) = &options.credentials_file {
             nats = nats.credentials_file(path).await.map_err(|err| {
                 BusError::with_source(
@@ -116,7 +131,8 @@ impl Bus {
         if let Some((cert, key)) = &options.tls_client_cert {
             nats = nats.add_client_certificate(cert.clone(), key.clone());
         }
-        let client = nats.connect(options.url.as_str()).await.map_err(|err| {
+        let servers = server_addrs(&options.url)?;
+        let client = nats.connect(servers).await.map_err(|err| {
             BusError::with_source(
                 BusErrorKind::Connect,
                 format!("connecting to NATS at {}", options.url),
@@ -220,6 +236,83 @@ impl Bus {
     }
 }
 
+/// The servers of a comma-separated URL list (`nats://n1:4222,nats://n2:4222`): the client
+/// connects to one and moves to another when it goes.
+fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>().map_err(|err| {
+                BusError::with_source(
+                    BusErrorKind::Connect,
+                    format!("NATS server URL {url:?} in {urls:?}"),
+                    err,
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(BusError::new(
+            BusErrorKind::Connect,
+            format!("no NATS server URL in {urls:?}"),
+        ));
+    }
+    Ok(servers)
+}
+
+/// The seed in an NKey seed file: its first non-empty line that is not a comment.
+fn read_nkey_seed(path: &std::path::Path) -> Result<String, BusError> {
+    let unreadable = |detail: String| {
+        BusError::new(
+            BusErrorKind::Connect,
+            format!("NKey seed file {}: {detail}", path.display()),
+        )
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| unreadable(err.to_string()))?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .ok_or_else(|| unreadable("no seed in it".into()))?;
+    if !seed.starts_with("SU") {
+        return Err(unreadable(
+            "not a user seed (one starts with SU; `crm nkeys` makes them)".into(),
+        ));
+    }
+    Ok(seed.to_owned())
+}
+
+/// What the connection reports, logged; a permission the server refused is also counted
+/// (`crm_nats_permission_denied_total`): a role whose permissions lack something it does shows
+/// it there, not only as a request that timed out.
+fn log_event(event: &async_nats::Event) {
+    use async_nats::{Event, ServerError};
+    match event {
+        Event::ServerError(ServerError::Other(text))
+            if text.to_ascii_lowercase().contains("permissions violation") =>
+        {
+            let lower = text.to_ascii_lowercase();
+            let operation = if lower.contains("for subscription") {
+                "subscribe"
+            } else {
+                "publish"
+            };
+            metrics::counter!(PERMISSION_DENIED_TOTAL, "operation" => operation).increment(1);
+            tracing::error!(error = %text, "NATS refused this connection a permission");
+        }
+        Event::ServerError(ServerError::AuthorizationViolation) => {
+            tracing::error!("NATS refused this connection's credentials (authorization violation)");
+        }
+        Event::Connected => tracing::info!("NATS connection up"),
+        Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+        other => tracing::warn!(event = %other, "NATS connection event"),
+    }
+}
+
+const PERMISSION_DENIED_TOTAL: &str = "crm_nats_permission_denied_total";
+
 fn no_jetstream(url: &str, version: ServerVersion) -> BusError {
     BusError::new(
         BusErrorKind::Unsupported,
@@ -233,6 +326,16 @@ fn no_jetstream(url: &str, version: ServerVersion) -> BusError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_is_every_server_of_it() {
+        let servers = server_addrs("nats://127.0.0.1:4222, nats://10.0.0.2:4223,").expect("list");
+        let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223]);
+        assert!(server_addrs(" , ").is_err());
+        let bad = server_addrs("nats://127.0.0.1:4222,nats://:x").expect_err("a bad URL");
+        assert!(bad.to_string().contains("nats://:x"), "{bad}");
+    }
 
     #[test]
     fn parses_versions() {

@@ -115,6 +115,18 @@ fn definition_error(path: &str, message: impl fmt::Display) -> BusError {
 }
 
 impl Definitions {
+    /// Every stream with `replicas` copies (`num_replicas`: 1, or 3 or 5 on a cluster of at least
+    /// as many JetStream servers); consumers follow their stream's. `crm provision --replicas 3` is
+    /// the clustered production profile: an acked event survives the loss of a node.
+    pub fn with_replicas(mut self, replicas: u8) -> Self {
+        for stream in &mut self.streams {
+            stream
+                .config
+                .insert("num_replicas".into(), Value::from(replicas));
+        }
+        self
+    }
+
     /// The names of the defined streams (e.g. for [`crate::watch_streams`]).
     pub fn stream_names(&self) -> Vec<String> {
         self.streams.iter().map(|s| s.name.clone()).collect()

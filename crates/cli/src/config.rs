@@ -38,6 +38,12 @@ pub struct Config {
 pub struct NatsConfig {
     pub url: String,
     pub credentials_file: Option<PathBuf>,
+    /// This process's NKey seed file (`crm nkeys`): its identity on a server configured from
+    /// `nats/secure/` (one user per role, each with only the permissions it needs).
+    pub nkey_file: Option<PathBuf>,
+    /// This process's reply subject prefix (`_INBOX_router`); the secure server config lets each
+    /// role subscribe to its own only. Default `_INBOX`.
+    pub inbox_prefix: Option<String>,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_client_cert: Option<PathBuf>,
     pub tls_client_key: Option<PathBuf>,
@@ -48,6 +54,8 @@ impl Default for NatsConfig {
         Self {
             url: "nats://127.0.0.1:14222".into(),
             credentials_file: None,
+            nkey_file: None,
+            inbox_prefix: None,
             tls_ca_file: None,
             tls_client_cert: None,
             tls_client_key: None,
@@ -59,6 +67,8 @@ impl NatsConfig {
     pub fn options(&self, name: &str) -> bus::ConnectOptions {
         let mut options = bus::ConnectOptions::new(&self.url).name(name);
         options.credentials_file = self.credentials_file.clone();
+        options.nkey_file = self.nkey_file.clone();
+        options.inbox_prefix = self.inbox_prefix.clone();
         options.tls_ca_file = self.tls_ca_file.clone();
         options.tls_client_cert = self
             .tls_client_cert

@@ -2,6 +2,7 @@
 //! platform in-process.
 
 pub mod config;
+pub mod nkeys;
 pub mod probe;
 pub mod roles;
 pub mod sched;

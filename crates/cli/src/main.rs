@@ -50,6 +50,10 @@ enum Command {
         /// Read definitions from this directory instead of the ones built in.
         #[arg(long)]
         definitions: Option<PathBuf>,
+        /// Copies of every stream: 3 (or 5) on a JetStream cluster, so that an acked event
+        /// survives the loss of a node. Unset: what the definitions say (1).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: Option<u8>,
     },
     /// Publish a sample event straight to NATS ingest and print the ack.
     Publish {
@@ -91,6 +95,14 @@ enum Command {
     },
     /// Print the SHA-256 of an API key, for [gateway].api_keys.
     HashKey { key: String },
+    /// Make an NKey per identity of nats/secure/accounts.conf (gateway, router, projector,
+    /// notifier, analytics, operator, lane_reader, producer): `<name>.nk` seeds for the roles' `[nats]
+    /// nkey_file`, and nkeys.env (`CRM_NKEY_<NAME>=U…`) for the server's environment.
+    Nkeys {
+        /// Where the seeds and nkeys.env go (created; existing keys are never replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Operator actions and configuration changes: who, what, when, result (JSON lines, oldest
     /// first).
     Audit {
@@ -284,10 +296,17 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             )
             .await?;
         }
-        Command::Provision { definitions } => {
+        Command::Provision {
+            definitions,
+            replicas,
+        } => {
             let definitions = match definitions {
                 Some(dir) => Definitions::from_dir(&dir)?,
                 None => Definitions::embedded()?,
+            };
+            let definitions = match replicas {
+                Some(replicas) => definitions.with_replicas(replicas),
+                None => definitions,
             };
             let bus = connect("crm-provision").await?;
             let result = bus.provision(&definitions).await;
@@ -374,6 +393,16 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             }
         }
         Command::HashKey { key } => println!("{}", gateway::hash_key(&key)),
+        Command::Nkeys { out } => {
+            for (variable, public) in cli::nkeys::generate(&out)? {
+                println!("{variable}={public}");
+            }
+            eprintln!(
+                "seeds in {dir}/<identity>.nk (owner-only); the server's environment: {dir}/{env}",
+                dir = out.display(),
+                env = cli::nkeys::ENV_FILE
+            );
+        }
         Command::Audit { action, limit } => {
             let bus = connect("crm-audit").await?;
             for record in bus.audit_list(action.as_deref(), limit).await? {

@@ -250,10 +250,10 @@ pub async fn start(config: &Config, roles: Roles, process_name: &str) -> Result<
     let definitions = Definitions::embedded()?;
     // Create what is missing and check the contract of what exists; an operator's settings
     // (sizes, replicas, ack waits) are theirs. Only `crm provision` changes an existing object.
-    let report = bus
-        .ensure(&definitions)
-        .await
-        .context("checking the streams and consumers")?;
+    let report = bus.ensure(&definitions).await.context(
+        "checking the streams and consumers (a role with least-privilege credentials may \
+             not create them: run `crm provision` as the operator first)",
+    )?;
     for change in report
         .changes
         .iter()

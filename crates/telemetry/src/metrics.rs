@@ -35,6 +35,7 @@ pub const PROJECTOR_DUPLICATES_TOTAL: &str = "crm_projector_duplicates_total";
 pub const STORE_LEDGER_PRUNED_TOTAL: &str = "crm_store_ledger_pruned_total";
 pub const RULES_RELOADS_TOTAL: &str = "crm_rules_reloads_total";
 pub const NATS_CONNECTED: &str = "crm_nats_connected";
+pub const NATS_PERMISSION_DENIED_TOTAL: &str = "crm_nats_permission_denied_total";
 pub const THROTTLE_ANALYTICS_RATE: &str = "crm_throttle_analytics_rate";
 pub const THROTTLE_LEVEL: &str = "crm_throttle_level";
 pub const ANALYTICS_DEFERRED_MESSAGES: &str = "crm_analytics_deferred_messages";
@@ -172,6 +173,9 @@ pub const ALL: &[MetricDef] = &[
         "Routing rule reloads by result (ok, error)"),
     def(NATS_CONNECTED, Gauge, None, &[],
         "1 while connected to NATS, else 0"),
+    def(NATS_PERMISSION_DENIED_TOTAL, Counter, COUNT, &["operation"],
+        "Publishes and subscriptions the NATS server refused this process (operation: publish, \
+         subscribe): a role's permissions (nats/secure/permissions.conf) lack something it does"),
     def(THROTTLE_ANALYTICS_RATE, Gauge, PER_SECOND, &[],
         "Analytics processing rate currently allowed by the throttler"),
     def(THROTTLE_LEVEL, Gauge, None, &[],
@@ -265,7 +269,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 48);
+        assert_eq!(ALL.len(), 49);
     }
 
     #[test]

@@ -44,6 +44,19 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     port: u16,
     jetstream: bool,
+    /// The server's environment beyond ours (values for `$VAR` references in its config).
+    env: Vec<(String, String)>,
+}
+
+/// What a server starts with beyond the defaults (see [`NatsServer::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServerSetup {
+    /// Appended to the server's config file (which may `include` the files below by name).
+    pub conf: String,
+    /// Files written beside the config file: `(name, contents)`.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Environment variables for the server process.
+    pub env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -58,13 +71,33 @@ impl NatsServer {
         Self::launch(true, extra_conf)
     }
 
+    /// Like [`NatsServer::start_with_config`], with files beside the config (for its `include`s:
+    /// nats-server resolves them relative to the including file) and an environment of its own.
+    pub fn start_with(setup: ServerSetup) -> Self {
+        Self::launch_with(true, setup)
+    }
+
     /// Start a server with JetStream disabled (to test that we refuse it).
     pub fn start_without_jetstream() -> Self {
         Self::launch(false, "")
     }
 
     fn launch(jetstream: bool, extra_conf: &str) -> Self {
+        Self::launch_with(
+            jetstream,
+            ServerSetup {
+                conf: extra_conf.to_owned(),
+                ..ServerSetup::default()
+            },
+        )
+    }
+
+    fn launch_with(jetstream: bool, setup: ServerSetup) -> Self {
+        let extra_conf = setup.conf.as_str();
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        for (name, contents) in &setup.files {
+            std::fs::write(dir.path().join(name), contents).expect("write a server file");
+        }
         // A caller's own `jetstream { … }` block replaces ours (the server takes one).
         let js_conf = if jetstream && !extra_conf.contains("jetstream") {
             JETSTREAM_CONF
@@ -81,6 +114,7 @@ impl NatsServer {
             dir,
             port: 0,
             jetstream,
+            env: setup.env,
         };
         server.spawn(None);
         server
@@ -103,6 +137,7 @@ impl NatsServer {
             .arg(dir.join("server.log"))
             .arg("-c")
             .arg(dir.join("server.conf"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(stderr);
         if self.jetstream {
@@ -177,6 +212,65 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A JetStream cluster of nats-servers on loopback ports, each with its own store (a node can be
+/// stopped and restarted: it rejoins on the same ports with what it had stored).
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Start `size` nodes (`n1`, `n2`, …) routed to each other; returns once every node listens.
+    /// JetStream answers once they have elected a meta leader, a few seconds later.
+    pub fn start(size: usize) -> Self {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .collect();
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(index, port)| {
+                NatsServer::start_with_config(&format!(
+                    "server_name: n{}\ncluster {{\n  name: crm-test\n  listen: 127.0.0.1:{port}\n  \
+                     routes: [{}]\n}}\n",
+                    index + 1,
+                    routes.join(", ")
+                ))
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's client URL, comma-separated (what `[nats] url` takes).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name` (`n2`).
+    pub fn node_named(&mut self, name: &str) -> &mut NatsServer {
+        let index: usize = name
+            .strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=self.nodes.len()).contains(n))
+            .unwrap_or_else(|| panic!("no node {name}"));
+        &mut self.nodes[index - 1]
+    }
+}
+
+/// A port that was free a moment ago (for listeners a config must name before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 fn read_port(ports_file: &Path) -> Option<u16> {
