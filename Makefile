@@ -24,7 +24,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak secrets clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak secrets replication clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -128,6 +128,9 @@ loadtest: tools release-bins ## run a load-test scenario on a throwaway platform
 
 release-bins:
 	$(CARGO) build --release --bin crm --bin crm-load
+
+replication: tools release-bins ## what durability costs JetStream here: R1 vs a 3-node R3 cluster, lazy fsync vs sync_interval: always (loadtest/results/replication)
+	./target/release/crm-load replication --out loadtest/results/replication
 
 secrets: ## NKeys for deploy/compose.yaml's roles and nats-server (deploy/secrets/, git-ignored; never replaced)
 	$(CARGO) run --quiet --bin crm -- nkeys --out deploy/secrets

@@ -16,6 +16,7 @@ pub mod inversion;
 pub mod mix;
 pub mod probe;
 pub mod procs;
+pub mod replication;
 pub mod report;
 pub mod retry;
 pub mod run;

@@ -102,6 +102,20 @@ enum Command {
         #[arg(long, requires = "out")]
         render: bool,
     },
+    /// What durability costs JetStream on this machine: raw publish, pull-consume and one
+    /// producer's PubAck wait on one server (R1) and a 3-node loopback cluster (R3), each with
+    /// the default lazy fsync and with `sync_interval: always`, in one run.
+    Replication {
+        /// Pipelined publishes (then pulls) per setup.
+        #[arg(long, default_value_t = 50_000)]
+        events: usize,
+        /// Publishes one at a time, each after the previous ack, per setup.
+        #[arg(long, default_value_t = 2_000)]
+        sequential: usize,
+        /// Write summary.md and report.json here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check that scenario files parse, and their `[short]` forms (unknown keys are refused with
     /// their name).
     Check { scenarios: Vec<PathBuf> },
@@ -130,6 +144,31 @@ fn default_out(name: &str) -> PathBuf {
 
 async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
+        Command::Replication {
+            events,
+            sequential,
+            out,
+        } => {
+            let measured = crm_load::replication::measure(events, sequential).await?;
+            let table = crm_load::replication::render(&measured);
+            print!("{table}");
+            if let Some(dir) = out {
+                std::fs::create_dir_all(&dir)?;
+                let machine = format!(
+                    "# crm-load replication\n\n{events} pipelined publishes then pulls, and \
+                     {sequential} publishes one at a time, per setup; nats-server from \
+                     CRM_NATS_SERVER or .tools, every node on this machine's loopback and disk, \
+                     run {}.\n\n",
+                    time::OffsetDateTime::now_utc()
+                );
+                std::fs::write(dir.join("summary.md"), format!("{machine}{table}"))?;
+                std::fs::write(
+                    dir.join("report.json"),
+                    serde_json::to_string_pretty(&measured)?,
+                )?;
+            }
+            Ok(true)
+        }
         Command::Check { scenarios } => {
             for path in scenarios {
                 let scenario = Scenario::load(&path)?;

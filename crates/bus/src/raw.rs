@@ -32,6 +32,43 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
 }
 
 impl Bus {
+    /// A fresh throwaway stream `name` on `<subject_prefix>.>` (an old one of that name is
+    /// deleted first) with `replicas` copies.
+    pub async fn raw_stream(
+        &self,
+        name: &str,
+        subject_prefix: &str,
+        replicas: usize,
+    ) -> Result<jetstream::stream::Stream, BusError> {
+        let _ = self.jetstream().delete_stream(name).await;
+        self.jetstream()
+            .create_stream(jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![format!("{subject_prefix}.>")],
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| BusError::unavailable("creating the raw stream", err))
+    }
+
+    /// Publish `payloads` one at a time to `subject`, each after the previous one's ack: how long
+    /// a producer that waits for its PubAck waits (ids `lat-<n>`).
+    pub async fn publish_latencies(
+        &self,
+        subject: &str,
+        payloads: &[Bytes],
+    ) -> Result<Vec<Duration>, BusError> {
+        let mut latencies = Vec::with_capacity(payloads.len());
+        for (i, payload) in payloads.iter().enumerate() {
+            let options = PublishOptions::with_msg_id(format!("lat-{i}"));
+            let started = Instant::now();
+            self.publish(subject, payload.clone(), &options).await?;
+            latencies.push(started.elapsed());
+        }
+        Ok(latencies)
+    }
+
     /// Publish `messages`, pipelined in windows of `window` acks: send a window, then await its
     /// acks.
     pub async fn publish_pipelined(
@@ -63,17 +100,21 @@ impl Bus {
         subject_prefix: &str,
         payloads: &[Bytes],
     ) -> Result<RawRates, BusError> {
-        let n = payloads.len();
-        let _ = self.jetstream().delete_stream(stream).await;
-        let handle = self
-            .jetstream()
-            .create_stream(jetstream::stream::Config {
-                name: stream.to_owned(),
-                subjects: vec![format!("{subject_prefix}.>")],
-                ..Default::default()
-            })
+        self.raw_rates_replicated(stream, subject_prefix, payloads, 1)
             .await
-            .map_err(|err| BusError::unavailable("creating the raw stream", err))?;
+    }
+
+    /// [`Bus::raw_rates`] on a stream of `replicas` copies (a cluster's R3: each publish is
+    /// acked once a majority stored it, each consumer ack is replicated too).
+    pub async fn raw_rates_replicated(
+        &self,
+        stream: &str,
+        subject_prefix: &str,
+        payloads: &[Bytes],
+        replicas: usize,
+    ) -> Result<RawRates, BusError> {
+        let n = payloads.len();
+        let handle = self.raw_stream(stream, subject_prefix, replicas).await?;
         let subject = format!("{subject_prefix}.x");
         let messages: Vec<RawMessage> = payloads
             .iter()

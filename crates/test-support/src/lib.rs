@@ -22,6 +22,12 @@ const BASE_CONF: &str = "max_payload: 2MB\n";
 /// accepted whatever the disk holds (tests write megabytes, not gigabytes).
 const JETSTREAM_CONF: &str = "jetstream {\n  max_file_store: 64GB\n  max_memory_store: 1GB\n}\n";
 
+/// The test servers' `jetstream {}` block with `settings` (e.g. `sync_interval: always`) added:
+/// for a config of one's own that keeps the store limits.
+pub fn jetstream_conf(settings: &str) -> String {
+    JETSTREAM_CONF.replace("\n}\n", &format!("\n  {settings}\n}}\n"))
+}
+
 /// Where the pinned nats-server lives: `$CRM_NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`.
 /// Panics when it is missing.
 pub fn nats_server_binary() -> PathBuf {
@@ -225,6 +231,12 @@ impl NatsCluster {
     /// Start `size` nodes (`n1`, `n2`, …) routed to each other; returns once every node listens.
     /// JetStream answers once they have elected a meta leader, a few seconds later.
     pub fn start(size: usize) -> Self {
+        Self::start_with_config(size, "")
+    }
+
+    /// Like [`NatsCluster::start`], with `extra_conf` in every node's config (a `jetstream {}`
+    /// block of its own replaces the default one, as in [`NatsServer::start_with_config`]).
+    pub fn start_with_config(size: usize, extra_conf: &str) -> Self {
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes: Vec<String> = route_ports
             .iter()
@@ -236,7 +248,7 @@ impl NatsCluster {
             .map(|(index, port)| {
                 NatsServer::start_with_config(&format!(
                     "server_name: n{}\ncluster {{\n  name: crm-test\n  listen: 127.0.0.1:{port}\n  \
-                     routes: [{}]\n}}\n",
+                     routes: [{}]\n}}\n{extra_conf}",
                     index + 1,
                     routes.join(", ")
                 ))
@@ -503,6 +515,14 @@ mod tests {
         ports.sort_unstable();
         ports.dedup();
         assert_eq!(ports.len(), servers.len(), "{ports:?}");
+    }
+
+    #[test]
+    fn a_jetstream_block_keeps_the_limits_and_adds_settings() {
+        assert_eq!(
+            jetstream_conf("sync_interval: always"),
+            "jetstream {\n  max_file_store: 64GB\n  max_memory_store: 1GB\n  sync_interval: always\n}\n"
+        );
     }
 
     #[test]

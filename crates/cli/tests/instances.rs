@@ -1,0 +1,136 @@
+//! Several instances of a role on the same durable consumers (what a Deployment with two
+//! replicas runs): the work is shared, and the result is the one a single instance gives.
+
+use bus::PublishOptions;
+use cli::roles::Roles;
+use events::{
+    EventType,
+    pb::{Contact, ContactUpdated, event::Payload},
+};
+use events::{FieldMask, pbjson_types::Timestamp};
+use store::Store;
+use test_support::{NatsServer, TempPostgres, eventually};
+
+mod common;
+use common::*;
+
+const CUSTOMERS: usize = 40;
+const UPDATES: usize = 6;
+
+/// Update `k` of `customer`: the title `title-<k>`, at second `since + k`.
+fn update(customer: usize, k: usize, since: i64) -> events::Event {
+    let mut event = events::sample::with_payload(
+        Payload::ContactUpdated(ContactUpdated {
+            contact: Some(Contact {
+                title: format!("title-{k}"),
+                ..Contact::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["title".into()],
+            }),
+        }),
+        "acme",
+        &format!("c-{customer}"),
+    );
+    event.occurred_at = Some(Timestamp {
+        seconds: since + k as i64,
+        nanos: 0,
+    });
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_routers_and_two_projectors_converge_with_no_duplicate_effect() {
+    let nats = NatsServer::start();
+    let postgres = TempPostgres::create().await;
+    let config = config(&nats, &postgres.url());
+    let roles = Roles {
+        router: true,
+        projector: true,
+        ..Roles::default()
+    };
+    let first = Platform::start(&config, roles).await;
+    let second = Platform::start(&config, roles).await;
+
+    // Every customer's updates in a scrambled order, and each one stored twice under different
+    // message ids (a producer's retry that JetStream's dedupe window did not catch): both
+    // instances see some of each customer's events, in no particular order.
+    let hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+        - 3600;
+    let mut updates: Vec<events::Event> = (0..CUSTOMERS)
+        .flat_map(|customer| (0..UPDATES).map(move |k| update(customer, k, hour_ago)))
+        .collect();
+    let n = updates.len();
+    updates = (0..n).map(|i| updates[(i * 7919) % n].clone()).collect();
+    let bus = bus(&nats).await;
+    // Both instances pull from the same durables: each keeps a pull request waiting on them.
+    for (stream, durable) in [("CRM_INGEST", "router"), ("CRM_LANE_STANDARD", "projector")] {
+        eventually(
+            &format!("two instances pulling {stream}/{durable}"),
+            || async {
+                let info = bus.consumer_info(stream, durable).await.expect("info");
+                info.num_waiting >= 2
+            },
+        )
+        .await;
+    }
+    let subject = events::ingest_subject("acme", EventType::ContactUpdated).expect("subject");
+    for (copy, suffix) in [(0, ""), (1, "-again")] {
+        let mut acks = Vec::new();
+        for event in &updates {
+            let options = PublishOptions::with_msg_id(format!("{}{suffix}", event.event_id));
+            acks.push(
+                bus.send(&subject, events::encode_proto(event).into(), &options)
+                    .await
+                    .expect("send"),
+            );
+        }
+        for ack in acks {
+            bus.await_ack(&subject, ack).await.expect("stored");
+        }
+        if copy == 0 {
+            // Let the first copies be in flight across both instances before the second.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    let store = Store::connect(&postgres.url()).await.expect("store");
+    eventually("every distinct event processed", || async {
+        store.processed_count().await.expect("count") >= n as i64
+    })
+    .await;
+    // Both copies of every event reached a projector by now or soon: give stragglers a moment,
+    // then the ledger holds each event once and each had one effect.
+    eventually("both lanes drained", || async {
+        let mut pending = 0;
+        for lane in ["CRM_LANE_STANDARD", "CRM_LANE_HIGH", "CRM_LANE_CRITICAL"] {
+            let info = bus.consumer_info(lane, "projector").await.expect("info");
+            pending += info.num_pending + info.num_ack_pending as u64;
+        }
+        let router = bus
+            .consumer_info("CRM_INGEST", "router")
+            .await
+            .expect("info");
+        pending + router.num_pending + router.num_ack_pending as u64 == 0
+    })
+    .await;
+    assert_eq!(store.processed_count().await.expect("count"), n as i64);
+    for customer in 0..CUSTOMERS {
+        let profile = store
+            .profile("acme", &format!("c-{customer}"))
+            .await
+            .expect("read")
+            .expect("the customer exists");
+        assert_eq!(profile.events_applied, UPDATES as i64, "c-{customer}");
+        assert_eq!(
+            profile.fields.get("title").map(String::as_str),
+            Some(format!("title-{}", UPDATES - 1).as_str()),
+            "c-{customer}: the newest write wins whichever instance applied it"
+        );
+    }
+    first.shutdown().await;
+    second.shutdown().await;
+}
