@@ -13,6 +13,9 @@ NATS_SERVER := $(TOOLS)/bin/nats-server
 BUF := $(TOOLS)/bin/buf
 PROMTOOL := $(TOOLS)/bin/promtool
 CARGO_DENY_VERSION := 0.20.2
+# The Kubernetes API schemas deploy/k8s is validated against, offline (PyPI).
+K8S_VALIDATE_VERSION := 1.37.0
+K8S_PY := $(TOOLS)/k8s-py
 CARGO_DENY := $(TOOLS)/bin/cargo-deny
 ALERT_RULES := deploy/prometheus/alerts.yml
 ALERT_TESTS := deploy/prometheus/alerts_test.yml
@@ -24,7 +27,7 @@ CARGO ?= cargo
 export CRM_NATS_SERVER := $(NATS_SERVER)
 export CRM_TEST_POSTGRES_URL
 
-.PHONY: release-bins help tools run nats test test-pg-check alerts-test lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak secrets replication clean
+.PHONY: release-bins help tools run nats test test-pg-check alerts-test k8s-check lint fmt proto-check proto-check-test deny bench loadtest chaos chaos-short soak secrets replication clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -77,7 +80,17 @@ alerts-test: $(PROMTOOL) ## check the alert rules and run their unit tests (prom
 	$(PROMTOOL) check rules $(ALERT_RULES)
 	$(PROMTOOL) test rules $(ALERT_TESTS)
 
-test: tools test-pg-check alerts-test proto-check-test ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
+$(TOOLS)/.k8s-validate-$(K8S_VALIDATE_VERSION):
+	@echo "installing kubernetes-validate $(K8S_VALIDATE_VERSION) into .tools/"
+	@rm -rf $(K8S_PY) && $(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+	    --target $(K8S_PY) kubernetes-validate==$(K8S_VALIDATE_VERSION) 2>&1 | grep -v 'root' || true
+	@rm -f $(TOOLS)/.k8s-validate-* && touch $@
+
+k8s-check: $(TOOLS)/.k8s-validate-$(K8S_VALIDATE_VERSION) ## validate deploy/k8s against the Kubernetes schemas and the platform's own rules (and prove the check notices breaks)
+	PYTHONPATH=$(K8S_PY) $(PYTHON) deploy/k8s/check.py --self-test
+	PYTHONPATH=$(K8S_PY) $(PYTHON) deploy/k8s/check.py
+
+test: tools test-pg-check alerts-test k8s-check proto-check-test ## run every test (starts its own nats-servers; needs PostgreSQL on 127.0.0.1:5432)
 	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 

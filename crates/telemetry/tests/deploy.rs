@@ -1,10 +1,14 @@
 //! Every metric name used anywhere (the crates' sources, the alert rules, the dashboard) is one
 //! the platform declares in `telemetry::metrics`.
 
-const DEPLOY_FILES: [(&str, &str); 2] = [
+const DEPLOY_FILES: [(&str, &str); 3] = [
     (
         "deploy/prometheus/alerts.yml",
         include_str!("../../../deploy/prometheus/alerts.yml"),
+    ),
+    (
+        "deploy/k8s/scaling.yaml",
+        include_str!("../../../deploy/k8s/scaling.yaml"),
     ),
     (
         "deploy/grafana/crm-events.json",
