@@ -2,6 +2,11 @@
 //! reports, backlogs from consumer info, the ingest rate from CRM_INGEST), asks the pure
 //! [`Controller`] for a decision, hands the rate to the pacer, pauses or resumes the analytics
 //! consumer on the server, and publishes the decision and its metrics.
+//!
+//! Several analytics instances share the analytics consumer, so one decision must be in force:
+//! the instance holding the `throttler` lease ([`bus::lease`]) decides, pauses and resumes, and
+//! publishes its decision on `crm.control.throttle`; the others pace their own fetches at the
+//! rate it published (each at that rate) and take the lease when the holder stops renewing it.
 
 use crate::{AnalyticsConfig, DURABLE, INGEST_STREAM, signals::HealthBoard};
 use bus::{
@@ -127,6 +132,36 @@ async fn listen_for_health(bus: Bus, board: HealthBoard, shutdown: CancellationT
     }
 }
 
+/// The newest decision another instance published, and when it arrived.
+type Published = Arc<Mutex<Option<(Instant, ThrottleReport)>>>;
+
+/// Keep `latest` at the newest decision published on `crm.control.throttle` until `shutdown`.
+async fn listen_for_decisions(bus: Bus, latest: Published, shutdown: CancellationToken) {
+    let mut subscription = match bus.client().subscribe(THROTTLE_SUBJECT).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot subscribe to throttle decisions; a follower paces on its own");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = subscription.next() => match message {
+                Some(message) => {
+                    if let Ok(report) = serde_json::from_slice::<ThrottleReport>(&message.payload) {
+                        *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), report));
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// The lease that makes one analytics instance the deciding one.
+const LEASE: &str = "throttler";
+
 /// Start the throttler; returns what the consumer loop needs. The task runs until `shutdown`.
 pub(crate) fn start(
     bus: Bus,
@@ -144,8 +179,15 @@ pub(crate) fn start(
         board.clone(),
         shutdown.clone(),
     ));
+    let published: Published = Arc::default();
+    tokio::spawn(listen_for_decisions(
+        bus.clone(),
+        published.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(drive(
         bus,
+        published,
         config.clone(),
         controller,
         board,
@@ -158,6 +200,7 @@ pub(crate) fn start(
 
 async fn drive(
     bus: Bus,
+    published: Published,
     config: AnalyticsConfig,
     mut controller: Controller,
     board: HealthBoard,
@@ -171,11 +214,26 @@ async fn drive(
     let mut capacity = CapacityEstimate::default();
     let mut previous_ingest: Option<(Instant, u64)> = None;
     let mut paused = false;
+    let instance = bus::control::instance_id("analytics");
+    let mut lease_warned = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        let leading = match bus.hold_lease(LEASE, &instance).await {
+            Ok(leading) => leading,
+            Err(err) => {
+                // No lease bucket (streams not provisioned since it came): decide alone, as one
+                // instance always could.
+                if !lease_warned {
+                    tracing::warn!(error = %err, "no throttler lease; this instance decides on its own (run `crm provision`)");
+                    lease_warned = true;
+                }
+                true
+            }
+        };
+        metrics::gauge!("crm_throttle_leader").set(if leading { 1.0 } else { 0.0 });
         let readings = read(&bus, &config.health_roles).await;
         let now = Instant::now();
         let ingest_rate = match (previous_ingest, readings.ingest_last_seq) {
@@ -202,6 +260,26 @@ async fn drive(
             oldest_deferred_age: readings.oldest_deferred_age,
             measured_capacity: capacity.value,
         });
+        if !leading {
+            // The holder's decision is in force: pace at the rate it published while it is
+            // fresh, else at this instance's own until the lease changes hands. The consumer's
+            // pause is the holder's to renew or lift.
+            let fresh = published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(at, report)| {
+                    report.instance != instance && now.duration_since(*at) <= tick * 3
+                })
+                .map(|(_, report)| report.rate);
+            pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_rate(fresh.unwrap_or(decision.rate), now);
+            decided.send_modify(|n| *n = n.wrapping_add(1));
+            paused = false;
+            continue;
+        }
         pacer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -210,6 +288,7 @@ async fn drive(
         paused = apply_pause(&bus, &config, decision, paused).await;
         let report = ThrottleReport {
             at_ms: unix_ms(),
+            instance: instance.clone(),
             rate: decision.rate,
             level: decision.level,
             levels: controller.config().levels,

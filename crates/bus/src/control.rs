@@ -60,6 +60,9 @@ pub struct LaneReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ThrottleReport {
     pub at_ms: u64,
+    /// The analytics instance that decided (the holder of the throttler's lease).
+    #[serde(default)]
+    pub instance: String,
     /// Permitted analytics rate, events per second (0 = paused).
     pub rate: f64,
     /// 0 = paused … `levels` = full rate.

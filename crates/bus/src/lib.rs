@@ -10,6 +10,7 @@ mod error;
 pub mod headers;
 pub mod health;
 mod ingest;
+pub mod lease;
 pub mod liveness;
 pub mod ops;
 mod provision;

@@ -89,7 +89,7 @@ macro_rules! embedded {
 }
 
 /// The definitions shipped in the repository, compiled into the binary.
-const EMBEDDED: [(&str, &str); 18] = embedded![
+const EMBEDDED: [(&str, &str); 19] = embedded![
     "streams/CRM_INGEST.json",
     "streams/CRM_INGEST_PRIORITY.json",
     "streams/CRM_LANE_CRITICAL.json",
@@ -97,6 +97,7 @@ const EMBEDDED: [(&str, &str); 18] = embedded![
     "streams/CRM_LANE_STANDARD.json",
     "streams/CRM_DLQ.json",
     "streams/CRM_AUDIT.json",
+    "streams/KV_crm_leases.json",
     "consumers/CRM_INGEST/router.json",
     "consumers/CRM_INGEST/router_express.json",
     "consumers/CRM_INGEST/analytics.json",

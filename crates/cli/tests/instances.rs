@@ -134,3 +134,59 @@ async fn two_routers_and_two_projectors_converge_with_no_duplicate_effect() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+/// The instances whose decisions `subscription` carried within `window`.
+async fn deciders(
+    subscription: &mut bus::async_nats::Subscriber,
+    window: std::time::Duration,
+) -> std::collections::BTreeSet<String> {
+    use futures::StreamExt as _;
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, subscription.next()).await {
+        let report: bus::control::ThrottleReport =
+            serde_json::from_slice(&message.payload).expect("a throttle report");
+        seen.insert(report.instance);
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_analytics_instances_have_one_throttle_decision_and_hand_it_over() {
+    let nats = NatsServer::start();
+    let postgres = TempPostgres::create().await;
+    let config = config(&nats, &postgres.url());
+    let roles = Roles {
+        analytics: true,
+        ..Roles::default()
+    };
+    let bus = bus(&nats).await;
+    let mut decisions = bus
+        .client()
+        .subscribe(bus::control::THROTTLE_SUBJECT)
+        .await
+        .expect("subscribe");
+    let first = Platform::start(&config, roles).await;
+    let window = std::time::Duration::from_secs(3);
+    let leader = deciders(&mut decisions, window).await;
+    assert_eq!(leader.len(), 1, "{leader:?}");
+    let second = Platform::start(&config, roles).await;
+    let both_running = deciders(&mut decisions, window).await;
+    assert_eq!(both_running, leader, "one decision in force while both run");
+
+    // The holder goes; the other takes the lease once it lapses, and decides alone.
+    first.shutdown().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let successor = loop {
+        let seen = deciders(&mut decisions, window).await;
+        if !seen.is_empty() && seen.is_disjoint(&leader) {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no other instance took over: {seen:?}"
+        );
+    };
+    assert_eq!(successor.len(), 1, "{successor:?}");
+    second.shutdown().await;
+}

@@ -504,3 +504,52 @@ async fn roles_reach_nats_over_mutual_tls_and_nothing_else_gets_in() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_gateway_serves_https_on_both_doors_with_its_certificate() {
+    let certificates = Certificates::make();
+    let nats = NatsServer::start();
+    let sqlite = test_support::TempSqlite::new();
+    let mut config = config(&nats, &sqlite.url());
+    config.gateway.tls_cert_file = Some(certificates.path("server.pem"));
+    config.gateway.tls_key_file = Some(certificates.path("server-key.pem"));
+    config.gateway.priority_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let platform = Platform::start(&config, Roles::ALL).await;
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(certificates.path("ca.pem")).expect("CA"))
+            .expect("a CA certificate");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let addr = platform.gateway.expect("the gateway runs");
+    let event = events::sample::event(EventType::PaymentFailed, "acme", "cust-1");
+    let response = trusting
+        .post(format!("https://{addr}/v1/events"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(events::encode_json(&event))
+        .send()
+        .await
+        .expect("HTTPS");
+    assert_eq!(response.status(), 202, "{:?}", response.text().await);
+
+    // Plain HTTP, or a client that does not trust the certificate: no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{addr}/v1/customers/cust-1"))
+        .bearer_auth(KEY)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.expect("answered").status().is_success());
+    let untrusting = reqwest::Client::new()
+        .get(format!("https://{addr}/v1/customers/cust-1"))
+        .bearer_auth(KEY)
+        .send()
+        .await;
+    assert!(
+        untrusting.is_err(),
+        "a client that does not trust the CA got in"
+    );
+    platform.shutdown().await;
+}

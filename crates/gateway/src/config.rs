@@ -32,6 +32,10 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Admission by class: the critical and high budgets, the bulk controller's targets.
     pub admission: crate::AdmissionConfig,
+    /// HTTPS on both doors: the server certificate chain and its private key (PEM). Both or
+    /// neither; without them the gateway speaks plain HTTP (behind a TLS-terminating proxy).
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -44,6 +48,8 @@ impl Default for GatewayConfig {
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             admission: crate::AdmissionConfig::default(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

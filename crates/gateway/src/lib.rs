@@ -12,6 +12,7 @@ mod observe;
 mod problem;
 mod reads;
 mod state;
+mod tls;
 
 pub use admission::{
     ADMISSION_SUBJECT, AdmissionConfig, AdmissionReport, BulkController, Class, Congestion, Door,
@@ -206,6 +207,16 @@ pub async fn serve_placed(
             .map_err(GatewayError::Bus)?
     };
     let state = GatewayState::new(bus, priority_bus, rules, config, reads)?;
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (None, None) => None,
+        _ => {
+            return Err(GatewayError::InvalidConfig {
+                field: "tls_cert_file",
+                reason: "tls_cert_file and tls_key_file go together".into(),
+            });
+        }
+    };
     // Both doors are bound before anything is spawned: a start that fails leaves nothing running.
     let (listener, addr) = bind(config.listen).await?;
     let priority_listener = match config.priority_listen {
@@ -221,19 +232,25 @@ pub async fn serve_placed(
     let stop_control = bus::CancellationToken::new();
     let control = tokio::spawn(admission::run_control(state.clone(), stop_control.clone()));
     tracing::info!(%addr, "gateway listening");
-    let mut main = tokio::spawn(
-        axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut main = match &tls {
+        Some(acceptor) => tokio::spawn(serve_door(
+            tls::TlsListener::new(listener, addr, acceptor.clone()),
+            router(state.clone()),
+            stop.clone(),
+        )),
+        None => tokio::spawn(serve_door(listener, router(state.clone()), stop.clone())),
+    };
     let priority_addr = priority_listener.as_ref().map(|(_, addr)| *addr);
     let mut door = priority_listener.map(|(listener, addr)| {
         tracing::info!(%addr, "gateway priority door listening");
-        priority.spawn(
-            axum::serve(listener, priority_router(state))
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        )
+        let (app, stop) = (priority_router(state), stop.clone());
+        match tls {
+            // Made on the priority runtime: its accept loop and handshakes run there.
+            Some(acceptor) => priority.spawn(async move {
+                serve_door(tls::TlsListener::new(listener, addr, acceptor), app, stop).await
+            }),
+            None => priority.spawn(serve_door(listener, app, stop)),
+        }
     });
     let task = tokio::spawn(async move {
         // Dropping or aborting this task stops both doors and the controller too.
@@ -297,10 +314,30 @@ pub async fn serve_placed(
     })
 }
 
+/// Serve `app` on `listener` until `stop`, then drain.
+async fn serve_door<L>(
+    listener: L,
+    app: axum::Router,
+    stop: bus::CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
 /// Bind `listen` on the current runtime, with `TCP_NODELAY` on every accepted connection.
 async fn bind(
     listen: SocketAddr,
-) -> Result<(impl axum::serve::Listener<Addr = SocketAddr>, SocketAddr), GatewayError> {
+) -> Result<
+    (
+        impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr>,
+        SocketAddr,
+    ),
+    GatewayError,
+> {
     let bind_error = |source| GatewayError::Bind {
         addr: listen,
         source,

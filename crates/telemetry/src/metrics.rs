@@ -35,12 +35,14 @@ pub const PROJECTOR_DUPLICATES_TOTAL: &str = "crm_projector_duplicates_total";
 pub const STORE_LEDGER_PRUNED_TOTAL: &str = "crm_store_ledger_pruned_total";
 pub const RULES_RELOADS_TOTAL: &str = "crm_rules_reloads_total";
 pub const NATS_CONNECTED: &str = "crm_nats_connected";
+pub const GATEWAY_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "crm_gateway_tls_handshake_failures_total";
 pub const NATS_PERMISSION_DENIED_TOTAL: &str = "crm_nats_permission_denied_total";
 pub const THROTTLE_ANALYTICS_RATE: &str = "crm_throttle_analytics_rate";
 pub const THROTTLE_LEVEL: &str = "crm_throttle_level";
 pub const ANALYTICS_DEFERRED_MESSAGES: &str = "crm_analytics_deferred_messages";
 pub const ANALYTICS_OLDEST_DEFERRED_AGE_SECONDS: &str = "crm_analytics_oldest_deferred_age_seconds";
 pub const FORECAST_INGEST_RATE: &str = "crm_forecast_ingest_rate";
+pub const THROTTLE_LEADER: &str = "crm_throttle_leader";
 pub const THROTTLE_INGEST_RATE: &str = "crm_throttle_ingest_rate";
 pub const THROTTLE_CAPACITY_RATE: &str = "crm_throttle_capacity_rate";
 pub const THROTTLE_DECISIONS_TOTAL: &str = "crm_throttle_decisions_total";
@@ -173,6 +175,9 @@ pub const ALL: &[MetricDef] = &[
         "Routing rule reloads by result (ok, error)"),
     def(NATS_CONNECTED, Gauge, None, &[],
         "1 while connected to NATS, else 0"),
+    def(GATEWAY_TLS_HANDSHAKE_FAILURES_TOTAL, Counter, COUNT, &[],
+        "HTTPS connections to the gateway whose TLS handshake failed or took over 10 s (a client \
+         that does not trust the certificate, speaks plain HTTP, or stalls)"),
     def(NATS_PERMISSION_DENIED_TOTAL, Counter, COUNT, &["operation"],
         "Publishes and subscriptions the NATS server refused this process (operation: publish, \
          subscribe): a role's permissions (nats/secure/permissions.conf) lack something it does"),
@@ -186,6 +191,9 @@ pub const ALL: &[MetricDef] = &[
         "Age of the oldest deferred analytics message"),
     def(FORECAST_INGEST_RATE, Gauge, PER_SECOND, &[],
         "Forecast ingest rate (events per second) the throttler plans with"),
+    def(THROTTLE_LEADER, Gauge, None, &[],
+        "1 while this analytics instance holds the throttler's lease (its decision is in force), \
+         else 0: across instances exactly one should read 1"),
     def(THROTTLE_INGEST_RATE, Gauge, PER_SECOND, &[],
         "Ingest rate into CRM_INGEST measured over the last throttle tick"),
     def(THROTTLE_CAPACITY_RATE, Gauge, PER_SECOND, &[],
@@ -269,7 +277,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ALL.len(), 49);
+        assert_eq!(ALL.len(), 51);
     }
 
     #[test]
