@@ -14,7 +14,6 @@ use bus::{
     control::{HEALTH_SUBJECT_PREFIX, HealthReport, THROTTLE_SUBJECT, ThrottleReport, unix_ms},
 };
 use events::Lane;
-use futures::StreamExt;
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -107,29 +106,16 @@ async fn read(bus: &Bus, roles: &[String]) -> Readings {
 
 /// Gather `crm.control.health.>` into `board` until `shutdown`.
 async fn listen_for_health(bus: Bus, board: HealthBoard, shutdown: CancellationToken) {
-    let mut subscription = match bus
-        .client()
-        .subscribe(format!("{HEALTH_SUBJECT_PREFIX}.>"))
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot subscribe to lane health; throttling on backlogs and forecast only");
-            return;
+    let subject = format!("{HEALTH_SUBJECT_PREFIX}.>");
+    let degraded = "throttling on backlogs and forecast only";
+    bus::control::follow(&bus, subject, degraded, shutdown, |message| {
+        match serde_json::from_slice::<HealthReport>(&message.payload) {
+            Ok(report) => board.record(report),
+            Err(err) => tracing::debug!(error = %err, "ignoring a malformed health report"),
         }
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = subscription.next() => match message {
-                Some(message) => match serde_json::from_slice::<HealthReport>(&message.payload) {
-                    Ok(report) => board.record(report),
-                    Err(err) => tracing::debug!(error = %err, "ignoring a malformed health report"),
-                },
-                None => return,
-            },
-        }
-    }
+        std::future::ready(())
+    })
+    .await;
 }
 
 /// The newest decision another instance published, and when it arrived.
@@ -137,26 +123,14 @@ type Published = Arc<Mutex<Option<(Instant, ThrottleReport)>>>;
 
 /// Keep `latest` at the newest decision published on `crm.control.throttle` until `shutdown`.
 async fn listen_for_decisions(bus: Bus, latest: Published, shutdown: CancellationToken) {
-    let mut subscription = match bus.client().subscribe(THROTTLE_SUBJECT).await {
-        Ok(subscription) => subscription,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot subscribe to throttle decisions; a follower paces on its own");
-            return;
+    let (subject, degraded) = (THROTTLE_SUBJECT.to_owned(), "a follower paces on its own");
+    bus::control::follow(&bus, subject, degraded, shutdown, |message| {
+        if let Ok(report) = serde_json::from_slice::<ThrottleReport>(&message.payload) {
+            *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), report));
         }
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = subscription.next() => match message {
-                Some(message) => {
-                    if let Ok(report) = serde_json::from_slice::<ThrottleReport>(&message.payload) {
-                        *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), report));
-                    }
-                }
-                None => return,
-            },
-        }
-    }
+        std::future::ready(())
+    })
+    .await;
 }
 
 /// The lease that makes one analytics instance the deciding one.
@@ -187,10 +161,9 @@ pub(crate) fn start(
     ));
     tokio::spawn(drive(
         bus,
-        published,
+        Heard { board, published },
         config.clone(),
         controller,
-        board,
         pacer.clone(),
         decided,
         shutdown,
@@ -198,16 +171,23 @@ pub(crate) fn start(
     Ok(Shared { pacer, decisions })
 }
 
+/// What the throttler hears on the control plane: the workers' health, the deciding instance's
+/// decisions.
+struct Heard {
+    board: HealthBoard,
+    published: Published,
+}
+
 async fn drive(
     bus: Bus,
-    published: Published,
+    heard: Heard,
     config: AnalyticsConfig,
     mut controller: Controller,
-    board: HealthBoard,
     pacer: Arc<Mutex<Pacer>>,
     decided: watch::Sender<u64>,
     shutdown: CancellationToken,
 ) {
+    let Heard { board, published } = heard;
     let tick = controller.config().tick;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -19,6 +19,38 @@ pub const THROTTLE_SUBJECT: &str = "crm.control.throttle";
 /// Workers publish a [`ProcessedNotice`] per settled batch on `crm.control.processed.<role>`.
 pub const PROCESSED_SUBJECT_PREFIX: &str = "crm.control.processed";
 
+/// Call `each` with every control message on `subject` until `shutdown`. When the subscription
+/// cannot be made (the server refuses it, the connection is gone), logs an error saying what the
+/// caller does without it (`degraded`) and returns: control messages are best effort.
+pub async fn follow<F, Fut>(
+    bus: &Bus,
+    subject: String,
+    degraded: &str,
+    shutdown: crate::CancellationToken,
+    mut each: F,
+) where
+    F: FnMut(async_nats::Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::StreamExt as _;
+    let mut subscription = match bus.client().subscribe(subject.clone()).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::error!(error = %err, %subject, "cannot subscribe; {degraded}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            message = subscription.next() => match message {
+                Some(message) => each(message).await,
+                None => return,
+            },
+        }
+    }
+}
+
 /// One worker process's view of its lanes over the last reporting interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReport {

@@ -1,5 +1,5 @@
 //! Leases: one instance of a role at a time holds a named job (the analytics throttler's
-//! decision), in the `crm_leases` key-value bucket (stream `KV_crm_leases`, provisioned with the
+//! decision), in the `CRM_LEASES` key-value bucket (stream `KV_CRM_LEASES`, provisioned with the
 //! others). The holder rewrites its key every tick; the bucket's `max_age` expires a key nobody
 //! rewrote, and then another instance takes it. A write carries the revision it read, so two
 //! instances can never both take or keep a lease.
@@ -7,7 +7,7 @@
 use crate::{Bus, BusError};
 
 /// The bucket.
-pub const LEASE_BUCKET: &str = "crm_leases";
+pub const LEASE_BUCKET: &str = "CRM_LEASES";
 
 impl Bus {
     /// Take or keep the lease `name` for `holder`: `true` while `holder` has it. Call it more

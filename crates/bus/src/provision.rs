@@ -97,7 +97,7 @@ const EMBEDDED: [(&str, &str); 19] = embedded![
     "streams/CRM_LANE_STANDARD.json",
     "streams/CRM_DLQ.json",
     "streams/CRM_AUDIT.json",
-    "streams/KV_crm_leases.json",
+    "streams/KV_CRM_LEASES.json",
     "consumers/CRM_INGEST/router.json",
     "consumers/CRM_INGEST/router_express.json",
     "consumers/CRM_INGEST/analytics.json",
@@ -770,7 +770,7 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let defs = Definitions::embedded().expect("embedded definitions are valid");
-        assert_eq!(defs.streams.len(), 7);
+        assert_eq!(defs.streams.len(), 8);
         assert_eq!(defs.consumers.len(), 11);
         assert!(defs.streams.iter().any(|s| s.name == "CRM_INGEST"
             && s.config["duplicate_window"].as_u64() == Some(120_000_000_000)));
@@ -789,8 +789,17 @@ mod tests {
             assert_eq!(config["retention"], retention, "{name}");
             assert_eq!(config["discard"], "new", "{name}: a full stream refuses");
             assert_eq!(config["storage"], "file", "{name}");
-            // Set explicitly, so `crm provision` removes an older release's max_age.
-            assert_eq!(config["max_age"], 0, "{name}: age never removes an event");
+            // Set explicitly, so `crm provision` removes an older release's max_age. The lease
+            // bucket holds no events: its keys expire by design.
+            let max_age = if name == "KV_CRM_LEASES" {
+                10_000_000_000_u64
+            } else {
+                0
+            };
+            assert_eq!(
+                config["max_age"], max_age,
+                "{name}: age never removes an event"
+            );
             assert!(
                 config["max_bytes"].as_i64().is_some_and(|b| b > 0),
                 "{name}"

@@ -25,7 +25,7 @@ async fn provisioning_twice_is_a_noop_the_second_time() {
     let definitions = Definitions::embedded().expect("definitions");
 
     let first = bus.provision(&definitions).await.expect("first run");
-    assert_eq!(first.changes.len(), 18);
+    assert_eq!(first.changes.len(), 19);
     assert!(
         first.changes.iter().all(|c| c.action == Action::Created),
         "{first}"

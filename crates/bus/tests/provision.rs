@@ -73,7 +73,7 @@ async fn ensure_creates_what_is_missing_and_then_has_nothing_to_do() {
     let server = NatsServer::start();
     let bus = connect(&server).await;
     let first = bus.ensure(&embedded()).await.expect("first start");
-    assert_eq!(first.changes.len(), 18);
+    assert_eq!(first.changes.len(), 19);
     assert!(
         first.changes.iter().all(|c| c.action == Action::Created),
         "{first}"

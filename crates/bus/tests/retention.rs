@@ -608,7 +608,7 @@ async fn stream_usage_is_exported_per_stream_with_its_limit() {
     let _guard = metrics::set_default_local_recorder(&gauges);
     let shutdown = CancellationToken::new();
     let streams: Vec<String> = Definitions::embedded().expect("definitions").stream_names();
-    assert_eq!(streams.len(), 7);
+    assert_eq!(streams.len(), 8);
     let watcher = tokio::spawn(bus::watch_streams(
         bus.clone(),
         streams,

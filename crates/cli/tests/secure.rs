@@ -188,15 +188,8 @@ async fn every_role_runs_under_its_own_identity_and_is_refused_nothing() {
     let created = events::sample::event(EventType::ContactCreated, "acme", "cust-1");
     let consent = events::sample::event(EventType::ConsentChanged, "acme", "cust-1");
     for event in [&created, &consent] {
-        let response = client
-            .post(gateway.url("/v1/events"))
-            .bearer_auth(KEY)
-            .header("content-type", "application/json")
-            .body(events::encode_json(event))
-            .send()
-            .await
-            .expect("POST");
-        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        let (status, body) = post(&client, gateway, event).await;
+        assert_eq!(status, 202, "{body}");
     }
     let read = |path: &'static str| {
         let request = client.get(gateway.url(path)).bearer_auth(KEY);

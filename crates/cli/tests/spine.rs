@@ -12,23 +12,6 @@ use test_support::{NatsServer, TempPostgres, TempSqlite, eventually};
 mod common;
 use common::*;
 
-async fn post(
-    client: &reqwest::Client,
-    platform: &Platform,
-    event: &events::Event,
-) -> (u16, Value) {
-    let response = client
-        .post(platform.url("/v1/events"))
-        .bearer_auth(KEY)
-        .header("content-type", "application/json")
-        .body(events::encode_json(event))
-        .send()
-        .await
-        .expect("POST");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("JSON body"))
-}
-
 async fn post_then_read(store_url: &str) {
     let nats = NatsServer::start();
     let platform = Platform::start(&config(&nats, store_url), ALL).await;

@@ -16,7 +16,7 @@ use bus::{
     WorkerConfig, headers, jetstream,
 };
 use events::{DlqStage, Encoding, Event, EventType, Lane};
-use futures::{StreamExt, future::BoxFuture};
+use futures::future::BoxFuture;
 use signals::RouterSignals;
 use std::{sync::Arc, time::Duration};
 
@@ -221,33 +221,19 @@ async fn listen_for_invalidations(
     context: Arc<dyn ContextLookup>,
     shutdown: CancellationToken,
 ) {
-    let mut subscription = match bus
-        .client()
-        .subscribe(events::CUSTOMER_CHANGED_SUBJECT)
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot subscribe to customer changes; cache relies on TTL");
-            return;
+    let subject = events::CUSTOMER_CHANGED_SUBJECT.to_owned();
+    bus::control::follow(&bus, subject, "cache relies on TTL", shutdown, |message| {
+        let context = context.clone();
+        async move {
+            if let Some((tenant, customer)) = std::str::from_utf8(&message.payload)
+                .ok()
+                .and_then(|text| text.split_once('\n'))
+            {
+                context.invalidate(tenant, customer).await;
+            }
         }
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = subscription.next() => match message {
-                Some(message) => {
-                    if let Some((tenant, customer)) = std::str::from_utf8(&message.payload)
-                        .ok()
-                        .and_then(|text| text.split_once('\n'))
-                    {
-                        context.invalidate(tenant, customer).await;
-                    }
-                }
-                None => return,
-            },
-        }
-    }
+    })
+    .await;
 }
 
 /// An event decoded and classified, its lane publish not yet sent.

@@ -71,6 +71,24 @@ impl Platform {
 
 pub const ALL: Roles = Roles::ALL;
 
+/// POST `event` as JSON to the platform's gateway with the test key: the status and the body.
+pub async fn post(
+    client: &reqwest::Client,
+    platform: &Platform,
+    event: &events::Event,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(platform.url("/v1/events"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(events::encode_json(event))
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON body"))
+}
+
 pub async fn bus(nats: &NatsServer) -> Bus {
     Bus::connect(&ConnectOptions::new(nats.url()))
         .await
