@@ -3,12 +3,12 @@
 //! server's default lazy fsync and with `sync_interval: always`, measured one after the other in
 //! one run on the same machine.
 
-use anyhow::{Context, Result};
-use bus::{Bus, ConnectOptions, raw::RawRates};
+use anyhow::Result;
+use bus::{ConnectOptions, raw::RawRates};
 use bytes::Bytes;
 use events::EventType;
 use std::time::{Duration, Instant};
-use test_support::{NatsCluster, NatsServer, jetstream_conf};
+use test_support::{NatsCluster, NatsServer, connect_when_ready, jetstream_conf};
 
 /// One server or cluster setup.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -85,23 +85,6 @@ impl Servers {
     }
 }
 
-/// Connect once the servers answer JetStream requests (a cluster elects its leader first).
-async fn connect(url: &str) -> Result<Bus> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut options = ConnectOptions::new(url).name("crm-load-replication");
-        options.connect_timeout = Duration::from_secs(2);
-        options.request_timeout = Duration::from_secs(10);
-        match Bus::connect(&options).await {
-            Ok(bus) => return Ok(bus),
-            Err(err) if Instant::now() > deadline => {
-                return Err(err).context("JetStream did not answer within 60 s");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -120,7 +103,10 @@ pub async fn measure(events: usize, sequential: usize) -> Result<Vec<Measured>> 
     for setup in SETUPS {
         eprintln!("{} …", setup.name);
         let servers = Servers::start(&setup);
-        let bus = connect(&servers.url()).await?;
+        let mut options = ConnectOptions::new(servers.url()).name("crm-load-replication");
+        options.connect_timeout = Duration::from_secs(2);
+        options.request_timeout = Duration::from_secs(10);
+        let bus = connect_when_ready(&options).await;
         let rates = bus
             .raw_rates_replicated(
                 "CRM_REPLICATION",

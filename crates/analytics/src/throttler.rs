@@ -195,13 +195,14 @@ async fn drive(
     let mut previous_ingest: Option<(Instant, u64)> = None;
     let mut paused = false;
     let instance = bus::control::instance_id("analytics");
+    let mut lease = bus::lease::Lease::new(bus.clone(), LEASE, instance.clone());
     let mut lease_warned = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let leading = match bus.hold_lease(LEASE, &instance).await {
+        let leading = match lease.hold().await {
             Ok(leading) => leading,
             Err(err) => {
                 // No lease bucket (streams not provisioned since it came): decide alone, as one
@@ -240,31 +241,30 @@ async fn drive(
             oldest_deferred_age: readings.oldest_deferred_age,
             measured_capacity: capacity.value,
         });
-        if !leading {
-            // The holder's decision is in force: pace at the rate it published while it is
-            // fresh, else at this instance's own until the lease changes hands. The consumer's
-            // pause is the holder's to renew or lift.
-            let fresh = published
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .filter(|(at, report)| {
-                    report.instance != instance && now.duration_since(*at) <= tick * 3
-                })
-                .map(|(_, report)| report.rate);
-            pacer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_rate(fresh.unwrap_or(decision.rate), now);
-            decided.send_modify(|n| *n = n.wrapping_add(1));
-            paused = false;
-            continue;
-        }
+        // A follower paces at the rate the holder published while it is fresh, else at its own
+        // until the lease changes hands.
+        let holders = (!leading)
+            .then(|| {
+                published
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .filter(|(at, report)| {
+                        report.instance != instance && now.duration_since(*at) <= tick * 3
+                    })
+                    .map(|(_, report)| report.rate)
+            })
+            .flatten();
         pacer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .set_rate(decision.rate, now);
+            .set_rate(holders.unwrap_or(decision.rate), now);
         decided.send_modify(|n| *n = n.wrapping_add(1));
+        if !leading {
+            // The consumer's pause, and the published decision, are the holder's.
+            paused = false;
+            continue;
+        }
         paused = apply_pause(&bus, &config, decision, paused).await;
         let report = ThrottleReport {
             at_ms: unix_ms(),

@@ -263,7 +263,7 @@ fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
 }
 
 /// The seed in an NKey seed file: its first non-empty line that is not a comment.
-fn read_nkey_seed(path: &std::path::Path) -> Result<String, BusError> {
+pub fn read_nkey_seed(path: &std::path::Path) -> Result<String, BusError> {
     let unreadable = |detail: String| {
         BusError::new(
             BusErrorKind::Connect,
@@ -290,17 +290,19 @@ fn read_nkey_seed(path: &std::path::Path) -> Result<String, BusError> {
 fn log_event(event: &async_nats::Event) {
     use async_nats::{Event, ServerError};
     match event {
-        Event::ServerError(ServerError::Other(text))
-            if text.to_ascii_lowercase().contains("permissions violation") =>
-        {
+        Event::ServerError(ServerError::Other(text)) => {
             let lower = text.to_ascii_lowercase();
-            let operation = if lower.contains("for subscription") {
-                "subscribe"
+            if lower.contains("permissions violation") {
+                let operation = if lower.contains("for subscription") {
+                    "subscribe"
+                } else {
+                    "publish"
+                };
+                metrics::counter!(PERMISSION_DENIED_TOTAL, "operation" => operation).increment(1);
+                tracing::error!(error = %text, "NATS refused this connection a permission");
             } else {
-                "publish"
-            };
-            metrics::counter!(PERMISSION_DENIED_TOTAL, "operation" => operation).increment(1);
-            tracing::error!(error = %text, "NATS refused this connection a permission");
+                tracing::warn!(error = %text, "NATS server error");
+            }
         }
         Event::ServerError(ServerError::AuthorizationViolation) => {
             tracing::error!("NATS refused this connection's credentials (authorization violation)");

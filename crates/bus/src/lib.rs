@@ -24,7 +24,7 @@ pub mod worker;
 
 pub use async_nats::{self, HeaderMap, jetstream};
 pub use audit::{AuditRecord, actor};
-pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion};
+pub use connect::{Bus, ConnectOptions, MIN_SERVER_VERSION, ServerVersion, read_nkey_seed};
 pub use dlq::DeadLetter;
 pub use error::{BusError, BusErrorKind};
 pub use health::{HealthRecorder, e2e_latency};

@@ -241,60 +241,16 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
     };
     match cli.command {
         Command::All => roles::run(config, Roles::ALL, "crm-all").await?,
-        Command::Gateway => {
-            roles::run(
-                config,
-                Roles {
-                    gateway: true,
-                    ..Roles::default()
-                },
-                "crm-gateway",
-            )
-            .await?
-        }
-        Command::Router => {
-            roles::run(
-                config,
-                Roles {
-                    router: true,
-                    ..Roles::default()
-                },
-                "crm-router",
-            )
-            .await?
-        }
+        Command::Gateway => roles::run(config, Roles::GATEWAY, "crm-gateway").await?,
+        Command::Router => roles::run(config, Roles::ROUTER, "crm-router").await?,
         Command::Projector => {
-            roles::run(
-                config,
-                Roles {
-                    projector: true,
-                    ..Roles::default()
-                },
-                "crm-projector",
-            )
-            .await?;
+            roles::run(config, Roles::PROJECTOR, "crm-projector").await?;
         }
         Command::Analytics => {
-            roles::run(
-                config,
-                Roles {
-                    analytics: true,
-                    ..Roles::default()
-                },
-                "crm-analytics",
-            )
-            .await?;
+            roles::run(config, Roles::ANALYTICS, "crm-analytics").await?;
         }
         Command::Notifier => {
-            roles::run(
-                config,
-                Roles {
-                    notifier: true,
-                    ..Roles::default()
-                },
-                "crm-notifier",
-            )
-            .await?;
+            roles::run(config, Roles::NOTIFIER, "crm-notifier").await?;
         }
         Command::Provision {
             definitions,

@@ -31,6 +31,34 @@ impl Roles {
         analytics: true,
         notifier: true,
     };
+    const NONE: Roles = Roles {
+        gateway: false,
+        router: false,
+        projector: false,
+        analytics: false,
+        notifier: false,
+    };
+    /// One role alone (`crm gateway`, …).
+    pub const GATEWAY: Roles = Roles {
+        gateway: true,
+        ..Self::NONE
+    };
+    pub const ROUTER: Roles = Roles {
+        router: true,
+        ..Self::NONE
+    };
+    pub const PROJECTOR: Roles = Roles {
+        projector: true,
+        ..Self::NONE
+    };
+    pub const ANALYTICS: Roles = Roles {
+        analytics: true,
+        ..Self::NONE
+    };
+    pub const NOTIFIER: Roles = Roles {
+        notifier: true,
+        ..Self::NONE
+    };
 }
 
 /// The store's profiles and analytics as the gateway wants them.

@@ -106,10 +106,7 @@ async fn a_changed_api_key_set_is_audited_at_the_gateways_start() {
     let server = NatsServer::start();
     let db = test_support::TempSqlite::new();
     let mut config = common::config(&server, &db.url());
-    let gateway_only = cli::roles::Roles {
-        gateway: true,
-        ..Default::default()
-    };
+    let gateway_only = cli::roles::Roles::GATEWAY;
     let key_records = |bus: bus::Bus| async move {
         bus.audit_list(Some("api_keys"), 10)
             .await

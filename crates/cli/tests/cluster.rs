@@ -12,18 +12,20 @@ use std::{
     time::Duration,
 };
 use store::Store;
-use test_support::{NatsCluster, TempSqlite, eventually};
+use test_support::{NatsCluster, TempSqlite, connect_when_ready, eventually};
 
 mod common;
 use common::*;
 
 const EVENTS: usize = 600;
 
-async fn connect(url: &str, name: &str) -> Option<Bus> {
+/// A connection to the cluster once JetStream answers, with short timeouts (a publish to a stream
+/// electing a leader fails fast and is sent again).
+async fn connect(url: &str, name: &str) -> Bus {
     let mut options = ConnectOptions::new(url).name(name);
     options.connect_timeout = Duration::from_secs(2);
     options.request_timeout = Duration::from_secs(2);
-    Bus::connect(&options).await.ok()
+    connect_when_ready(&options).await
 }
 
 /// The server leading `stream`'s replicas (`n2`), and the replicas that are current.
@@ -43,18 +45,7 @@ async fn placement(bus: &Bus, stream: &str) -> Option<(String, Vec<String>)> {
 async fn a_node_killed_under_load_loses_nothing_acked_and_rejoins() {
     let mut cluster = NatsCluster::start(3);
     let url = cluster.url();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let operator = loop {
-        // JetStream answers once the nodes have elected a meta leader.
-        if let Some(bus) = connect(&url, "operator").await {
-            break bus;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no JetStream leader in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let operator = connect(&url, "operator").await;
     eventually("every stream is provisioned R3", || async {
         let definitions = Definitions::embedded()
             .expect("definitions")
@@ -74,10 +65,7 @@ async fn a_node_killed_under_load_loses_nothing_acked_and_rejoins() {
     // that is not acked, while the stream elects a new leader, is sent again with its id).
     let acked = Arc::new(AtomicUsize::new(0));
     let producer = {
-        let (bus, acked) = (
-            connect(&url, "producer").await.expect("producer"),
-            acked.clone(),
-        );
+        let (bus, acked) = (connect(&url, "producer").await, acked.clone());
         tokio::spawn(async move {
             let mut retries = 0_usize;
             for i in 0..EVENTS {

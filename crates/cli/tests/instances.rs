@@ -1,13 +1,12 @@
 //! Several instances of a role on the same durable consumers (what a Deployment with two
 //! replicas runs): the work is shared, and the result is the one a single instance gives.
 
-use bus::PublishOptions;
 use cli::roles::Roles;
 use events::{
-    EventType,
+    FieldMask,
     pb::{Contact, ContactUpdated, event::Payload},
+    pbjson_types::Timestamp,
 };
-use events::{FieldMask, pbjson_types::Timestamp};
 use store::Store;
 use test_support::{NatsServer, TempPostgres, eventually};
 
@@ -77,25 +76,10 @@ async fn two_routers_and_two_projectors_converge_with_no_duplicate_effect() {
         )
         .await;
     }
-    let subject = events::ingest_subject("acme", EventType::ContactUpdated).expect("subject");
-    for (copy, suffix) in [(0, ""), (1, "-again")] {
-        let mut acks = Vec::new();
-        for event in &updates {
-            let options = PublishOptions::with_msg_id(format!("{}{suffix}", event.event_id));
-            acks.push(
-                bus.send(&subject, events::encode_proto(event).into(), &options)
-                    .await
-                    .expect("send"),
-            );
-        }
-        for ack in acks {
-            bus.await_ack(&subject, ack).await.expect("stored");
-        }
-        if copy == 0 {
-            // Let the first copies be in flight across both instances before the second.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
+    publish_events(&bus, &updates, "").await;
+    // Let the first copies be in flight across both instances before the second.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    publish_events(&bus, &updates, "-again").await;
 
     let store = Store::connect(&postgres.url()).await.expect("store");
     eventually("every distinct event processed", || async {
@@ -156,10 +140,7 @@ async fn two_analytics_instances_have_one_throttle_decision_and_hand_it_over() {
     let nats = NatsServer::start();
     let postgres = TempPostgres::create().await;
     let config = config(&nats, &postgres.url());
-    let roles = Roles {
-        analytics: true,
-        ..Roles::default()
-    };
+    let roles = Roles::ANALYTICS;
     let bus = bus(&nats).await;
     let mut decisions = bus
         .client()

@@ -71,8 +71,7 @@ impl SecureNats {
         tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
         let identity = Self::identity(identity);
-        let seed = std::fs::read_to_string(identity.seed_file(self.keys.path())).expect("seed");
-        let seed = seed.lines().last().expect("seed line").to_owned();
+        let seed = bus::read_nkey_seed(&identity.seed_file(self.keys.path())).expect("seed");
         let (errors, received) = tokio::sync::mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::with_nkey(seed)
             .custom_inbox_prefix(identity.inbox_prefix)
@@ -143,41 +142,11 @@ async fn every_role_runs_under_its_own_identity_and_is_refused_nothing() {
 
     let mut platforms = Vec::new();
     for (role, roles) in [
-        (
-            "projector",
-            Roles {
-                projector: true,
-                ..Roles::default()
-            },
-        ),
-        (
-            "router",
-            Roles {
-                router: true,
-                ..Roles::default()
-            },
-        ),
-        (
-            "notifier",
-            Roles {
-                notifier: true,
-                ..Roles::default()
-            },
-        ),
-        (
-            "analytics",
-            Roles {
-                analytics: true,
-                ..Roles::default()
-            },
-        ),
-        (
-            "gateway",
-            Roles {
-                gateway: true,
-                ..Roles::default()
-            },
-        ),
+        ("projector", Roles::PROJECTOR),
+        ("router", Roles::ROUTER),
+        ("notifier", Roles::NOTIFIER),
+        ("analytics", Roles::ANALYTICS),
+        ("gateway", Roles::GATEWAY),
     ] {
         let config = role_config(&nats, &postgres.url(), role);
         platforms.push(Platform::start(&config, roles).await);

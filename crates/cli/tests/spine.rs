@@ -120,14 +120,7 @@ async fn critical_events_overtake_a_standard_backlog() {
     .await;
 
     // The projector starts on the backlog; then critical events arrive over HTTP.
-    let back = Platform::start(
-        &config,
-        Roles {
-            projector: true,
-            ..Roles::default()
-        },
-    )
-    .await;
+    let back = Platform::start(&config, Roles::PROJECTOR).await;
     let client = reqwest::Client::new();
     for i in 0..CRITICAL {
         let event = events::sample::event(EventType::PaymentFailed, "acme", &format!("crit-{i}"));

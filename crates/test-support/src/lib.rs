@@ -449,6 +449,24 @@ pub async fn provisioned_bus(url: &str) -> bus::Bus {
     bus
 }
 
+/// Connect with `options` once the servers answer JetStream requests: a cluster answers only
+/// after its nodes have elected a meta leader, a few seconds after they listen. Panics with the
+/// last error after 60 s.
+pub async fn connect_when_ready(options: &bus::ConnectOptions) -> bus::Bus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match bus::Bus::connect(options).await {
+            Ok(bus) => return bus,
+            Err(err) => assert!(
+                Instant::now() < deadline,
+                "JetStream at {} did not answer within 60 s: {err}",
+                options.url
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Poll `check` every 25 ms until it holds; panics naming `what` after 60 s.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where

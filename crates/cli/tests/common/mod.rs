@@ -112,19 +112,30 @@ pub async fn publish_event(bus: &Bus, event: &events::Event) -> bus::Published {
 /// Publish `count` events of `kind` for tenant `acme` (customers `<prefix>-0` … `<prefix>-499`),
 /// pipelined in windows of 1,000 (the client bounds how many acks may be outstanding).
 pub async fn publish_backlog(bus: &Bus, kind: events::EventType, count: usize, prefix: &str) {
-    let subject = events::ingest_subject("acme", kind).expect("subject");
-    for window in (0..count).collect::<Vec<_>>().chunks(1000) {
+    let events: Vec<events::Event> = (0..count)
+        .map(|i| events::sample::event(kind, "acme", &format!("{prefix}-{}", i % 500)))
+        .collect();
+    publish_events(bus, &events, "").await;
+}
+
+/// Publish `events` to their ingest subjects, pipelined in windows of 1,000, each with
+/// `Nats-Msg-Id` = its event id followed by `id_suffix` (another suffix stores the same events
+/// again, as a producer's retry past the duplicate window would).
+pub async fn publish_events(bus: &Bus, events: &[events::Event], id_suffix: &str) {
+    for window in events.chunks(1000) {
         let mut acks = Vec::with_capacity(window.len());
-        for i in window {
-            let event = events::sample::event(kind, "acme", &format!("{prefix}-{}", i % 500));
-            let options = bus::PublishOptions::with_msg_id(event.event_id.clone());
-            acks.push(
-                bus.send(&subject, events::encode_proto(&event).into(), &options)
-                    .await
-                    .expect("send"),
-            );
+        for event in window {
+            let kind = events::EventType::of(event).expect("the event has a payload");
+            let subject = events::ingest_subject(&event.tenant_id, kind).expect("subject");
+            let options =
+                bus::PublishOptions::with_msg_id(format!("{}{id_suffix}", event.event_id));
+            let ack = bus
+                .send(&subject, events::encode_proto(event).into(), &options)
+                .await
+                .expect("send");
+            acks.push((subject, ack));
         }
-        for ack in acks {
+        for (subject, ack) in acks {
             bus.await_ack(&subject, ack).await.expect("stored");
         }
     }
