@@ -4,6 +4,7 @@ use crate::{
     Store, StoreError, Write, WritePriority,
     combine::{Reply, Role},
     registers::{Key, Lost, Plan, SettledFields, Version, settle_fields},
+    with_writer,
     writes::occurred_at_ns,
 };
 use events::{Event, EventType, pb::event::Payload};
@@ -36,42 +37,38 @@ pub struct BatchResult {
 
 /// Rows per multi-row statement (6 binds each: far below both backends' parameter limits).
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
-/// The ledger insert's tail: a key already there (or earlier in the statement) is skipped, and
-/// the keys inserted come back.
-pub(crate) const LEDGER_ON_CONFLICT: &str =
-    " ON CONFLICT (tenant_id, dedupe_key) DO NOTHING RETURNING tenant_id, dedupe_key";
-pub(crate) const INSERT_LEDGER: &str = "INSERT INTO processed_events \
+const INSERT_LEDGER: &str = "INSERT INTO processed_events \
     (tenant_id, dedupe_key, event_id, customer_id, event_type, processed_at_ns) ";
 // Counts are added and the latest time kept: commutative, so the order of events does not matter.
 // (CASE rather than MAX/GREATEST, which differ between SQLite and PostgreSQL.)
-pub(crate) const UPSERT_CUSTOMERS: &str = "INSERT INTO customers AS c \
+const UPSERT_CUSTOMERS: &str = "INSERT INTO customers AS c \
     (tenant_id, customer_id, payment_failures, events_applied, last_event_at_ns) ";
-pub(crate) const CUSTOMERS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id) DO UPDATE SET \
+const CUSTOMERS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id) DO UPDATE SET \
     payment_failures = c.payment_failures + excluded.payment_failures, \
     events_applied = c.events_applied + excluded.events_applied, \
     last_event_at_ns = CASE WHEN excluded.last_event_at_ns > c.last_event_at_ns \
         THEN excluded.last_event_at_ns ELSE c.last_event_at_ns END";
-pub(crate) const UPSERT_FIELDS: &str = "INSERT INTO profile_fields AS p \
+const UPSERT_FIELDS: &str = "INSERT INTO profile_fields AS p \
     (tenant_id, customer_id, field, value, occurred_at_ns, event_id) ";
-pub(crate) const FIELDS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, field) DO UPDATE SET \
+const FIELDS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, field) DO UPDATE SET \
     value = excluded.value, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (p.occurred_at_ns, p.event_id) \
     RETURNING tenant_id, customer_id, field";
-pub(crate) const SELECT_FIELDS: &str = "SELECT tenant_id, customer_id, field, value, occurred_at_ns, event_id \
+const SELECT_FIELDS: &str = "SELECT tenant_id, customer_id, field, value, occurred_at_ns, event_id \
     FROM profile_fields WHERE (tenant_id, customer_id, field) IN (";
-pub(crate) const SELECT_FIELD: &str = "SELECT value, occurred_at_ns, event_id FROM profile_fields \
+const SELECT_FIELD: &str = "SELECT value, occurred_at_ns, event_id FROM profile_fields \
     WHERE tenant_id = $1 AND customer_id = $2 AND field = $3";
-pub(crate) const INSERT_CONFLICTS: &str = "INSERT INTO profile_conflicts (tenant_id, customer_id, field, \
+const INSERT_CONFLICTS: &str = "INSERT INTO profile_conflicts (tenant_id, customer_id, field, \
     losing_value, losing_event_id, losing_occurred_at_ns, winning_event_id, winning_occurred_at_ns, \
     recorded_at_ns) ";
-pub(crate) const UPSERT_CONSENTS: &str = "INSERT INTO consents AS c \
+const UPSERT_CONSENTS: &str = "INSERT INTO consents AS c \
     (tenant_id, customer_id, channel, granted, occurred_at_ns, event_id) ";
-pub(crate) const CONSENTS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, channel) DO UPDATE SET \
+const CONSENTS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, channel) DO UPDATE SET \
     granted = excluded.granted, occurred_at_ns = excluded.occurred_at_ns, event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (c.occurred_at_ns, c.event_id)";
-pub(crate) const UPSERT_TICKETS: &str = "INSERT INTO tickets AS t \
+const UPSERT_TICKETS: &str = "INSERT INTO tickets AS t \
     (tenant_id, customer_id, ticket_id, severity, status, occurred_at_ns, event_id) ";
-pub(crate) const TICKETS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, ticket_id) DO UPDATE SET \
+const TICKETS_ON_CONFLICT: &str = " ON CONFLICT (tenant_id, customer_id, ticket_id) DO UPDATE SET \
     severity = excluded.severity, status = excluded.status, occurred_at_ns = excluded.occurred_at_ns, \
     event_id = excluded.event_id \
     WHERE (excluded.occurred_at_ns, excluded.event_id) > (t.occurred_at_ns, t.event_id)";
@@ -190,7 +187,9 @@ macro_rules! claim_in_ledger {
                 let $event = &$events[index];
                 $bind;
             });
-            insert.push($crate::apply::LEDGER_ON_CONFLICT);
+            insert.push(
+                " ON CONFLICT (tenant_id, dedupe_key) DO NOTHING RETURNING tenant_id, dedupe_key",
+            );
             let rows: Vec<(String, String)> = insert
                 .build_query_as()
                 .fetch_all(&mut *$tx)
@@ -215,14 +214,14 @@ pub(crate) fn now_ns() -> i64 {
 }
 
 /// What one segment of a batch wrote, kept once the segment is through.
-pub(crate) struct Written {
+struct Written {
     /// The events it applied (new in the ledger).
-    pub claimed: Vec<usize>,
+    claimed: Vec<usize>,
     /// Customers it touched, and those whose cached context it may have changed.
-    pub changed: Vec<(String, String)>,
-    pub context: BTreeSet<(String, String)>,
+    changed: Vec<(String, String)>,
+    context: BTreeSet<(String, String)>,
     /// Field writes that lost.
-    pub conflicts: u64,
+    conflicts: u64,
 }
 
 impl Store {
@@ -288,7 +287,12 @@ impl Store {
         pass: Option<crate::gate::Pass<sqlx::SqliteConnection>>,
         acquire: std::time::Instant,
     ) -> Result<BatchResult, StoreError> {
+        let failed = self.failed("applying a batch");
         let processed_at_ns = now_ns();
+        let mut result = BatchResult {
+            outcomes: vec![Applied::Duplicate; events.len()],
+            ..BatchResult::default()
+        };
         // Row locks are taken in one global order so that concurrent batches cannot deadlock on
         // PostgreSQL: first every ledger row by key, then every customer row by customer,
         // then the registers customer by customer (a transaction holds a customer's row before
@@ -303,315 +307,208 @@ impl Store {
             WritePriority::Priority => "apply_priority",
             WritePriority::Bulk => "apply",
         };
-        let written = match &self.write {
-            Write::Sqlite(gate) => {
-                let writer = match pass {
-                    Some(pass) => pass,
-                    None => gate.enter(self.priority).await,
-                };
-                self.apply_sqlite(writer, events, &by_event, processed_at_ns, op, acquire)
-                    .await?
-            }
-            Write::Postgres(pool) => {
-                drop(pass);
-                let failed = self.failed("applying a batch");
-                let mut connection = pool.acquire().await.map_err(failed)?;
-                let mut tx = connection.begin().await.map_err(failed)?;
-                let writing = crate::stage(op, "acquire", acquire);
-                let written =
-                    postgres_segment(&mut tx, failed, events, &by_event, processed_at_ns).await?;
-                let commit = crate::stage(op, "write", writing);
-                tx.commit().await.map_err(failed)?;
-                crate::stage(op, "commit", commit);
-                vec![written]
-            }
-        };
-        let mut result = BatchResult {
-            outcomes: vec![Applied::Duplicate; events.len()],
-            ..BatchResult::default()
-        };
         let mut changed: BTreeSet<(String, String)> = BTreeSet::new();
         let mut context: BTreeSet<(String, String)> = BTreeSet::new();
-        for written in written {
-            for &index in &written.claimed {
-                result.outcomes[index] = Applied::Applied;
+        with_writer!(self, failed, pass, writer => {
+            let watch = writer.watch();
+            let mut tx = writer.connection().begin().await.map_err(failed)?;
+            let mut writing = crate::stage(op, "acquire", acquire);
+            // On SQLite, while the priority path is active, a bulk batch is written in segments:
+            // when a priority transaction waits for the writer at a segment boundary, what is
+            // written so far commits and the priority transaction goes in before the rest (which
+            // commits in a transaction of its own). A priority transaction so waits for one
+            // segment, not a whole batch. Without a waiter the segments share one transaction
+            // (one commit); with no priority traffic for a second the batch is one segment
+            // (segments cost statements: 20 % of the projector's throughput alone). PostgreSQL's
+            // writers run side by side: one segment, in the global lock order above.
+            let segmented = self.priority == WritePriority::Bulk
+                && self.yield_segment > 0
+                && watch.priority_active();
+            let segment = if segmented {
+                self.yield_segment
+            } else {
+                by_event.len()
+            };
+            let segments: Vec<&[usize]> = by_event.chunks(segment).collect();
+            // Segments written in the open transaction; whether the segment at `next` is being
+            // written again after it gave way (it then goes through: no livelock).
+            let (mut next, mut in_transaction, mut again) = (0, 0, false);
+            while let Some(&order) = segments.get(next) {
+                // The first segment of a transaction gives way between its statements: a
+                // priority transaction that starts waiting meanwhile does not wait for the rest
+                // of it. Nothing of the transaction is committed yet, so it rolls back (no
+                // fsync), lets the priority one in, and writes the segment again, through.
+                let preemptible = segmented && in_transaction == 0 && !again;
+                macro_rules! preempt {
+                    () => {
+                        if preemptible && watch.priority_waits() {
+                            return Ok(None);
+                        }
+                    };
+                }
+                // `None`: the writer goes to a waiting priority transaction first, at this
+                // boundary or part-way through the segment.
+                let written: Option<Written> = if in_transaction > 0 && watch.priority_waits() {
+                    None
+                } else {
+                    async {
+                        preempt!();
+                        let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER,
+                            |row, event| row
+                                .push_bind(&event.tenant_id)
+                                .push_bind(events::dedupe_id(event))
+                                .push_bind(&event.event_id)
+                                .push_bind(&event.customer_id)
+                                .push_bind(EventType::of(event).map_or("", EventType::as_str))
+                                .push_bind(processed_at_ns));
+                        let claimed = applied.clone();
+                        preempt!();
+                        applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
+                        // Customer aggregates, one row per customer, in customer order.
+                        let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
+                        for &index in &applied {
+                            let event = &events[index];
+                            let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
+                            let at = occurred_at_ns(event);
+                            match customers.last_mut() {
+                                Some((t, c, failures, count, latest))
+                                    if *t == event.tenant_id && *c == event.customer_id =>
+                                {
+                                    *failures += payment_failed;
+                                    *count += 1;
+                                    *latest = (*latest).max(at);
+                                }
+                                _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
+                            }
+                        }
+                        // The customers rows are the distinct touched customers, already in order.
+                        let changed: Vec<(String, String)> =
+                            customers.iter().map(|&(t, c, ..)| (t.to_owned(), c.to_owned())).collect();
+                        for chunk in customers.chunks(ROWS_PER_STATEMENT) {
+                            let mut upsert = sqlx::QueryBuilder::new(UPSERT_CUSTOMERS);
+                            upsert.push_values(chunk, |mut row, &(tenant, customer, failures, count, latest)| {
+                                row.push_bind(tenant).push_bind(customer).push_bind(failures)
+                                    .push_bind(count).push_bind(latest);
+                            });
+                            upsert.push(CUSTOMERS_ON_CONFLICT);
+                            upsert.build().execute(&mut *tx).await.map_err(failed)?;
+                        }
+                        // Register writes: reduced in memory, one multi-row statement per table.
+                        let mut plan = Plan::default();
+                        for &index in &applied {
+                            plan.add(&events[index]);
+                        }
+                        let mut conflicts = 0_u64;
+                        preempt!();
+                        let mut context_changed: BTreeSet<(String, String)> =
+                            std::mem::take(&mut plan.deal_customers);
+                        if !plan.fields.is_empty() {
+                            let mut stored = BTreeMap::new();
+                            for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
+                                let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
+                                select.push_values(chunk, |mut row, (tenant, customer, field)| {
+                                    row.push_bind(tenant).push_bind(customer).push_bind(field);
+                                });
+                                select.push(")");
+                                let rows: Vec<(String, String, String, String, i64, String)> =
+                                    select.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                                for (tenant, customer, field, value, at, id) in rows {
+                                    stored.insert((tenant, customer, field), Version { value, at, id });
+                                }
+                            }
+                            let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
+                            let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
+                            for chunk in winners.chunks(ROWS_PER_STATEMENT) {
+                                let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
+                                upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
+                                    row.push_bind(tenant).push_bind(customer).push_bind(field)
+                                        .push_bind(&version.value).push_bind(version.at).push_bind(&version.id);
+                                });
+                                upsert.push(FIELDS_ON_CONFLICT);
+                                let rows: Vec<Key> =
+                                    upsert.build_query_as().fetch_all(&mut *tx).await.map_err(failed)?;
+                                won.extend(rows);
+                            }
+                            for (key, version) in &winners {
+                                if won.contains(key) {
+                                    if key.2 == "tier" {
+                                        context_changed.insert((key.0.clone(), key.1.clone()));
+                                    }
+                                    continue;
+                                }
+                                // A concurrent transaction (PostgreSQL) stored a newer version after the
+                                // read: this write lost to it.
+                                let (value, at, id): (String, i64, String) = sqlx::query_as(SELECT_FIELD)
+                                    .bind(&key.0).bind(&key.1).bind(&key.2)
+                                    .fetch_one(&mut *tx).await.map_err(failed)?;
+                                if value != version.value {
+                                    lost.push(Lost { key: key.clone(), losing: version.clone(), winning_id: id, winning_at: at });
+                                }
+                            }
+                            for lost in &lost {
+                                tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
+                                    losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
+                            }
+                            execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
+                                .push_bind(&lost.key.0).push_bind(&lost.key.1).push_bind(&lost.key.2)
+                                .push_bind(&lost.losing.value).push_bind(&lost.losing.id).push_bind(lost.losing.at)
+                                .push_bind(&lost.winning_id).push_bind(lost.winning_at).push_bind(processed_at_ns));
+                            conflicts += lost.len() as u64;
+                        }
+                        preempt!();
+                        let consents: Vec<_> = plan.consents.iter().collect();
+                        execute_rows!(tx, failed, (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT), consents,
+                            |row, ((tenant, customer, channel), version)| row
+                                .push_bind(tenant).push_bind(customer).push_bind(channel)
+                                .push_bind(version.value).push_bind(version.at).push_bind(&version.id));
+                        let tickets: Vec<_> = plan.tickets.iter().collect();
+                        execute_rows!(tx, failed, (UPSERT_TICKETS, TICKETS_ON_CONFLICT), tickets,
+                            |row, ((tenant, customer, ticket), version)| row
+                                .push_bind(tenant).push_bind(customer).push_bind(ticket)
+                                .push_bind(&version.value.0).push_bind(version.value.1)
+                                .push_bind(version.at).push_bind(&version.id));
+                        preempt!();
+                        write_deals!(tx, failed, "deals", plan);
+                        // Lifetime value is derived from the deal registers when read: nothing to update.
+                        Ok::<_, StoreError>(Some(Written { claimed, changed, context: context_changed, conflicts }))
+                    }
+                    .await?
+                };
+                let Some(written) = written else {
+                    if in_transaction > 0 {
+                        // At a boundary: the segments written so far commit.
+                        let commit = crate::stage(op, "write", writing);
+                        tx.commit().await.map_err(failed)?;
+                        crate::stage(op, "commit", commit);
+                    } else {
+                        // Part-way through the transaction's first segment: nothing to keep.
+                        tx.rollback().await.map_err(failed)?;
+                        again = true;
+                    }
+                    crate::signals::writer_yielded();
+                    let yielded = std::time::Instant::now();
+                    writer = writer.yield_to_priority().await;
+                    tx = writer.connection().begin().await.map_err(failed)?;
+                    writing = crate::stage(op, "yielded", yielded);
+                    in_transaction = 0;
+                    continue;
+                };
+                for &index in &written.claimed {
+                    result.outcomes[index] = Applied::Applied;
+                }
+                changed.extend(written.changed);
+                context.extend(written.context);
+                result.conflicts += written.conflicts;
+                (next, in_transaction, again) = (next + 1, in_transaction + 1, false);
             }
-            changed.extend(written.changed);
-            context.extend(written.context);
-            result.conflicts += written.conflicts;
-        }
+            let commit = crate::stage(op, "write", writing);
+            tx.commit().await.map_err(failed)?;
+            crate::stage(op, "commit", commit);
+            drop(writer);
+        });
         result.changed_customers = changed.into_iter().collect();
         result.context_changed = context.into_iter().collect();
         crate::signals::conflicts(result.conflicts);
         Ok(result)
     }
-
-    /// The SQLite path: each transaction in one go on the writer's handle ([`crate::direct`]).
-    /// While the priority path is active, a bulk batch is written in segments: when a priority
-    /// transaction waits for the writer at a segment boundary, what is written so far commits
-    /// and the priority transaction goes in before the rest (which commits in a transaction of
-    /// its own). A priority transaction so waits for one segment, not a whole batch. Without a
-    /// waiter the segments share one transaction (one commit); with no priority traffic for a
-    /// second the batch is one segment (segments cost statements).
-    async fn apply_sqlite(
-        &self,
-        mut writer: crate::gate::Pass<sqlx::SqliteConnection>,
-        events: &[Event],
-        by_event: &[usize],
-        processed_at_ns: i64,
-        op: &'static str,
-        acquire: std::time::Instant,
-    ) -> Result<Vec<Written>, StoreError> {
-        let failed = self.failed("applying a batch");
-        let watch = writer.watch();
-        let segmented = self.priority == WritePriority::Bulk
-            && self.yield_segment > 0
-            && watch.priority_active();
-        let segment = if segmented {
-            self.yield_segment
-        } else {
-            by_event.len()
-        };
-        let mut job = crate::direct::Job {
-            events,
-            segments: by_event.chunks(segment.max(1)).collect(),
-            next: 0,
-            again: false,
-            segmented,
-            processed_at_ns,
-            written: Vec::new(),
-        };
-        let mut began = crate::stage(op, "acquire", acquire);
-        loop {
-            let step = {
-                let mut handle = writer.connection().lock_handle().await.map_err(failed)?;
-                let raw = handle.as_raw_handle();
-                #[allow(unsafe_code)]
-                crate::direct::blocking(|| {
-                    // SAFETY: the handle is sqlx's open connection, locked to this thread by
-                    // `handle` (its worker waits) until the transaction below has ended; the
-                    // borrowed connection does not close it when dropped.
-                    let conn = unsafe { rusqlite::Connection::from_handle(raw.as_ptr()) }?;
-                    let waits = || watch.priority_waits();
-                    crate::direct::transaction(&conn, &mut job, &waits, op, began)
-                })
-                .map_err(|source| StoreError::Sqlite {
-                    operation: "applying a batch",
-                    source,
-                })?
-            };
-            if step == crate::direct::Step::Done {
-                return Ok(job.written);
-            }
-            crate::signals::writer_yielded();
-            let yielded = std::time::Instant::now();
-            writer = writer.yield_to_priority().await;
-            began = crate::stage(op, "yielded", yielded);
-        }
-    }
-}
-
-/// The customers rows of the applied events at `applied` (sorted by customer): one per customer,
-/// `(tenant, customer, payment failures, events, latest occurred_at)`.
-pub(crate) fn customer_rows<'e>(
-    events: &'e [Event],
-    applied: &[usize],
-) -> Vec<(&'e str, &'e str, i64, i64, i64)> {
-    let mut customers: Vec<(&str, &str, i64, i64, i64)> = Vec::new();
-    for &index in applied {
-        let event = &events[index];
-        let payment_failed = i64::from(matches!(event.payload, Some(Payload::PaymentFailed(_))));
-        let at = occurred_at_ns(event);
-        match customers.last_mut() {
-            Some((t, c, failures, count, latest))
-                if *t == event.tenant_id && *c == event.customer_id =>
-            {
-                *failures += payment_failed;
-                *count += 1;
-                *latest = (*latest).max(at);
-            }
-            _ => customers.push((&event.tenant_id, &event.customer_id, payment_failed, 1, at)),
-        }
-    }
-    customers
-}
-
-/// After a winning field write's upsert: `current` is `None` when the upsert stored it, else the
-/// stored `(value, occurred_at_ns, event_id)` a concurrent transaction (PostgreSQL) wrote
-/// after the read, to which this write lost. A stored tier changes the customer's context.
-pub(crate) fn field_written(
-    key: &Key,
-    version: &Version<String>,
-    current: Option<(String, i64, String)>,
-    context: &mut BTreeSet<(String, String)>,
-    lost: &mut Vec<Lost>,
-) {
-    match current {
-        None if key.2 == "tier" => {
-            context.insert((key.0.clone(), key.1.clone()));
-        }
-        None => {}
-        Some((value, at, id)) if value != version.value => lost.push(Lost {
-            key: key.clone(),
-            losing: version.clone(),
-            winning_id: id,
-            winning_at: at,
-        }),
-        Some(_) => {}
-    }
-}
-
-/// Lost field writes, at debug level.
-pub(crate) fn log_lost(lost: &[Lost]) {
-    for lost in lost {
-        tracing::debug!(tenant = %lost.key.0, customer = %lost.key.1, field = %lost.key.2,
-            losing = %lost.losing.id, winning = %lost.winning_id, "profile field write lost");
-    }
-}
-
-/// The PostgreSQL path's one segment: every statement of the batch in the open transaction.
-async fn postgres_segment(
-    tx: &mut sqlx::PgConnection,
-    failed: impl Fn(sqlx::Error) -> StoreError + Copy,
-    events: &[Event],
-    order: &[usize],
-    processed_at_ns: i64,
-) -> Result<Written, StoreError> {
-    let mut applied = claim_in_ledger!(tx, failed, events, order, INSERT_LEDGER, |row, event| row
-        .push_bind(&event.tenant_id)
-        .push_bind(events::dedupe_id(event))
-        .push_bind(&event.event_id)
-        .push_bind(&event.customer_id)
-        .push_bind(EventType::of(event).map_or("", EventType::as_str))
-        .push_bind(processed_at_ns));
-    let claimed = applied.clone();
-    applied.sort_by_key(|&i| (&events[i].tenant_id, &events[i].customer_id));
-    // Customer aggregates, one row per customer, in customer order.
-    let customers = customer_rows(events, &applied);
-    let changed: Vec<(String, String)> = customers
-        .iter()
-        .map(|&(t, c, ..)| (t.to_owned(), c.to_owned()))
-        .collect();
-    execute_rows!(
-        tx,
-        failed,
-        (UPSERT_CUSTOMERS, CUSTOMERS_ON_CONFLICT),
-        customers,
-        |row, &(tenant, customer, failures, count, latest)| row
-            .push_bind(tenant)
-            .push_bind(customer)
-            .push_bind(failures)
-            .push_bind(count)
-            .push_bind(latest)
-    );
-    // Register writes: reduced in memory, one multi-row statement per table.
-    let mut plan = Plan::default();
-    for &index in &applied {
-        plan.add(&events[index]);
-    }
-    let mut conflicts = 0_u64;
-    let mut context: BTreeSet<(String, String)> = std::mem::take(&mut plan.deal_customers);
-    if !plan.fields.is_empty() {
-        let mut stored = BTreeMap::new();
-        for chunk in plan.field_keys().chunks(ROWS_PER_STATEMENT) {
-            let mut select = sqlx::QueryBuilder::new(SELECT_FIELDS);
-            select.push_values(chunk, |mut row, (tenant, customer, field)| {
-                row.push_bind(tenant).push_bind(customer).push_bind(field);
-            });
-            select.push(")");
-            let rows: Vec<(String, String, String, String, i64, String)> = select
-                .build_query_as()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(failed)?;
-            for (tenant, customer, field, value, at, id) in rows {
-                stored.insert((tenant, customer, field), Version { value, at, id });
-            }
-        }
-        let SettledFields { winners, mut lost } = settle_fields(&plan.fields, stored);
-        let mut won: HashSet<Key> = HashSet::with_capacity(winners.len());
-        for chunk in winners.chunks(ROWS_PER_STATEMENT) {
-            let mut upsert = sqlx::QueryBuilder::new(UPSERT_FIELDS);
-            upsert.push_values(chunk, |mut row, ((tenant, customer, field), version)| {
-                row.push_bind(tenant)
-                    .push_bind(customer)
-                    .push_bind(field)
-                    .push_bind(&version.value)
-                    .push_bind(version.at)
-                    .push_bind(&version.id);
-            });
-            upsert.push(FIELDS_ON_CONFLICT);
-            let rows: Vec<Key> = upsert
-                .build_query_as()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(failed)?;
-            won.extend(rows);
-        }
-        for (key, version) in &winners {
-            let current = if won.contains(key) {
-                None
-            } else {
-                Some(
-                    sqlx::query_as(SELECT_FIELD)
-                        .bind(&key.0)
-                        .bind(&key.1)
-                        .bind(&key.2)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(failed)?,
-                )
-            };
-            field_written(key, version, current, &mut context, &mut lost);
-        }
-        log_lost(&lost);
-        execute_rows!(tx, failed, (INSERT_CONFLICTS, ""), lost, |row, lost| row
-            .push_bind(&lost.key.0)
-            .push_bind(&lost.key.1)
-            .push_bind(&lost.key.2)
-            .push_bind(&lost.losing.value)
-            .push_bind(&lost.losing.id)
-            .push_bind(lost.losing.at)
-            .push_bind(&lost.winning_id)
-            .push_bind(lost.winning_at)
-            .push_bind(processed_at_ns));
-        conflicts += lost.len() as u64;
-    }
-    let consents: Vec<_> = plan.consents.iter().collect();
-    execute_rows!(
-        tx,
-        failed,
-        (UPSERT_CONSENTS, CONSENTS_ON_CONFLICT),
-        consents,
-        |row, ((tenant, customer, channel), version)| row
-            .push_bind(tenant)
-            .push_bind(customer)
-            .push_bind(channel)
-            .push_bind(version.value)
-            .push_bind(version.at)
-            .push_bind(&version.id)
-    );
-    let tickets: Vec<_> = plan.tickets.iter().collect();
-    execute_rows!(
-        tx,
-        failed,
-        (UPSERT_TICKETS, TICKETS_ON_CONFLICT),
-        tickets,
-        |row, ((tenant, customer, ticket), version)| row
-            .push_bind(tenant)
-            .push_bind(customer)
-            .push_bind(ticket)
-            .push_bind(&version.value.0)
-            .push_bind(version.value.1)
-            .push_bind(version.at)
-            .push_bind(&version.id)
-    );
-    write_deals!(tx, failed, "deals", plan);
-    // Lifetime value is derived from the deal registers when read: nothing to update.
-    Ok(Written {
-        claimed,
-        changed,
-        context,
-        conflicts,
-    })
 }

@@ -27,13 +27,6 @@ pub enum StoreError {
     },
     /// The error of a lookup that concurrent [`ContextCache::get`](crate::ContextCache::get)
     /// calls shared.
-    /// A statement of the projection's SQLite transactions, run on the write connection's own
-    /// handle ([`crate::direct`]).
-    #[error("{operation} on the sqlite store: {source}")]
-    Sqlite {
-        operation: &'static str,
-        source: rusqlite::Error,
-    },
     #[error(transparent)]
     Shared(Arc<StoreError>),
 }
@@ -71,10 +64,6 @@ impl StoreError {
             Self::Query {
                 backend, source, ..
             } => classify(backend, source),
-            Self::Sqlite { source, .. } => match source {
-                rusqlite::Error::SqliteFailure(error, _) => sqlite_class(error.extended_code),
-                _ => FailureClass::Rejected,
-            },
             Self::Shared(inner) => inner.class(),
             // Not reaching, configuring or migrating the store is never the fault of an event.
             Self::UnsupportedScheme { .. } | Self::Connect { .. } | Self::Migrate { .. } => {

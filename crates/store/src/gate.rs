@@ -162,6 +162,14 @@ impl Pooled {
     pub(crate) fn connection(&mut self) -> &mut sqlx::PgConnection {
         &mut self.0
     }
+
+    pub(crate) fn watch(&self) -> Watch<sqlx::PgConnection> {
+        Watch(None)
+    }
+
+    pub(crate) async fn yield_to_priority(self) -> Self {
+        self
+    }
 }
 
 impl<C> Pass<C> {

@@ -11,7 +11,6 @@ mod analytics;
 mod apply;
 mod cache;
 mod combine;
-mod direct;
 mod error;
 mod gate;
 mod model;
@@ -135,7 +134,7 @@ pub struct Store {
 /// Runs `$body` with `$writer` bound to a write connection held for the body: on SQLite the
 /// writer's [`gate::Pass`] (queued as the store's [`WritePriority`]), on PostgreSQL a
 /// [`gate::Pooled`] connection; `$failed` maps a failure to get one. Both offer
-/// `connection()`. The SQL is the same for both backends:
+/// `connection()`, `watch()` and `yield_to_priority()`. The SQL is the same for both backends:
 /// `$N` placeholders, row values and `ON CONFLICT … DO UPDATE … WHERE`.
 macro_rules! with_writer {
     ($store:expr, $failed:expr, $writer:ident => $body:expr) => {
